@@ -1,0 +1,1 @@
+"""Inference: network architectures, weight loading and provisioning (torch only, no web framework)."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: paths to the real test images, and a scratch models folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from server.config import REPO_MODELS_DIR
+from server.inference.loading import LoadedNetwork, load_network
+from server.inference.manifest import Manifest, load_manifest
+from server.inference.provision import WeightStore
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+PHOTO = DATA / "photo_grace_hopper.jpg"
+CLIPART_RGBA = DATA / "clipart_rgba.png"
+
+
+@pytest.fixture(scope="session")
+def photo_path() -> Path:
+    return PHOTO
+
+
+@pytest.fixture(scope="session")
+def clipart_path() -> Path:
+    return CLIPART_RGBA
+
+
+# --- Real weights: the three ncnn-backed models, converted once into the repo's models/ folder ---------
+# The converted files are git-ignored and reproducible (pinned by sha256 in the manifest), so the first
+# test session converts them (a few seconds) and later sessions, CI included, reuse them.
+
+
+@pytest.fixture(scope="session")
+def manifest() -> Manifest:
+    return load_manifest()
+
+
+@pytest.fixture(scope="session")
+def provisioned_models_dir(manifest: Manifest) -> Path:
+    """``server.config.REPO_MODELS_DIR`` with every ncnn-backed model converted and sha256-checked."""
+    store = WeightStore(REPO_MODELS_DIR)
+    for spec in manifest.models:
+        if spec.ncnn is not None:
+            store.ensure_converted(spec)
+    return REPO_MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def load_real_network(manifest: Manifest, provisioned_models_dir: Path) -> Callable[[str], LoadedNetwork]:
+    """``load_real_network(model_id)``: the real network for a manifest id, loaded once per session.
+
+    Always the ncnn-converted weights (never a file someone dropped into models/), so results are the
+    same on every machine and match the ncnn runtime.
+    """
+    cache: dict[str, LoadedNetwork] = {}
+
+    def load(model_id: str) -> LoadedNetwork:
+        if model_id not in cache:
+            spec = manifest.get(model_id)
+            if spec.ncnn is None:
+                raise ValueError(f"{model_id} has no ncnn source: no real weights in CI")
+            cache[model_id] = load_network(provisioned_models_dir / spec.ncnn.converted)
+        return cache[model_id]
+
+    return load

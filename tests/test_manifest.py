@@ -1,0 +1,127 @@
+"""The model manifest: parsing, lookup, validation, and where it is found."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from pathlib import Path
+
+import pytest
+
+from server.config import REPO_MODELS_DIR
+from server.errors import InvalidModelError
+from server.inference import manifest as manifest_module
+from server.inference.loading import ArchInfo
+from server.inference.manifest import Manifest, load_manifest, parse_manifest
+
+GOOD = """
+[[model]]
+id = "a@1"
+name = "A"
+arch = "SRVGGNetCompact"
+scale = 4
+params = { num_feat = 64, num_conv = 16, act_type = "prelu" }
+files = ["a.safetensors"]
+native_scales = { 2 = "b@1" }
+
+[[model]]
+id = "b@1"
+name = "B"
+arch = "RRDBNet"
+scale = 2
+params = { num_block = 23, num_feat = 64, num_grow_ch = 32 }
+url = { href = "https://example.org/b.pth", filename = "b.pth", sha256 = "%s" }
+""" % ("ab" * 32)
+
+
+def test_repo_manifest_lists_the_models_in_file_order(manifest: Manifest) -> None:
+    assert manifest.ids() == (
+        "runware:504@1",
+        "local:realesrgan-x4plus-anime@1",
+        "local:realesr-animevideov3@1",
+        "local:realesrgan-x2plus@1",
+    )
+    default = manifest.get("runware:504@1")
+    assert default.name == "RealESRGAN_x4plus"
+    assert default.arch_info == ArchInfo("RRDBNet", 4, {"num_block": 23, "num_feat": 64, "num_grow_ch": 32})
+    assert default.files == ("RealESRGAN_x4plus.safetensors", "RealESRGAN_x4plus.pth")
+    assert dict(default.native_scales) == {2: "local:realesrgan-x2plus@1"}
+    assert default.url is not None and default.url.filename == "RealESRGAN_x4plus.pth"
+    x2 = manifest.get("local:realesrgan-x2plus@1")
+    assert x2.ncnn is None and x2.scale == 2
+    for spec in manifest.models[:3]:
+        assert spec.ncnn is not None and len(spec.ncnn.sha256) == 64  # every conversion is pinned
+
+
+def test_unknown_id_lists_the_known_ones(manifest: Manifest) -> None:
+    with pytest.raises(InvalidModelError) as info:
+        manifest.get("runware:999@1")
+    assert info.value.parameter == "model"
+    assert "runware:999@1" in info.value.message
+    assert all(model_id in info.value.message for model_id in manifest.ids())
+    assert "runware:504@1" in manifest and "nope" not in manifest
+
+
+def test_specs_are_immutable(manifest: Manifest) -> None:
+    spec = manifest.get("runware:504@1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.scale = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        spec.params["num_block"] = 1  # type: ignore[index]
+    assert hash(spec) == hash(manifest.get("runware:504@1"))
+
+
+def test_parse_minimal_manifest() -> None:
+    parsed = parse_manifest(GOOD)
+    a, b = parsed.models
+    assert (a.ncnn, a.url, a.description, dict(a.native_scales)) == (None, None, "", {2: "b@1"})
+    assert b.url is not None and b.url.sha256 == "ab" * 32 and b.files == ()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('arch = "RRDBNet"', 'arch = "SwinIR"'), r"'b@1'.*unknown arch 'SwinIR'"),
+        (('id = "b@1"', 'id = "a@1"'), r"duplicate model id 'a@1'"),
+        (('2 = "b@1"', '2 = "c@1"'), r"'a@1' native_scales\.2 names unknown id 'c@1'"),
+        (('sha256 = "abab', 'sha256 = "zzab'), r"'b@1' url: 'sha256' must be 64 hex digits"),
+        (("scale = 2", "scale = 3"), r"'b@1': RRDBNet scale must be 1, 2 or 4"),
+        ((", num_grow_ch = 32", ""), r"'b@1': params lacks num_grow_ch"),
+        (('files = ["a.safetensors"]', 'files = ["../a.safetensors"]'), r"'a@1': 'files' must be bare"),
+        (("https://example.org", "http://example.org"), r"'b@1' url: 'href' must be an https"),
+        (('name = "A"\n', ""), r"'a@1': 'name' must be a non-empty string"),
+    ],
+)
+def test_validation_names_the_entry(edit: tuple[str, str], message: str) -> None:
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ValueError, match=message):
+        parse_manifest(GOOD.replace(old, new, 1))
+
+
+def test_invalid_toml_and_empty_manifest() -> None:
+    with pytest.raises(ValueError, match="invalid TOML"):
+        parse_manifest("[[model]\n")
+    with pytest.raises(ValueError, match="no \\[\\[model\\]\\] entries"):
+        parse_manifest("")
+
+
+def test_default_path_is_the_repo_manifest(manifest: Manifest) -> None:
+    assert manifest.path == str(REPO_MODELS_DIR / "manifest.toml")
+    assert load_manifest(REPO_MODELS_DIR / "manifest.toml").models == manifest.models
+
+
+def test_falls_back_to_the_packaged_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In an installed wheel there is no checkout: the manifest comes from server/inference/manifest.toml.
+    (tmp_path / "manifest.toml").write_text(GOOD)
+    monkeypatch.setattr(manifest_module, "REPO_MODELS_DIR", tmp_path / "no-checkout")
+    seen: list[str] = []
+
+    def files(package: str) -> Path:
+        seen.append(package)
+        return tmp_path
+
+    monkeypatch.setattr(importlib.resources, "files", files)
+    loaded = load_manifest()
+    assert seen == ["server.inference"]
+    assert loaded.ids() == ("a@1", "b@1")
