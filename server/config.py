@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: The repository's ``models/`` folder when running from a checkout (the normal way to run the server).
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
+#: The factors the pipeline produces exactly (a native model, or x4 then a Lanczos downscale).
+UPSCALE_FACTORS: tuple[int, ...] = (2, 3, 4)
+
 Device = str  # "auto", "cpu", "cuda" or "cuda:N"
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -33,7 +36,8 @@ class Settings(BaseSettings):
     )
     default_model: str = Field(default="runware:504@1", description="Model used when a request names none.")
     device: Device = Field(
-        default="auto", description="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+        default="auto",
+        description="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
     precision: Precision = Field(
         default="auto",
@@ -45,8 +49,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Tile edge in input pixels; 0 picks it from the memory available on the device.",
     )
-    tile_overlap: int = Field(
-        default=16, ge=0, le=128, description="Context pixels added on each side of a tile, blended across seams."
+    tile_overlap: int | None = Field(
+        default=None,
+        ge=0,
+        le=256,
+        description="Context pixels around each tile, blended across seams; unset picks what keeps a tiled "
+        "result within 1 level of the untiled one (64 for RRDBNet, 32 for SRVGGNetCompact).",
     )
     threads: int = Field(default=0, ge=0, description="CPU threads for inference; 0 uses every core.")
     max_output_side: int = Field(
@@ -55,5 +63,83 @@ class Settings(BaseSettings):
         description="Largest output width or height; bigger requests resize the input first (aspect kept).",
     )
 
+    # ------------------------------------------------------------------ server
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    data_dir: Path = Field(default=Path("data"), description="Folder for stored images and the SQLite database.")
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL put in imageURL fields (e.g. https://upscale.example.com); default: the URL the "
+        "client used to reach the server.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (JSON list in the environment). None configured and no key file: open "
+        "local mode, any key is accepted.",
+    )
+    api_keys_file: Path | None = Field(default=None, description="File with one accepted API key per line.")
+    image_retention_days: float = Field(
+        default=30, gt=0, description="Stored uploads and outputs unused for this long are deleted."
+    )
+    result_ttl_seconds: int = Field(
+        default=3600, ge=1, description="How long finished task results stay pollable with getResponse."
+    )
+    sweep_interval_seconds: float = Field(
+        default=600, gt=0, description="How often the background sweeper deletes expired images and results."
+    )
+    upload_max_side: int = Field(
+        default=2048,
+        ge=16,
+        description="imageUpload stores images at most this many pixels on the long side.",
+    )
+    max_input_pixels: int = Field(
+        default=64 * 2**20,
+        ge=1,
+        description="Largest decoded input image (width x height), checked from the header before decoding.",
+    )
+    preload_default_model: bool = Field(
+        default=True, description="Load the default model in the background at start-up, so no request waits for it."
+    )
+    max_fetch_bytes: int = Field(default=50 * 2**20, ge=1024, description="Largest image downloaded from an input URL.")
+    max_queue: int = Field(default=64, ge=1, description="Upscale jobs waiting for the worker before 429.")
+    cost_per_megapixel: float = Field(
+        default=0.0, ge=0, description="Price reported in `cost` (includeCost) per output megapixel."
+    )
+
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser().resolve()
+
+
+def settings_reference() -> str:
+    """The configuration reference (docs/configuration.md), generated from the fields above.
+
+    ``python -m server.config > docs/configuration.md`` rewrites it; a test fails when it drifts.
+    """
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is read from an environment variable with the `UPSCALE_` prefix; most also have a",
+        "command-line flag (`upscale-server serve --help`, `upscale-server upscale --help`). Lists are JSON,",
+        'e.g. `UPSCALE_API_KEYS=\'["key-1", "key-2"]\'`. This page is generated from `server/config.py`.',
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        if name == "models_dir":
+            shown = "the repository's `models/`"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        elif default is None:
+            shown = "unset"
+        else:
+            shown = f"`{default}`"
+        lines.append(f"| `UPSCALE_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(settings_reference())

@@ -1,0 +1,176 @@
+"""Engine throughput next to the ncnn runtime, in one run on the same inputs and weights.
+
+For each model, input size and precision: the median wall time of the whole engine path
+(tiling included) against ncnn's CPU runtime on the same official files, the achieved GFLOP/s
+(FLOPs counted from the network's convolutions), and the accuracy cost against exact fp32.
+
+    .venv/bin/python -m bench.bench_engine --sizes 128 256 --precisions fp32 bf16 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.config import Settings
+from server.imaging import read_image_file, resize_pixels
+from server.inference.devices import configure_threads, resolve_dtype, tune_cpu_allocator
+from server.inference.engine import Upscaler
+from server.inference.loading import LoadedNetwork, load_network
+from server.inference.manifest import load_manifest
+from server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
+from server.inference.provision import WeightStore
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTO = REPO / "tests" / "data" / "photo_grace_hopper.jpg"
+MODELS = {"x4plus": "runware:504@1", "animevideov3": "local:realesr-animevideov3@1"}
+
+
+def conv_flops_per_input_pixel(network: LoadedNetwork) -> float:
+    """FLOPs (2 per multiply-add) of every convolution, per input pixel, counted on a probe input."""
+    macs = 0
+
+    def count(module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        nonlocal macs
+        assert isinstance(module, torch.nn.Conv2d)
+        kh, kw = module.kernel_size
+        per_out = module.in_channels // module.groups * kh * kw
+        macs += output.numel() * per_out
+
+    hooks = [m.register_forward_hook(count) for m in network.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            network.module(torch.zeros(1, 3, 16, 16))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 2.0 * macs / (16 * 16)
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    run()  # warm-up: allocator, oneDNN primitive cache
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def test_input(size: int) -> np.ndarray:
+    photo = read_image_file(PHOTO).pixels
+    side = min(photo.shape[:2])
+    top = (photo.shape[0] - side) // 2
+    square = np.ascontiguousarray(photo[top : top + side, :side])
+    return np.ascontiguousarray(resize_pixels(square, size, size).clip(0, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="0 = every core")
+    parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks-engine.json")
+    args = parser.parse_args()
+
+    tune_cpu_allocator()
+    configure_threads(args.threads)
+    threads = torch.get_num_threads()
+    manifest = load_manifest()
+    store = WeightStore(Settings().resolved_models_dir())
+    device = torch.device("cpu")
+    rows: list[dict[str, object]] = []
+    for name in args.models:
+        spec = manifest.get(MODELS[name])
+        network = load_network(store.ensure(spec))
+        flops_px = conv_flops_per_input_pixel(network)
+        reference = NcnnUpscaler(*ncnn_files(spec), threads=threads)
+        for size in args.sizes:
+            image = test_input(size)
+            ncnn_s, ncnn_all = median_seconds(lambda r=reference, i=image: r.upscale(i), args.repeats)
+            exact: np.ndarray | None = None
+            for precision in args.precisions:
+                engine = Upscaler(network, device=device, dtype=resolve_dtype(precision, device))
+                out = engine.upscale(image)
+                if precision == "fp32":
+                    exact = out
+                levels = np.abs(out - (exact if exact is not None else reference.upscale(image))) * 255
+                ours_s, ours_all = median_seconds(lambda e=engine, i=image: e.upscale(i), args.repeats)
+                tflop = flops_px * size * size / 1e12
+                row = {
+                    "model": name,
+                    "input": f"{size}x{size}",
+                    "precision": precision,
+                    "engine_s": round(ours_s, 4),
+                    "engine_runs_s": [round(t, 4) for t in ours_all],
+                    "ncnn_s": round(ncnn_s, 4),
+                    "ncnn_runs_s": [round(t, 4) for t in ncnn_all],
+                    "speedup_vs_ncnn": round(ncnn_s / ours_s, 3),
+                    "engine_gflops": round(tflop * 1e3 / ours_s, 1),
+                    "output_mpix_s": round((4 * size) ** 2 / 1e6 / ours_s, 3),
+                    "diff_vs": "fp32" if precision != "fp32" else "ncnn",
+                    "max_diff_levels": round(float(levels.max()), 3),
+                    "mean_diff_levels": round(float(levels.mean()), 4),
+                }
+                rows.append(row)
+                print(json.dumps(row))
+
+    result = {
+        "command": "python -m bench.bench_engine "
+        + " ".join(
+            [
+                "--models",
+                *args.models,
+                "--sizes",
+                *map(str, args.sizes),
+                "--precisions",
+                *args.precisions,
+                "--repeats",
+                str(args.repeats),
+            ]
+        ),
+        "machine": f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}",
+        "cpu": cpu_model(),
+        "rows": rows,
+    }
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown_table(rows))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| model | input | precision | engine (median s) | ncnn (median s) | engine / ncnn speed | GFLOP/s | "
+        "output MPix/s | max / mean diff (levels) vs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['precision']} | {r['engine_s']} | {r['ncnn_s']} | "
+            f"{r['speedup_vs_ncnn']}x | {r['engine_gflops']} | {r['output_mpix_s']} | "
+            f"{r['max_diff_levels']} / {r['mean_diff_levels']} vs {r['diff_vs']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

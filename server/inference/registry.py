@@ -1,0 +1,94 @@
+"""The model registry: manifest ids -> ready-to-run upscalers, loaded once and shared.
+
+Loading a network costs seconds (conversion on first use, then reading ~67 MB), so each model is
+loaded on first request and kept. A per-model lock lets two threads ask for the same model without
+loading it twice, while a slow load of one model does not block the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from server.config import Settings
+from server.inference.devices import configure_threads, resolve_device, resolve_dtype, tune_cpu_allocator
+from server.inference.engine import Upscaler
+from server.inference.loading import load_network
+from server.inference.manifest import Manifest, ModelSpec, load_manifest
+from server.inference.provision import WeightStatus, WeightStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where and how networks run; resolved once from settings so every model agrees."""
+
+    device: torch.device
+    dtype: torch.dtype
+    tile_size: int
+    tile_overlap: int | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ComputeConfig:
+        device = resolve_device(settings.device)
+        if device.type == "cpu":
+            tune_cpu_allocator()
+        configure_threads(settings.threads)
+        return cls(
+            device=device,
+            dtype=resolve_dtype(settings.precision, device),
+            tile_size=settings.tile_size,
+            tile_overlap=settings.tile_overlap,
+        )
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        tiles = f"tile {self.tile_size or 'auto'}, overlap {'auto' if self.tile_overlap is None else self.tile_overlap}"
+        return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads"
+
+
+class ModelRegistry:
+    """Owns the manifest, the weight store and the loaded upscalers."""
+
+    def __init__(self, settings: Settings, *, manifest: Manifest | None = None) -> None:
+        self.settings = settings
+        self.manifest = manifest or load_manifest()
+        self.store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
+        self.compute = ComputeConfig.from_settings(settings)
+        self._upscalers: dict[str, Upscaler] = {}
+        self._locks = {spec.id: threading.Lock() for spec in self.manifest.models}
+
+    def spec(self, model_id: str | None) -> ModelSpec:
+        """The manifest entry for ``model_id`` (the default model when None); InvalidModelError if unknown."""
+        return self.manifest.get(model_id or self.settings.default_model)
+
+    def status(self, spec: ModelSpec) -> WeightStatus:
+        return self.store.status(spec)
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._upscalers
+
+    def upscaler(self, spec: ModelSpec) -> Upscaler:
+        """The shared upscaler for ``spec``, provisioning and loading its weights on first use."""
+        found = self._upscalers.get(spec.id)
+        if found is not None:
+            return found
+        with self._locks[spec.id]:
+            found = self._upscalers.get(spec.id)
+            if found is None:
+                path = self.store.ensure(spec)
+                network = load_network(path)
+                found = Upscaler(
+                    network,
+                    device=self.compute.device,
+                    dtype=self.compute.dtype,
+                    tile_size=self.compute.tile_size,
+                    tile_overlap=self.compute.tile_overlap,
+                )
+                log.info("loaded %s (%s) from %s on %s", spec.id, spec.name, path, self.compute.describe())
+                self._upscalers[spec.id] = found
+            return found

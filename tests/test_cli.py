@@ -1,0 +1,119 @@
+"""The offline CLI as a user runs it: a real process, real files, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import png
+import pytest
+from PIL import Image
+
+ANIME = "local:realesr-animevideov3@1"
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def assert_one_line_errors(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    for line in stderr.splitlines():
+        if "error:" in line:
+            assert line.startswith("upscale-server: error:"), line
+
+
+@pytest.fixture
+def small_png(tmp_path: Path, photo_path: Path) -> Path:
+    path = tmp_path / "in" / "face.png"
+    path.parent.mkdir()
+    Image.open(photo_path).crop((220, 200, 252, 224)).save(path)  # 32 x 24
+    return path
+
+
+def test_upscales_a_file_into_a_folder(small_png: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("upscale", small_png, "-o", out, "--model", ANIME, "--scale", "3")
+    assert result.returncode == 0, result.stderr
+    written = out / "face_x3.png"
+    with Image.open(written) as image:
+        assert image.size == (96, 72)
+        assert image.format == "PNG"
+    assert "1 written, 0 failed" in result.stderr
+
+
+def test_folder_with_bad_files_processes_the_good_ones(small_png: Path, tmp_path: Path, photo_path: Path) -> None:
+    folder = small_png.parent
+    Image.open(photo_path).crop((0, 0, 20, 16)).save(folder / "second.jpg", quality=90)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "broken.png").write_bytes(small_png.read_bytes()[:200])
+    out = tmp_path / "out"
+    result = run_cli("upscale", folder, tmp_path / "missing.png", "-o", out, "--model", ANIME, "--scale", "2")
+    assert result.returncode == 1
+    assert_one_line_errors(result.stderr)
+    for name in ("empty.png", "notes.txt", "broken.png", "missing.png"):
+        assert any(name in line for line in result.stderr.splitlines() if "error:" in line), name
+    assert sorted(p.name for p in out.iterdir()) == ["face_x2.png", "second_x2.jpg"]
+    with Image.open(out / "second_x2.jpg") as image:
+        assert image.size == (40, 32) and image.format == "JPEG"
+    assert "2 written, 4 failed" in result.stderr
+
+
+def test_never_overwrites_an_input(small_png: Path) -> None:
+    before = small_png.read_bytes()
+    result = run_cli("upscale", small_png, "-o", small_png, "--model", ANIME)
+    assert result.returncode == 1
+    assert "overwrite" in result.stderr
+    assert small_png.read_bytes() == before
+
+
+def test_format_quality_and_sixteen_bit(tmp_path: Path) -> None:
+    rows = (np.arange(24 * 20 * 3).reshape(20, 72) * 57 % 65536).astype(np.uint16)
+    source = tmp_path / "deep.png"
+    with source.open("wb") as fh:
+        png.Writer(24, 20, greyscale=False, bitdepth=16).write(fh, rows.tolist())
+    result = run_cli("upscale", source, "-o", tmp_path / "deep_out.png", "--model", ANIME, "--scale", "2")
+    assert result.returncode == 0, result.stderr
+    width, height, _, info = png.Reader(filename=str(tmp_path / "deep_out.png")).read()
+    assert (width, height, info["bitdepth"]) == (48, 40, 16)
+
+    result = run_cli(
+        "upscale", source, "-o", tmp_path / "webp", "--model", ANIME, "--format", "webp", "--quality", "80"
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "webp" / "deep_x4.webp") as image:
+        assert image.format == "WEBP" and image.size == (96, 80)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--scale", "5"], ["--quality", "10"], ["--format", "gif"], ["--threads", "x"]],
+)
+def test_bad_arguments_exit_2_with_a_message(small_png: Path, tmp_path: Path, args: list[str]) -> None:
+    result = run_cli("upscale", small_png, "-o", tmp_path / "o", *args)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_model_is_one_line(small_png: Path, tmp_path: Path) -> None:
+    result = run_cli("upscale", small_png, "-o", tmp_path / "o", "--model", "runware:1@1")
+    assert result.returncode == 1
+    assert_one_line_errors(result.stderr)
+    assert "runware:504@1" in result.stderr  # the message lists the models that exist
+
+
+def test_models_lists_every_model_and_its_source() -> None:
+    result = run_cli("models")
+    assert result.returncode == 0, result.stderr
+    for model_id in ("runware:504@1", "local:realesrgan-x4plus-anime@1", ANIME, "local:realesrgan-x2plus@1"):
+        assert model_id in result.stdout
