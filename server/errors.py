@@ -275,6 +275,13 @@ class InferenceError(UpscaleError):
     http_status = 500
 
 
+class ServiceUnavailableError(UpscaleError):
+    """The server is shutting down (or its worker stopped) and takes no new work; retry elsewhere or later."""
+
+    code = "serviceUnavailable"
+    http_status = 503
+
+
 class InternalError(UpscaleError):
     """A failure we did not anticipate; the message is generic on purpose (the log has the details)."""
 

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket transports. Thin: they parse frames, authenticate and hand tasks to the dispatcher."""

@@ -1,0 +1,70 @@
+"""REST transport: ``POST /v1`` with a task array, and ``GET /image/<uuid>.<ext>`` for stored images."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from server.api.state import server_state
+from server.errors import ImageNotFoundError, UpscaleError, error_item, http_status_for
+from server.protocol import envelope, parse_request_body, task_identity
+from server.tasks.dispatcher import Outcome
+
+router = APIRouter()
+
+#: Bodies above this are parsed in a thread: json.loads of a 50 MB base64 image blocks for a while.
+LARGE_BODY = 1 << 20
+
+
+def error_response(exc: UpscaleError, task_type: str | None = None, task_uuid: str | None = None) -> JSONResponse:
+    item = error_item(exc, task_type=task_type, task_uuid=task_uuid)
+    return JSONResponse(envelope(errors=[item]), status_code=exc.http_status)
+
+
+def bearer_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@router.post("/v1")
+async def run_tasks(request: Request) -> Response:
+    state = server_state(request)
+    body = await request.body()
+    try:
+        if len(body) > LARGE_BODY:
+            raw_tasks = await asyncio.to_thread(parse_request_body, body)
+        else:
+            raw_tasks = parse_request_body(body)
+        key = bearer_key(request)
+        if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
+            first: Any = raw_tasks[0]
+            key = first.get("apiKey") if isinstance(first.get("apiKey"), str) else key
+            raw_tasks = raw_tasks[1:]
+        state.keys.check(key)
+    except UpscaleError as exc:
+        return error_response(exc)
+
+    outcomes: list[Outcome] = []
+
+    async def collect(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+
+    await state.dispatcher.dispatch(raw_tasks, base_url=state.base_url(request), emit=collect)
+    data = [o.item for o in outcomes if o.item is not None]
+    errors = [o.error for o in outcomes if o.error is not None]
+    status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])
+    return JSONResponse(envelope(data=data, errors=errors), status_code=status)
+
+
+@router.get("/image/{name}")
+async def get_image(name: str, request: Request) -> Response:
+    state = server_state(request)
+    image_uuid, _, extension = name.partition(".")
+    stored = await asyncio.to_thread(state.images.get, image_uuid)
+    if stored is None or extension != stored.extension:
+        return error_response(ImageNotFoundError(f"no image {name} (unknown or expired)", parameter="image"))
+    return FileResponse(stored.path, media_type=stored.content_type)

@@ -1,0 +1,106 @@
+"""The FastAPI application: ``create_app(settings)`` wires storage, models, the worker and the routes.
+
+Start-up order matters: storage first (so tasks interrupted by a restart are marked failed before
+anyone can poll them), then the worker, then the routes start taking requests. Shutdown is the
+reverse: stop taking work, let running tasks finish within a grace period, close storage last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from server import __version__
+from server.api import rest, ws
+from server.api.auth import ApiKeys
+from server.api.state import ServerState
+from server.config import Settings
+from server.errors import UpscaleError
+from server.inference.pipeline import UpscalePipeline
+from server.inference.registry import ModelRegistry
+from server.inference.worker import InferenceWorker
+from server.storage.db import open_database
+from server.storage.images import ImageStore
+from server.storage.results import TaskRecord, TaskStore
+from server.storage.sweeper import sweep_forever
+from server.tasks.dispatcher import TaskDispatcher
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def interrupted_error(record: TaskRecord) -> dict[str, Any]:
+    return {
+        "code": "taskInterrupted",
+        "message": "the server restarted while this task was running; send it again with a new taskUUID",
+        "taskType": record.task_type,
+        "taskUUID": record.task_uuid,
+        "status": "error",
+    }
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        data_dir = settings.data_dir.expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        db = open_database(data_dir / "upscale.sqlite3")
+        images = ImageStore(db, data_dir / "images", retention_seconds=settings.image_retention_days * 86400)
+        results = TaskStore(db, result_ttl_seconds=settings.result_ttl_seconds)
+        interrupted = results.fail_unfinished(interrupted_error)
+        if interrupted:
+            log.warning("%d task(s) were running when the server stopped; marked as failed", interrupted)
+        keys = ApiKeys.from_settings(settings)
+        if keys.open_mode:
+            log.warning("no API keys configured: open local mode, any API key is accepted")
+        registry = ModelRegistry(settings)
+        worker = InferenceWorker(max_queue=settings.max_queue)
+        worker.start()
+        http = httpx.AsyncClient(follow_redirects=True, timeout=30.0)
+        dispatcher = TaskDispatcher(
+            settings=settings,
+            images=images,
+            results=results,
+            worker=worker,
+            pipeline=UpscalePipeline(registry),
+            http=http,
+        )
+        app.state.server = ServerState(settings=settings, keys=keys, images=images, dispatcher=dispatcher)
+        stop = asyncio.Event()
+        sweeper = asyncio.create_task(sweep_forever([images, results], settings.sweep_interval_seconds, stop=stop))
+        warmup = threading.Thread(target=warm_default_model, args=(registry,), name="model-warmup", daemon=True)
+        if settings.preload_default_model:
+            warmup.start()
+        log.info("serving on %s; models on %s", settings.host, registry.compute.describe())
+        try:
+            yield
+        finally:
+            stop.set()
+            await dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
+            await asyncio.to_thread(worker.stop, SHUTDOWN_GRACE_SECONDS)
+            await sweeper
+            if warmup.is_alive():
+                await asyncio.to_thread(warmup.join)
+            await http.aclose()
+            db.close()
+
+    app = FastAPI(title="Upscale Server", version=__version__, lifespan=lifespan)
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+    return app
+
+
+def warm_default_model(registry: ModelRegistry) -> None:
+    """Provision and load the default model in the background, so the first request is not the slow one."""
+    try:
+        registry.upscaler(registry.spec(None))
+    except UpscaleError as exc:
+        log.warning("default model not loaded at start-up: %s", exc.message)

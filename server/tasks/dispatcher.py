@@ -1,0 +1,235 @@
+"""The task dispatcher: one place that runs Runware tasks for both transports.
+
+REST and WebSocket differ only in how outcomes travel (one HTTP reply vs. one frame each), so
+they hand the parsed task array and an ``emit`` callback here. Every task of an array runs
+concurrently and fails on its own. Blocking work (decoding, encoding, SQLite, files) runs in
+threads and inference on the worker, so the event loop stays free for pings and other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from server.config import Settings
+from server.errors import (
+    ConflictTaskUUIDError,
+    TaskNotFoundError,
+    error_item,
+    http_status_of,
+)
+from server.inference.pipeline import UpscalePipeline
+from server.inference.worker import InferenceWorker
+from server.protocol import (
+    AuthenticationTask,
+    GetResponseTask,
+    ImageUploadTask,
+    PingTask,
+    UpscaleTask,
+    ack_item,
+    parse_task,
+    pong_item,
+    processing_item,
+    task_identity,
+    upload_item,
+    upscale_item,
+    with_status,
+)
+from server.storage.images import ImageStore
+from server.storage.results import TaskStore
+from server.tasks.inputs import Base64Ref, DataUriRef, UrlRef, UuidRef, classify_image_input, fetch_url
+from server.tasks.media import (
+    compact_result,
+    decode_input,
+    expand_result,
+    load_stored,
+    output_fields,
+    store_input,
+    store_output,
+    store_upload,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one task produced: a data item, or an error item with the HTTP status it maps to."""
+
+    item: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    status: int = 200
+
+
+Emit = Callable[[Outcome], Awaitable[None]]
+
+
+def failure(exc: BaseException, task_type: str | None, task_uuid: str | None) -> Outcome:
+    """The outcome of a failed task; unexpected exceptions are logged (with traceback) by error_item."""
+    return Outcome(error=error_item(exc, task_type=task_type, task_uuid=task_uuid), status=http_status_of(exc))
+
+
+class TaskDispatcher:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        images: ImageStore,
+        results: TaskStore,
+        worker: InferenceWorker,
+        pipeline: UpscalePipeline,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self.settings = settings
+        self.images = images
+        self.results = results
+        self.worker = worker
+        self.pipeline = pipeline
+        self.http = http
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def dispatch(self, raw_tasks: Sequence[object], *, base_url: str, emit: Emit) -> None:
+        """Run every task of an array concurrently; each emits exactly one outcome (auth: none)."""
+        await asyncio.gather(*(self._run_one(raw, base_url, emit) for raw in raw_tasks))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for async tasks still running, at shutdown."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
+    async def _run_one(self, raw: object, base_url: str, emit: Emit) -> None:
+        task_type, task_uuid = task_identity(raw)
+        try:
+            task = parse_task(raw)
+            if isinstance(task, AuthenticationTask):
+                return  # the transport authenticated the request already
+            if isinstance(task, PingTask):
+                await emit(Outcome(item=pong_item()))
+            elif isinstance(task, GetResponseTask):
+                await emit(await self._get_response(task))
+            elif isinstance(task, ImageUploadTask):
+                await self._claim(task.task_uuid, "imageUpload", "sync")
+                await emit(await self._tracked(task.task_uuid, "imageUpload", self._upload(task, base_url)))
+            elif isinstance(task, UpscaleTask):
+                await self._claim(task.task_uuid, task.task_type, task.delivery_method)
+                work = self._upscale(task, base_url)
+                if task.delivery_method == "async":
+                    await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
+                    self._spawn(self._tracked(task.task_uuid, task.task_type, work))
+                else:
+                    await emit(await self._tracked(task.task_uuid, task.task_type, work))
+        except Exception as exc:
+            await emit(failure(exc, task_type, task_uuid))
+
+    def _spawn(self, work: Awaitable[Outcome]) -> None:
+        async def run() -> None:
+            await work
+
+        background = asyncio.create_task(run())
+        self._background.add(background)
+        background.add_done_callback(self._background.discard)
+
+    async def _claim(self, task_uuid: str, task_type: str, delivery: str) -> None:
+        if not await asyncio.to_thread(self.results.claim, task_uuid, task_type, delivery):
+            raise ConflictTaskUUIDError(
+                f"taskUUID {task_uuid} was already used; send each task with a new UUID "
+                "(getResponse returns the earlier task's result)",
+                parameter="taskUUID",
+            )
+
+    async def _tracked(self, task_uuid: str, task_type: str, work: Awaitable[dict[str, Any]]) -> Outcome:
+        """Run claimed work and record its result or error, so getResponse can answer later."""
+        try:
+            item = await work
+        except Exception as exc:
+            outcome = failure(exc, task_type, task_uuid)
+            assert outcome.error is not None
+            await asyncio.to_thread(self.results.fail, task_uuid, {**outcome.error, "status": "error"})
+            return outcome
+        try:
+            await asyncio.to_thread(self.results.complete, task_uuid, compact_result(with_status(item, "success")))
+        except Exception as exc:  # the result exists but could not be recorded: say so to pollers
+            outcome = failure(exc, task_type, task_uuid)
+            assert outcome.error is not None
+            await asyncio.to_thread(self.results.fail, task_uuid, {**outcome.error, "status": "error"})
+        return Outcome(item=item)
+
+    async def _get_response(self, task: GetResponseTask) -> Outcome:
+        record = await asyncio.to_thread(self.results.get, task.task_uuid)
+        if record is None:
+            raise TaskNotFoundError(
+                f"no task with taskUUID {task.task_uuid} (never sent, or its result expired)",
+                parameter="taskUUID",
+            )
+        if record.status == "processing":
+            return Outcome(item=processing_item(record.task_type, record.task_uuid))
+        if record.status == "success":
+            assert record.item is not None
+            return Outcome(item=await asyncio.to_thread(expand_result, self.images, record.item))
+        assert record.error is not None
+        return Outcome(error=record.error, status=200)
+
+    # ----------------------------------------------------------------------------------- tasks
+
+    async def _input_bytes(self, value: str, parameter: str) -> tuple[bytes, str | None]:
+        """The raw bytes of an image input, and its stored UUID when it names one."""
+        ref = classify_image_input(value, parameter=parameter)
+        if isinstance(ref, UuidRef):
+            return await asyncio.to_thread(load_stored, self.images, ref.uuid, parameter=parameter)
+        if isinstance(ref, UrlRef):
+            data = await fetch_url(ref.url, client=self.http, max_bytes=self.settings.max_fetch_bytes, timeout=30.0)
+            return data, None
+        assert isinstance(ref, DataUriRef | Base64Ref)
+        return ref.data, None
+
+    async def _upload(self, task: ImageUploadTask, base_url: str) -> dict[str, Any]:
+        data, _ = await self._input_bytes(task.image, "image")
+        picture = await asyncio.to_thread(
+            decode_input, data, max_pixels=self.settings.max_input_pixels, parameter="image"
+        )
+        stored = await asyncio.to_thread(store_upload, self.images, picture, max_side=self.settings.upload_max_side)
+        return upload_item(task.task_uuid, stored.uuid, image_url(base_url, stored.uuid, stored.extension))
+
+    async def _upscale(self, task: UpscaleTask, base_url: str) -> dict[str, Any]:
+        self.pipeline.registry.spec(task.model)  # an unknown model fails before any I/O
+        data, input_uuid = await self._input_bytes(task.image, task.image_parameter)
+        picture = await asyncio.to_thread(
+            decode_input, data, max_pixels=self.settings.max_input_pixels, parameter=task.image_parameter
+        )
+        plan = self.pipeline.plan(picture.width, picture.height, task.upscale_factor, task.model)
+        if input_uuid is None:
+            input_uuid = (await asyncio.to_thread(store_input, self.images, data, picture)).uuid
+        future = self.worker.submit(
+            lambda: self.pipeline.upscale(picture, plan.factor, task.model), label=task.task_uuid
+        )
+        result = await asyncio.wrap_future(future)
+        output = await asyncio.to_thread(
+            store_output,
+            self.images,
+            result,
+            output_format=task.output_format,
+            quality=task.output_quality,
+            ttl_seconds=task.ttl if task.output_type == "URL" else None,
+        )
+        url = image_url(base_url, output.image.uuid, output.image.extension)
+        cost = self.cost(*plan.output_size) if task.include_cost else None
+        return upscale_item(
+            task.task_type,
+            task.task_uuid,
+            output.image.uuid,
+            input_uuid,
+            output_fields(output, task.output_type, url),
+            cost,
+        )
+
+    def cost(self, width: int, height: int) -> float:
+        return round(self.settings.cost_per_megapixel * width * height / 1e6, 6) + 0.0
+
+
+def image_url(base_url: str, image_uuid: str, extension: str) -> str:
+    return f"{base_url.rstrip('/')}/image/{image_uuid}.{extension}"

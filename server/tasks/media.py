@@ -1,0 +1,119 @@
+"""Turning image inputs into pictures and pictures into stored outputs (all blocking: run in threads).
+
+Shared by ``imageUpload`` and the upscale tasks, so both accept the same input forms and store
+images the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.errors import ImageNotFoundError, ImageTooLargeError, InvalidImageError
+from server.imaging import Picture, decode_image, encode_image, resize_pixels
+from server.storage.images import ImageStore, StoredImage
+
+#: Output format names on the wire -> (Pillow encoder name, file extension, media type).
+OUTPUT_FORMATS = {
+    "JPG": ("JPEG", "jpg", "image/jpeg"),
+    "PNG": ("PNG", "png", "image/png"),
+    "WEBP": ("WEBP", "webp", "image/webp"),
+}
+#: Stored uploads keep a lossless format unless the source was lossy.
+UPLOAD_FORMAT_FOR_SOURCE = {"JPEG": "JPG", "WEBP": "WEBP"}
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    image: StoredImage
+    data: bytes
+
+
+def load_stored(images: ImageStore, image_uuid: str, *, parameter: str) -> tuple[bytes, str]:
+    """Bytes of a stored upload or output (refreshing its last use); ImageNotFoundError if gone."""
+    stored = images.get(image_uuid)
+    if stored is None:
+        raise ImageNotFoundError(
+            f"no stored image with UUID {image_uuid} (never uploaded, or expired)", parameter=parameter
+        )
+    return images.read_bytes(stored), stored.uuid
+
+
+def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
+    """Decode an input image, naming the request field at fault when it is not one we can read."""
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except (InvalidImageError, ImageTooLargeError) as exc:
+        exc.parameter = exc.parameter or parameter
+        raise
+
+
+def store_upload(images: ImageStore, picture: Picture, *, max_side: int) -> StoredImage:
+    """Store an uploaded image as Runware does: at most ``max_side`` on the long side (EXIF already applied)."""
+    longest = max(picture.width, picture.height)
+    if longest > max_side:
+        ratio = max_side / longest
+        size = (max(1, round(picture.width * ratio)), max(1, round(picture.height * ratio)))
+        picture = replace(picture, pixels=resize_pixels(picture.pixels, *size))
+    wire_format = UPLOAD_FORMAT_FOR_SOURCE.get(picture.source_format, "PNG")
+    encoder, extension, _ = OUTPUT_FORMATS[wire_format]
+    encoded = encode_image(picture, encoder, quality=95)  # type: ignore[arg-type]
+    return images.put(encoded, extension=extension, kind="upload")  # type: ignore[arg-type]
+
+
+def store_output(
+    images: ImageStore, picture: Picture, *, output_format: str, quality: int, ttl_seconds: float | None
+) -> StoredOutput:
+    encoder, extension, _ = OUTPUT_FORMATS[output_format]
+    data = encode_image(picture, encoder, quality=quality)  # type: ignore[arg-type]
+    stored = images.put(data, extension=extension, kind="output", ttl_seconds=ttl_seconds)  # type: ignore[arg-type]
+    return StoredOutput(stored, data)
+
+
+def output_fields(output: StoredOutput, output_type: str, image_url: str) -> dict[str, str]:
+    """The one result field ``outputType`` asks for."""
+    if output_type == "URL":
+        return {"imageURL": image_url}
+    encoded = base64.b64encode(output.data).decode("ascii")
+    if output_type == "base64Data":
+        return {"imageBase64Data": encoded}
+    return {"imageDataURI": f"data:{output.image.content_type};base64,{encoded}"}
+
+
+SOURCE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def store_input(images: ImageStore, data: bytes, picture: Picture) -> StoredImage:
+    """Keep an inline upscale input so its ``inputImageUUID`` can be reused; raw bytes when possible."""
+    extension = SOURCE_EXTENSIONS.get(picture.source_format)
+    if extension is None:  # BMP, GIF...: stored as PNG, the format every client can read back
+        data, extension = encode_image(picture, "PNG"), "png"
+    return images.put(data, extension=extension, kind="upload")  # type: ignore[arg-type]
+
+
+#: Result fields that inline the image: kept out of the task database, rebuilt from the stored image.
+INLINE_OUTPUT_FIELDS = ("imageBase64Data", "imageDataURI")
+_INLINE_MARK = "_inlineOutput"
+
+
+def compact_result(item: dict[str, Any]) -> dict[str, Any]:
+    """The result item as the task database keeps it: megabytes of base64 replaced by a marker."""
+    for field in INLINE_OUTPUT_FIELDS:
+        if field in item:
+            return {**{k: v for k, v in item.items() if k != field}, _INLINE_MARK: field}
+    return item
+
+
+def expand_result(images: ImageStore, stored: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`compact_result`, reading the output image back from the image store."""
+    field = stored.get(_INLINE_MARK)
+    if field is None:
+        return stored
+    item = {k: v for k, v in stored.items() if k != _INLINE_MARK}
+    data, _ = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
+    image = images.get(str(item["imageUUID"]), touch=False)
+    content_type = image.content_type if image else "application/octet-stream"
+    encoded = base64.b64encode(data).decode("ascii")
+    item[field] = encoded if field == "imageBase64Data" else f"data:{content_type};base64,{encoded}"
+    return item
