@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.api import rest, ws
 from server.api.auth import ApiKeys
+from server.api.sessions import SessionRegistry
 from server.api.state import ServerState
 from server.config import Settings
 from server.errors import UpscaleError
@@ -73,7 +74,10 @@ def create_app(settings: Settings) -> FastAPI:
             pipeline=UpscalePipeline(registry),
             http=http,
         )
-        app.state.server = ServerState(settings=settings, keys=keys, images=images, dispatcher=dispatcher)
+        sessions = SessionRegistry(resume_seconds=settings.session_resume_seconds)
+        app.state.server = ServerState(
+            settings=settings, keys=keys, images=images, dispatcher=dispatcher, sessions=sessions
+        )
         stop = asyncio.Event()
         sweeper = asyncio.create_task(sweep_forever([images, results], settings.sweep_interval_seconds, stop=stop))
         warmup = threading.Thread(target=warm_default_model, args=(registry,), name="model-warmup", daemon=True)

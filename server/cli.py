@@ -262,9 +262,6 @@ def write_atomically(target: Path, data: bytes) -> None:
 
 # --------------------------------------------------------------------------------------------- serve
 
-#: WebSocket frames carry whole base64 images; the official SDKs send them in one frame.
-WS_MAX_FRAME_BYTES = 64 * 2**20
-
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
@@ -276,7 +273,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        ws_max_size=WS_MAX_FRAME_BYTES,
+        ws_max_size=settings.max_frame_bytes,
         log_level="info",
         timeout_graceful_shutdown=30,
     )

@@ -101,7 +101,24 @@ class Settings(BaseSettings):
         default=True, description="Load the default model in the background at start-up, so no request waits for it."
     )
     max_fetch_bytes: int = Field(default=50 * 2**20, ge=1024, description="Largest image downloaded from an input URL.")
-    max_queue: int = Field(default=64, ge=1, description="Upscale jobs waiting for the worker before 429.")
+    max_queue: int = Field(
+        default=64, ge=1, description="Upscale tasks accepted and not yet finished; one more is refused with 429."
+    )
+    max_tasks: int = Field(default=64, ge=1, description="Tasks in one REST request or WebSocket frame (413 beyond).")
+    max_body_bytes: int = Field(
+        default=100 * 2**20, ge=1024, description="Largest REST request body (413 beyond): base64 adds a third."
+    )
+    max_frame_bytes: int = Field(
+        default=100 * 2**20,
+        ge=1024,
+        description="Largest WebSocket frame; a bigger one closes the connection with code 1009 (message too big).",
+    )
+    session_resume_seconds: float = Field(
+        default=120,
+        ge=0,
+        description="How long a WebSocket session outlives its connection: a reconnect with its "
+        "connectionSessionUUID receives the results that finished meanwhile.",
+    )
     cost_per_megapixel: float = Field(
         default=0.0, ge=0, description="Price reported in `cost` (includeCost) per output megapixel."
     )

@@ -132,6 +132,13 @@ class PayloadTooLargeError(UpscaleError):
     default_message = "The request is larger than this server accepts."
 
 
+class TooManyTasksError(UpscaleError):
+    """More tasks in one request than ``UPSCALE_MAX_TASKS`` allows."""
+
+    code = "tooManyTasks"
+    http_status = 413
+
+
 class InvalidUpscaleFactorError(InvalidParameterError):
     """The factor is not one the pipeline produces exactly (2, 3 or 4)."""
 

@@ -45,6 +45,7 @@ from server.errors import (
     InvalidUpscaleFactorError,
     MissingApiKeyError,
     MissingParameterError,
+    TooManyTasksError,
     UnknownTaskTypeError,
 )
 
@@ -331,7 +332,7 @@ def task_identity(raw: object) -> tuple[str | None, str | None]:
     return echo_type, echo_uuid
 
 
-def parse_request_body(body: bytes | str) -> list[object]:
+def parse_request_body(body: bytes | str, *, max_tasks: int | None = None) -> list[object]:
     """The task list of a REST body or WebSocket frame; elements are checked by :func:`parse_task`.
 
     Runware requires an array, but a lone task object is wrapped into one: it is unambiguous, and a
@@ -349,6 +350,11 @@ def parse_request_body(body: bytes | str) -> list[object]:
         raise InvalidRequestError(f"The request body must be a JSON array of task objects, not {_json_type(parsed)}.")
     if not parsed:
         raise InvalidRequestError("The request body is an empty array: send at least one task object.")
+    if max_tasks is not None and len(parsed) > max_tasks:
+        raise TooManyTasksError(
+            f"The request holds {len(parsed)} tasks; at most {max_tasks} are accepted in one request.",
+            max=max_tasks,
+        )
     return parsed
 
 

@@ -130,10 +130,13 @@ def test_auth_failure_matches_the_runware_docs_byte_for_byte() -> None:
     assert json.dumps({"errors": [item]}, separators=(",", ":")) == golden
 
 
-def test_auth_errors_keep_their_task_type_whatever_the_caller_passes() -> None:
+def test_auth_errors_default_to_the_authentication_task_type() -> None:
+    # a failed handshake: no task to speak of, so the error answers under "authentication"
+    assert error_item(MissingApiKeyError(), task_type=None, task_uuid=None)["taskType"] == "authentication"
+    # a task sent before authenticating is refused under its own id, so SDKs route it to that task
     item = error_item(MissingApiKeyError(), task_type="upscale", task_uuid=UUID)
-    assert item["taskType"] == "authentication"
-    assert item["taskUUID"] == UUID  # the caller still decides whether to route it to a task
+    assert item["taskType"] == "upscale"
+    assert item["taskUUID"] == UUID
 
 
 def test_error_item_omits_unknown_keys_and_keeps_the_order() -> None:

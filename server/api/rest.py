@@ -8,20 +8,35 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
-from server.api.state import server_state
-from server.errors import ImageNotFoundError, UpscaleError, error_item, http_status_for
-from server.protocol import envelope, parse_request_body, task_identity
+from server.api.state import parse_tasks, server_state
+from server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
+from server.protocol import envelope, task_identity
 from server.tasks.dispatcher import Outcome
 
 router = APIRouter()
-
-#: Bodies above this are parsed in a thread: json.loads of a 50 MB base64 image blocks for a while.
-LARGE_BODY = 1 << 20
 
 
 def error_response(exc: UpscaleError, task_type: str | None = None, task_uuid: str | None = None) -> JSONResponse:
     item = error_item(exc, task_type=task_type, task_uuid=task_uuid)
     return JSONResponse(envelope(errors=[item]), status_code=exc.http_status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes (Starlette itself has no cap)."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLargeError(
+        f"The request body is larger than {limit} bytes (UPSCALE_MAX_BODY_BYTES).", max=limit
+    )
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def bearer_key(request: Request) -> str | None:
@@ -33,12 +48,9 @@ def bearer_key(request: Request) -> str | None:
 @router.post("/v1")
 async def run_tasks(request: Request) -> Response:
     state = server_state(request)
-    body = await request.body()
     try:
-        if len(body) > LARGE_BODY:
-            raw_tasks = await asyncio.to_thread(parse_request_body, body)
-        else:
-            raw_tasks = parse_request_body(body)
+        body = await read_body(request, state.settings.max_body_bytes)
+        raw_tasks = await parse_tasks(body, state.settings)
         key = bearer_key(request)
         if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
             first: Any = raw_tasks[0]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request, WebSocket
 
 from server.api.auth import ApiKeys
+from server.api.sessions import SessionRegistry
 from server.config import Settings
+from server.protocol import parse_request_body
 from server.storage.images import ImageStore
 from server.tasks.dispatcher import TaskDispatcher
 
@@ -18,6 +21,7 @@ class ServerState:
     keys: ApiKeys
     images: ImageStore
     dispatcher: TaskDispatcher
+    sessions: SessionRegistry
 
     def base_url(self, connection: Request | WebSocket) -> str:
         """Where clients fetch images: the configured public URL, else the address they used."""
@@ -26,6 +30,17 @@ class ServerState:
         url = connection.base_url
         scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
         return str(url.replace(scheme=scheme)).rstrip("/")
+
+
+#: Bodies above this are parsed in a thread: json.loads of a 50 MB base64 image blocks for a while.
+LARGE_BODY = 1 << 20
+
+
+async def parse_tasks(body: bytes, settings: Settings) -> list[object]:
+    """The task array of a REST body or WebSocket frame, parsed off the event loop when it is big."""
+    if len(body) > LARGE_BODY:
+        return await asyncio.to_thread(parse_request_body, body, max_tasks=settings.max_tasks)
+    return parse_request_body(body, max_tasks=settings.max_tasks)
 
 
 def server_state(connection: Request | WebSocket) -> ServerState:

@@ -1,57 +1,61 @@
 """WebSocket transport on ``/v1``: the authentication handshake, ping, and results pushed by taskUUID.
 
 Each incoming frame is dispatched in its own asyncio task, so the receive loop keeps answering
-pings while upscales run. A frame carries either ``data`` or ``errors``, never both: the Python SDK
-ignores ``data`` in a frame that has ``errors``.
+pings while upscales run. Results go to the connection's :class:`~server.api.sessions.Session`,
+which buffers them while the client is away, so a reconnect with the same
+``connectionSessionUUID`` receives them. A frame carries either ``data`` or ``errors``, never both:
+the Python SDK ignores ``data`` in a frame that has ``errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from server.api.state import ServerState, server_state
-from server.errors import InvalidRequestError, MissingApiKeyError, UpscaleError, error_item
-from server.protocol import auth_item, envelope, is_uuid, parse_request_body, pong_item, task_identity
+from server.api.sessions import Session
+from server.api.state import ServerState, parse_tasks, server_state
+from server.errors import MissingApiKeyError, UpscaleError, error_item
+from server.protocol import (
+    AuthenticationTask,
+    auth_item,
+    envelope,
+    parse_task,
+    pong_item,
+    task_identity,
+)
 from server.tasks.dispatcher import Outcome
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-LARGE_FRAME = 1 << 20
 
-
-class WebSocketSession:
-    """One connection: authenticated once, then every frame is a task array."""
+class Connection:
+    """One socket: unauthenticated until an authentication task succeeds, then bound to a session."""
 
     def __init__(self, socket: WebSocket, state: ServerState) -> None:
         self.socket = socket
         self.state = state
-        self.session_uuid: str | None = None
-        self._send_lock = asyncio.Lock()
+        self.session: Session | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
 
-    async def send(self, payload: dict[str, Any]) -> None:
-        if self._closed:
-            return
-        text = json.dumps(payload)
-        async with self._send_lock:
-            try:
-                await self.socket.send_text(text)
-            except (WebSocketDisconnect, RuntimeError):
-                self._closed = True  # results stay pollable with getResponse
+    async def send_text(self, text: str) -> None:
+        await self.socket.send_text(text)
+
+    async def reply(self, payload: dict[str, Any]) -> None:
+        """Answer on this socket directly (handshake and pre-auth replies belong to no session)."""
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await self.socket.send_json(payload)
 
     async def emit(self, outcome: Outcome) -> None:
+        assert self.session is not None
         if outcome.error is not None:
-            await self.send(envelope(errors=[outcome.error]))
+            await self.session.deliver(envelope(errors=[outcome.error]))
         elif outcome.item is not None:
-            await self.send(envelope(data=[outcome.item]))
+            await self.session.deliver(envelope(data=[outcome.item]))
 
     async def run(self) -> None:
         try:
@@ -66,17 +70,14 @@ class WebSocketSession:
         except WebSocketDisconnect:
             pass
         finally:
-            self._closed = True
+            if self.session is not None:
+                self.session.detach(self.send_text)
 
     async def handle_frame(self, text: str) -> None:
         try:
-            body = text.encode()
-            if len(body) > LARGE_FRAME:
-                raw_tasks = await asyncio.to_thread(parse_request_body, body)
-            else:
-                raw_tasks = parse_request_body(body)
+            raw_tasks = await parse_tasks(text.encode(), self.state.settings)
         except UpscaleError as exc:
-            await self.send(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
+            await self.reply(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
             return
         if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
             if not await self.authenticate(raw_tasks[0]):
@@ -84,7 +85,7 @@ class WebSocketSession:
             raw_tasks = raw_tasks[1:]
         if not raw_tasks:
             return
-        if self.session_uuid is None:
+        if self.session is None:
             await self.refuse_unauthenticated(raw_tasks)
             return
         task = asyncio.create_task(
@@ -94,18 +95,19 @@ class WebSocketSession:
         task.add_done_callback(self._tasks.discard)
 
     async def authenticate(self, raw: object) -> bool:
-        fields: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        key = fields.get("apiKey")
         try:
-            if key is not None and not isinstance(key, str):
-                raise InvalidRequestError("apiKey must be a string", parameter="apiKey")
-            self.state.keys.check(key)
+            task = parse_task(raw)
+            assert isinstance(task, AuthenticationTask)
+            self.state.keys.check(task.api_key)
         except UpscaleError as exc:
-            await self.send(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
+            await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
             return False
-        requested = fields.get("connectionSessionUUID")
-        self.session_uuid = requested if isinstance(requested, str) and is_uuid(requested) else str(uuid.uuid4())
-        await self.send(envelope(data=[auth_item(self.session_uuid)]))
+        if self.session is not None:
+            self.session.detach(self.send_text)
+        session = self.state.sessions.open(task.connection_session_uuid)
+        await self.reply(envelope(data=[auth_item(session.uuid)]))
+        self.session = session
+        await session.attach(self.send_text)  # flushes results that finished while the client was away
         return True
 
     async def refuse_unauthenticated(self, raw_tasks: list[object]) -> None:
@@ -113,16 +115,16 @@ class WebSocketSession:
         for raw in raw_tasks:
             task_type, task_uuid = task_identity(raw)
             if task_type == "ping":
-                await self.send(envelope(data=[pong_item()]))
+                await self.reply(envelope(data=[pong_item()]))
                 continue
             exc = MissingApiKeyError(
                 'authenticate first: send [{"taskType": "authentication", "apiKey": "..."}]',
                 parameter="apiKey",
             )
-            await self.send(envelope(errors=[error_item(exc, task_type=task_type, task_uuid=task_uuid)]))
+            await self.reply(envelope(errors=[error_item(exc, task_type=task_type, task_uuid=task_uuid)]))
 
 
 @router.websocket("/v1")
 async def websocket_endpoint(socket: WebSocket) -> None:
     await socket.accept()
-    await WebSocketSession(socket, server_state(socket)).run()
+    await Connection(socket, server_state(socket)).run()

@@ -19,6 +19,7 @@ import httpx
 from server.config import Settings
 from server.errors import (
     ConflictTaskUUIDError,
+    QueueFullError,
     TaskNotFoundError,
     error_item,
     http_status_of,
@@ -92,6 +93,7 @@ class TaskDispatcher:
         self.pipeline = pipeline
         self.http = http
         self._background: set[asyncio.Task[None]] = set()
+        self._in_flight = 0  # upscale tasks accepted and not finished; only touched on the event loop
 
     async def dispatch(self, raw_tasks: Sequence[object], *, base_url: str, emit: Emit) -> None:
         """Run every task of an array concurrently; each emits exactly one outcome (auth: none)."""
@@ -116,8 +118,13 @@ class TaskDispatcher:
                 await self._claim(task.task_uuid, "imageUpload", "sync")
                 await emit(await self._tracked(task.task_uuid, "imageUpload", self._upload(task, base_url)))
             elif isinstance(task, UpscaleTask):
-                await self._claim(task.task_uuid, task.task_type, task.delivery_method)
-                work = self._upscale(task, base_url)
+                self._admit()
+                try:
+                    await self._claim(task.task_uuid, task.task_type, task.delivery_method)
+                except BaseException:
+                    self._in_flight -= 1
+                    raise
+                work = self._admitted(self._upscale(task, base_url))
                 if task.delivery_method == "async":
                     await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
                     self._spawn(self._tracked(task.task_uuid, task.task_type, work))
@@ -125,6 +132,25 @@ class TaskDispatcher:
                     await emit(await self._tracked(task.task_uuid, task.task_type, work))
         except Exception as exc:
             await emit(failure(exc, task_type, task_uuid))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _admit(self) -> None:
+        """Admission control: refuse an upscale up front (429) rather than after acknowledging it."""
+        if self._in_flight >= self.settings.max_queue:
+            raise QueueFullError(
+                f"{self._in_flight} upscale tasks are already queued or running "
+                f"(UPSCALE_MAX_QUEUE={self.settings.max_queue}); retry shortly"
+            )
+        self._in_flight += 1
+
+    async def _admitted(self, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return await work
+        finally:
+            self._in_flight -= 1
 
     def _spawn(self, work: Awaitable[Outcome]) -> None:
         async def run() -> None:

@@ -1,0 +1,98 @@
+"""WebSocket sessions outlive their connection: a reconnect with the same UUID gets what it missed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.sessions import SessionRegistry
+from server.app import create_app
+from server.config import Settings
+from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+
+KEY = "session-key"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def auth(ws: Any, session: str | None = None) -> str:
+    task: dict[str, Any] = {"taskType": "authentication", "apiKey": KEY}
+    if session:
+        task["connectionSessionUUID"] = session
+    ws.send_text(json.dumps([task]))
+    return str(json.loads(ws.receive_text())["data"][0]["connectionSessionUUID"])
+
+
+def poll(client: TestClient, task_uuid: str) -> dict[str, Any]:
+    response = client.post(
+        "/v1", json=[{"taskType": "getResponse", "taskUUID": task_uuid}], headers={"Authorization": f"Bearer {KEY}"}
+    )
+    item: dict[str, Any] = response.json()["data"][0]
+    return item
+
+
+def test_results_that_finish_while_away_are_delivered_on_reconnect(client: TestClient) -> None:
+    task = upscale_task(data_uri(encode(photo_crop(96, 96))), model=None, upscaleFactor=4)
+    with client.websocket_connect("/v1") as ws:
+        session = auth(ws)
+        ws.send_text(json.dumps([task]))
+        deadline = time.monotonic() + 60
+        while poll(client, task["taskUUID"]).get("status") != "processing":  # claimed, then we leave
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    while poll(client, task["taskUUID"]).get("status") == "processing":
+        assert time.monotonic() < deadline + 120
+        time.sleep(0.1)
+    with client.websocket_connect("/v1") as ws:
+        assert auth(ws, session) == session
+        frame = json.loads(ws.receive_text())
+        assert frame["data"][0]["taskUUID"] == task["taskUUID"] and "imageURL" in frame["data"][0]
+
+
+def test_resent_in_flight_async_task_is_a_conflict_and_still_pollable(client: TestClient) -> None:
+    task = upscale_task(data_uri(encode(photo_crop(64, 64))), deliveryMethod="async", model=None)
+    with client.websocket_connect("/v1") as ws:
+        auth(ws)
+        ws.send_text(json.dumps([task]))
+        assert json.loads(ws.receive_text()) == {"data": [{"taskType": "imageUpscale", "taskUUID": task["taskUUID"]}]}
+        ws.send_text(json.dumps([task]))
+        error = json.loads(ws.receive_text())["errors"][0]
+        assert error["code"] == "conflictTaskUUID" and error["taskUUID"] == task["taskUUID"]
+    deadline = time.monotonic() + 120
+    while (item := poll(client, task["taskUUID"]))["status"] == "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert item["status"] == "success"
+
+
+def test_detached_sessions_expire_after_the_resume_window() -> None:
+    now = [0.0]
+    registry = SessionRegistry(resume_seconds=120, clock=lambda: now[0])
+    session = registry.open(None)
+
+    async def sender(frame: str) -> None:
+        raise AssertionError("detached: nothing is sent")
+
+    async def scenario() -> None:
+        await session.attach(sender)
+        session.detach(sender)
+        await session.deliver({"data": [{"taskUUID": "t"}]})  # buffered
+
+    asyncio.run(scenario())
+    now[0] = 119.0
+    assert registry.open(session.uuid) is session
+    now[0] = 121.0
+    assert registry.expire() == 1
+    assert registry.open(session.uuid) is not session  # a fresh session under the same id
