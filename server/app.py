@@ -14,7 +14,6 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 
 from server import __version__
@@ -23,10 +22,12 @@ from server.api.auth import ApiKeys
 from server.api.sessions import SessionRegistry
 from server.api.state import ServerState
 from server.config import Settings
+from server.delivery import WebhookSender
 from server.errors import UpscaleError
 from server.inference.pipeline import UpscalePipeline
 from server.inference.registry import ModelRegistry
 from server.inference.worker import InferenceWorker
+from server.outbound import OutboundClient, OutboundPolicy
 from server.storage.db import open_database
 from server.storage.images import ImageStore
 from server.storage.results import TaskRecord, TaskStore
@@ -65,14 +66,25 @@ def create_app(settings: Settings) -> FastAPI:
         registry = ModelRegistry(settings)
         worker = InferenceWorker(max_queue=settings.max_queue)
         worker.start()
-        http = httpx.AsyncClient(follow_redirects=True, timeout=30.0)
+        outbound = OutboundClient(
+            OutboundPolicy.parse(
+                settings.outbound_allow,
+                max_redirects=settings.outbound_max_redirects,
+                connect_timeout=settings.outbound_connect_timeout,
+                total_timeout=settings.outbound_timeout,
+            )
+        )
+        webhooks = WebhookSender(
+            outbound, max_attempts=settings.webhook_max_attempts, give_up_after=settings.webhook_give_up_after
+        )
         dispatcher = TaskDispatcher(
             settings=settings,
             images=images,
             results=results,
             worker=worker,
             pipeline=UpscalePipeline(registry),
-            http=http,
+            outbound=outbound,
+            webhooks=webhooks,
         )
         sessions = SessionRegistry(resume_seconds=settings.session_resume_seconds)
         app.state.server = ServerState(
@@ -93,7 +105,8 @@ def create_app(settings: Settings) -> FastAPI:
             await sweeper
             if warmup.is_alive():
                 await asyncio.to_thread(warmup.join)
-            await http.aclose()
+            await webhooks.aclose(SHUTDOWN_GRACE_SECONDS)  # tasks that just finished may still be notifying
+            await outbound.aclose()
             db.close()
 
     app = FastAPI(title="Upscale Server", version=__version__, lifespan=lifespan)

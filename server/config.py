@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The repository's ``models/`` folder when running from a checkout (the normal way to run the server).
@@ -97,6 +97,32 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest decoded input image (width x height), checked from the header before decoding.",
     )
+    # ------------------------------------------------------------------ outbound requests
+    outbound_allow: list[str] = Field(
+        default_factory=list,
+        description="Host names and networks that input URLs, webhooks and upload endpoints may reach although "
+        'they are not public (JSON list, e.g. ["localhost", "10.0.0.0/8"]); everything else must resolve only to '
+        "public addresses.",
+    )
+    outbound_max_redirects: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Redirects followed per outbound request; each hop is checked like the first.",
+    )
+    outbound_connect_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to connect to an input URL, webhook or upload endpoint."
+    )
+    outbound_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds for one whole outbound request (resolution, redirects, body)."
+    )
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, le=50, description="Attempts per webhook (retried on network errors, 408, 429 and 5xx)."
+    )
+    webhook_give_up_after: float = Field(
+        default=300.0, gt=0, description="Seconds after a webhook's first attempt past which it is not retried."
+    )
+
     preload_default_model: bool = Field(
         default=True, description="Load the default model in the background at start-up, so no request waits for it."
     )
@@ -122,6 +148,14 @@ class Settings(BaseSettings):
     cost_per_megapixel: float = Field(
         default=0.0, ge=0, description="Price reported in `cost` (includeCost) per output megapixel."
     )
+
+    @field_validator("outbound_allow")
+    @classmethod
+    def _check_outbound_allow(cls, value: list[str]) -> list[str]:
+        from server.outbound import OutboundPolicy
+
+        OutboundPolicy.parse(value)  # ValueError naming the bad entry
+        return value
 
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser().resolve()

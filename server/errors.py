@@ -237,6 +237,32 @@ class ImageFetchError(UpscaleError):
     http_status = 400
 
 
+class BlockedAddressError(UpscaleError):
+    """A URL the policy refuses: not http(s), unparsable, or a host that resolves to a non-public address.
+
+    The message names the host and the reason and tells the operator which setting allows it; it
+    never includes the address the name resolved to (that would map the internal network for the
+    caller: the log has it). ``unsupported*`` puts it in the SDKs' validation category, so they do
+    not retry it; a resend could not succeed either.
+    """
+
+    code = "unsupportedAddress"
+    http_status = 400
+
+
+class UploadFailedError(UpscaleError):
+    """The result could not be PUT to ``uploadEndpoint``: a non-2xx answer, or no answer at all.
+
+    400, like ``downloadFailed``: the endpoint is the client's (typically an expired or mis-signed
+    presigned URL). A 5xx would make the SDKs resend the same task, which can only meet
+    ``conflictTaskUUID``. ``uploadFailed`` is the code runware-sdk files under provider errors.
+    """
+
+    code = "uploadFailed"
+    http_status = 400
+    default_parameter = "uploadEndpoint"
+
+
 class InvalidImageError(UpscaleError):
     """The bytes are not an image we can read: empty, corrupt, truncated, or an unsupported format."""
 

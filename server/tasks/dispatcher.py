@@ -14,18 +14,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from server.config import Settings
+from server.delivery import WebhookSender, upload_output
 from server.errors import (
     ConflictTaskUUIDError,
     QueueFullError,
     TaskNotFoundError,
+    UploadFailedError,
     error_item,
     http_status_of,
 )
 from server.inference.pipeline import UpscalePipeline
 from server.inference.worker import InferenceWorker
+from server.outbound import OutboundClient
 from server.protocol import (
     AuthenticationTask,
     GetResponseTask,
@@ -33,6 +34,7 @@ from server.protocol import (
     PingTask,
     UpscaleTask,
     ack_item,
+    envelope,
     parse_task,
     pong_item,
     processing_item,
@@ -43,7 +45,7 @@ from server.protocol import (
 )
 from server.storage.images import ImageStore
 from server.storage.results import TaskStore
-from server.tasks.inputs import Base64Ref, DataUriRef, UrlRef, UuidRef, classify_image_input, fetch_url
+from server.tasks.inputs import Base64Ref, DataUriRef, UrlRef, UuidRef, classify_image_input
 from server.tasks.media import (
     compact_result,
     decode_input,
@@ -84,14 +86,16 @@ class TaskDispatcher:
         results: TaskStore,
         worker: InferenceWorker,
         pipeline: UpscalePipeline,
-        http: httpx.AsyncClient,
+        outbound: OutboundClient,
+        webhooks: WebhookSender,
     ) -> None:
         self.settings = settings
         self.images = images
         self.results = results
         self.worker = worker
         self.pipeline = pipeline
-        self.http = http
+        self.outbound = outbound
+        self.webhooks = webhooks
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # upscale tasks accepted and not finished; only touched on the event loop
 
@@ -118,18 +122,20 @@ class TaskDispatcher:
                 await self._claim(task.task_uuid, "imageUpload", "sync")
                 await emit(await self._tracked(task.task_uuid, "imageUpload", self._upload(task, base_url)))
             elif isinstance(task, UpscaleTask):
+                await self._check_destinations(task)  # a refused webhook or endpoint does not use up the UUID
                 self._admit()
                 try:
                     await self._claim(task.task_uuid, task.task_type, task.delivery_method)
                 except BaseException:
                     self._in_flight -= 1
                     raise
-                work = self._admitted(self._upscale(task, base_url))
+                tracked = self._tracked(task.task_uuid, task.task_type, self._admitted(self._upscale(task, base_url)))
+                work = self._notify(task, tracked)
                 if task.delivery_method == "async":
                     await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
-                    self._spawn(self._tracked(task.task_uuid, task.task_type, work))
+                    self._spawn(work)
                 else:
-                    await emit(await self._tracked(task.task_uuid, task.task_type, work))
+                    await emit(await work)
         except Exception as exc:
             await emit(failure(exc, task_type, task_uuid))
 
@@ -151,6 +157,24 @@ class TaskDispatcher:
             return await work
         finally:
             self._in_flight -= 1
+
+    async def _check_destinations(self, task: UpscaleTask) -> None:
+        if task.webhook_url:
+            await self.outbound.check_url(task.webhook_url, parameter="webhookURL")
+        if task.upload_endpoint:
+            await self.outbound.check_url(task.upload_endpoint, parameter="uploadEndpoint")
+
+    async def _notify(self, task: UpscaleTask, work: Awaitable[Outcome]) -> Outcome:
+        """Run the task, then POST its result (or its error) to ``webhookURL`` in the background."""
+        outcome = await work
+        if task.webhook_url:
+            if outcome.item is not None:
+                payload = envelope(data=[outcome.item])
+            else:
+                assert outcome.error is not None
+                payload = envelope(errors=[outcome.error])
+            self.webhooks.send(task.webhook_url, payload, task_uuid=task.task_uuid)
+        return outcome
 
     def _spawn(self, work: Awaitable[Outcome]) -> None:
         async def run() -> None:
@@ -208,7 +232,7 @@ class TaskDispatcher:
         if isinstance(ref, UuidRef):
             return await asyncio.to_thread(load_stored, self.images, ref.uuid, parameter=parameter)
         if isinstance(ref, UrlRef):
-            data = await fetch_url(ref.url, client=self.http, max_bytes=self.settings.max_fetch_bytes, timeout=30.0)
+            data = await self.outbound.get_bytes(ref.url, max_bytes=self.settings.max_fetch_bytes, parameter=parameter)
             return data, None
         assert isinstance(ref, DataUriRef | Base64Ref)
         return ref.data, None
@@ -243,6 +267,12 @@ class TaskDispatcher:
             ttl_seconds=task.ttl if task.output_type == "URL" else None,
         )
         url = image_url(base_url, output.image.uuid, output.image.extension)
+        if task.upload_endpoint:
+            try:
+                await upload_output(self.outbound, task.upload_endpoint, output.data, output.image.content_type)
+            except UploadFailedError as exc:
+                exc.message += f"; the result is kept as imageUUID {output.image.uuid} at {url}"
+                raise
         cost = self.cost(*plan.output_size) if task.include_cost else None
         return upscale_item(
             task.task_type,

@@ -18,16 +18,13 @@ Errors name the wire field the value came from (``parameter``), which the caller
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import re
 from dataclasses import dataclass
 from typing import TypeAlias
 
-import httpx
-
-from server.errors import ImageFetchError, ImageTooLargeError, InvalidParameterError
+from server.errors import InvalidParameterError
 from server.protocol import is_http_url, is_uuid
 
 
@@ -40,7 +37,7 @@ class UuidRef:
 
 @dataclass(frozen=True, slots=True)
 class UrlRef:
-    """An http(s) URL still to be fetched (by :func:`fetch_url`, or a policy-enforcing replacement)."""
+    """An http(s) URL still to be fetched, through the policy-enforcing :mod:`server.outbound` client."""
 
     url: str
 
@@ -128,54 +125,3 @@ def _decode_base64(text: str, parameter: str, *, what: str) -> bytes:
         return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except binascii.Error as exc:  # unreachable after the checks above; kept so no raw error escapes
         raise _invalid(parameter, f"{what} is not valid base64") from exc
-
-
-async def fetch_url(
-    url: str,
-    *,
-    client: httpx.AsyncClient,
-    max_bytes: int,
-    timeout: float,
-    parameter: str = "inputImage",
-) -> bytes:
-    """The body of ``url``, at most ``max_bytes`` long, within ``timeout`` seconds in all.
-
-    Kept small on purpose: an SSRF policy (address pinning, redirect checks) replaces or wraps it
-    later. Redirects follow the client's setting. The size is checked on the declared
-    ``Content-Length`` first and then on the bytes actually received (decompressed, so a gzip bomb
-    stops at the limit too). ``timeout`` bounds the whole download, not each read, so a server that
-    trickles bytes cannot hold a task forever.
-
-    Raises ``ImageFetchError`` for a network error, a timeout, a non-2xx status or an empty body, and
-    ``ImageTooLargeError`` past ``max_bytes``.
-    """
-    try:
-        async with asyncio.timeout(timeout):
-            return await _download(url, client=client, max_bytes=max_bytes, timeout=timeout, parameter=parameter)
-    except TimeoutError as exc:
-        raise ImageFetchError(f"Downloading {parameter} timed out after {timeout:g} s.", parameter=parameter) from exc
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        raise ImageFetchError(
-            f"Could not download {parameter}: {exc.__class__.__name__}.", parameter=parameter
-        ) from exc
-
-
-async def _download(url: str, *, client: httpx.AsyncClient, max_bytes: int, timeout: float, parameter: str) -> bytes:
-    too_large = f"The image at {parameter} is larger than this server accepts ({max_bytes} bytes)."
-    async with client.stream("GET", url, timeout=timeout) as response:
-        if not response.is_success:
-            raise ImageFetchError(
-                f"Could not download {parameter}: the server answered HTTP {response.status_code}.",
-                parameter=parameter,
-            )
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise ImageTooLargeError(too_large, parameter=parameter)
-        received = bytearray()
-        async for chunk in response.aiter_bytes():
-            received += chunk
-            if len(received) > max_bytes:
-                raise ImageTooLargeError(too_large, parameter=parameter)
-    if not received:
-        raise ImageFetchError(f"Could not download {parameter}: the response body is empty.", parameter=parameter)
-    return bytes(received)

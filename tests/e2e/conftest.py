@@ -46,7 +46,9 @@ def start_server(data_dir: Path, *, api_key: str = "test-key", env: dict[str, st
         "--models-dir", str(REPO_MODELS_DIR), "--device", "cpu", "--api-key", api_key,
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Test fixtures (and the server's own image URLs, used as inputs) live on 127.0.0.1.
+        environment = {**os.environ, "UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]', **(env or {})}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1", api_key, data_dir, process, log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

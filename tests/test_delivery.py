@@ -1,0 +1,330 @@
+"""Webhook delivery (retries, give-ups, never blocking) and uploadEndpoint PUTs, against real local receivers.
+
+Backoff waits go through an injected ``sleep`` that records the delay and returns at once, so the
+retry tests are exact and fast; the tests about slowness use a receiver that really is slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from server.delivery import WebhookSender, upload_output
+from server.errors import BlockedAddressError, UploadFailedError
+from server.outbound import OutboundClient, OutboundPolicy
+from tests.test_outbound import (
+    LOCAL,
+    LocalServer,
+    RecordingTransport,
+    Route,
+    RouteHandler,
+    free_port,
+    ok,
+    real_transport,
+)
+
+Serve = Callable[[dict[str, Route]], LocalServer]
+TASK = "6f1c2a9e-4b8d-4c1e-9a55-1f2e3d4c5b6a"
+PAYLOAD: dict[str, object] = {
+    "data": [
+        {
+            "taskType": "upscale",
+            "taskUUID": TASK,
+            "imageUUID": "0b9e3f52-7d4c-4a8e-b1f0-2c3d4e5f6a7b",
+            "imageURL": "https://upscale.example/image/0b9e3f52.png",
+            "cost": 0.0125,
+            "note": "ünïcode ✓",
+        }
+    ]
+}
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """``serve(routes)`` starts a local receiver on 127.0.0.1, closed at the end of the test."""
+    servers: list[LocalServer] = []
+
+    def start(routes: dict[str, Route]) -> LocalServer:
+        servers.append(LocalServer(routes))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class RecordingSleep:
+    """Stands in for ``asyncio.sleep``: records each backoff delay, advances a fake clock, yields once."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.now = 0.0
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.now += delay
+        await asyncio.sleep(0)
+
+    def clock(self) -> float:
+        return self.now
+
+
+def status_sequence(*statuses: int, headers: dict[str, str] | None = None) -> Route:
+    """Answer the n-th request with ``statuses[n-1]`` (the last one repeats)."""
+
+    def route(handler: RouteHandler, n: int) -> None:
+        handler.reply(statuses[min(n, len(statuses)) - 1], b"receiver says no: SECRET", headers)
+
+    return route
+
+
+def slow(seconds: float) -> Route:
+    def route(handler: RouteHandler, _n: int) -> None:
+        handler.server.app.release.wait(seconds)
+        handler.reply(200)
+
+    return route
+
+
+async def deliver_all(
+    urls: list[str], *, policy: OutboundPolicy = LOCAL, transport: RecordingTransport | None = None, **options: object
+) -> tuple[WebhookSender, RecordingSleep]:
+    """Send ``PAYLOAD`` to each URL and wait for every delivery to finish."""
+    sleep = RecordingSleep()
+    client = OutboundClient(policy, transport=transport or real_transport())
+    sender = WebhookSender(client, sleep=sleep, clock=sleep.clock, **options)  # type: ignore[arg-type]
+    try:
+        for url in urls:
+            sender.send(url, PAYLOAD, task_uuid=TASK)
+        await sender.aclose(timeout=10)
+    finally:
+        await client.aclose()
+    return sender, sleep
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_retried_on_5xx_then_delivered_with_the_payload_intact(serve: Serve) -> None:
+    receiver = serve({"/hook": status_sequence(500, 503, 200)})
+    sender, sleep = asyncio.run(deliver_all([receiver.url("/hook?token=abc")]))
+    assert len(receiver.seen) == 3  # delivered on the third attempt
+    for seen in receiver.seen:
+        assert seen.method == "POST" and seen.path == "/hook?token=abc"
+        assert seen.headers["content-type"] == "application/json"
+        assert json.loads(seen.body) == PAYLOAD
+    assert receiver.seen[0].body == receiver.seen[2].body
+    assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (1, 2, 0)
+    assert len(sleep.delays) == 2
+    assert 0.4 <= sleep.delays[0] < 0.6 and 0.8 <= sleep.delays[1] < 1.2  # 0.5 s, then 1 s, with jitter
+    assert sleep.delays[0] < sleep.delays[1]
+
+
+def test_backoff_doubles_up_to_the_cap_and_respects_retry_after() -> None:
+    async def build() -> list[float]:
+        client = OutboundClient(LOCAL, transport=real_transport())
+        sender = WebhookSender(client, first_delay=0.5, max_delay=30, jitter=lambda: 0.5)  # factor exactly 1
+        await client.aclose()
+        return [sender.backoff(n) for n in range(1, 10)] + [sender.backoff(1, 7.0), sender.backoff(1, 600.0)]
+
+    assert asyncio.run(build()) == [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 7.0, 30]
+
+
+def test_408_and_429_are_retried_and_retry_after_is_honoured(serve: Serve) -> None:
+    receiver = serve(
+        {"/throttled": status_sequence(429, 200, headers={"Retry-After": "7"}), "/slow-ack": status_sequence(408, 200)}
+    )
+    sender, sleep = asyncio.run(
+        deliver_all([receiver.url("/throttled"), receiver.url("/slow-ack")], jitter=lambda: 0.5)
+    )
+    assert sender.stats.delivered == 2 and sender.stats.given_up == 0
+    assert sorted(sleep.delays) == [0.5, 7.0]
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 410, 301])
+def test_other_statuses_give_up_after_one_attempt(serve: Serve, status: int, caplog: pytest.LogCaptureFixture) -> None:
+    receiver = serve({"/hook": status_sequence(status)})
+    with caplog.at_level(logging.WARNING, logger="server.delivery"):
+        sender, sleep = asyncio.run(deliver_all([receiver.url("/hook?token=secret-token")]))
+    assert len(receiver.seen) == 1 and sleep.delays == []
+    assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 0, 1)
+    (record,) = [r for r in caplog.records if "given up" in r.getMessage()]
+    message = record.getMessage()
+    assert TASK in message and f"HTTP {status}" in message and "after 1 attempt" in message
+    assert "secret-token" not in message and "SECRET" not in message  # no query string, no receiver body
+
+
+def test_unreachable_receiver_is_retried_then_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="server.delivery"):
+        sender, sleep = asyncio.run(deliver_all([f"http://127.0.0.1:{free_port()}/hook"], max_attempts=4))
+    assert len(sleep.delays) == 3 and sleep.delays == sorted(sleep.delays)
+    assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 3, 1)
+    (record,) = [r for r in caplog.records if "given up" in r.getMessage()]
+    assert TASK in record.getMessage() and "no attempts left" in record.getMessage()
+
+
+def test_give_up_after_bounds_the_retry_window(serve: Serve) -> None:
+    receiver = serve({"/hook": status_sequence(503)})
+    sender, sleep = asyncio.run(
+        deliver_all([receiver.url("/hook")], first_delay=1.0, give_up_after=2.5, jitter=lambda: 0.5)
+    )
+    # waits 1 s (t=1) and 2 s would end at t=3 > 2.5: given up after the second attempt
+    assert sleep.delays == [1.0] and len(receiver.seen) == 2
+    assert sender.stats.given_up == 1
+
+
+def test_refused_address_is_given_up_at_once_without_connecting(caplog: pytest.LogCaptureFixture) -> None:
+    transport = RecordingTransport()  # fails the test on any call
+    with caplog.at_level(logging.WARNING):
+        sender, sleep = asyncio.run(
+            deliver_all(["http://169.254.169.254/latest/meta-data/"], policy=OutboundPolicy(), transport=transport)
+        )
+    assert transport.requests == [] and sleep.delays == []
+    assert (sender.stats.given_up, sender.stats.retried) == (1, 0)
+    assert any(TASK in r.getMessage() and "link-local" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- never blocking, shutdown
+
+
+def test_send_returns_at_once_and_a_slow_receiver_blocks_nothing(serve: Serve) -> None:
+    receiver = serve({"/slow": slow(2.0), "/fast": ok(b"")})
+
+    async def scenario() -> tuple[WebhookSender, float, float, int, float]:
+        client = OutboundClient(LOCAL, transport=real_transport())
+        sender = WebhookSender(client)
+        started = time.monotonic()
+        sender.send(receiver.url("/slow"), PAYLOAD, task_uuid=TASK)
+        send_took = time.monotonic() - started
+        ticks = time.monotonic()
+        await asyncio.sleep(0.05)  # the event loop is free: this finishes on time
+        tick_took = time.monotonic() - ticks
+        sender.send(receiver.url("/fast"), PAYLOAD, task_uuid="other-task")
+        while sender.stats.delivered == 0 and time.monotonic() - started < 1.5:
+            await asyncio.sleep(0.01)
+        in_flight = sender.in_flight  # the slow one, still waiting for its receiver
+        fast_delivered_at = time.monotonic() - started
+        await sender.aclose(timeout=5)  # waits for the slow delivery
+        await client.aclose()
+        return sender, send_took, tick_took, in_flight, fast_delivered_at
+
+    sender, send_took, tick_took, in_flight, fast_delivered_at = asyncio.run(scenario())
+    assert send_took < 0.05
+    assert tick_took < 0.5
+    assert fast_delivered_at < 1.5 and in_flight == 1  # delivered while the slow one was in flight
+    assert sender.stats.delivered == 2 and sender.in_flight == 0  # aclose waited for the slow one
+    assert [seen.path for seen in receiver.seen if seen.path == "/slow"] == ["/slow"]
+
+
+def test_aclose_cancels_what_outlives_its_timeout(serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    receiver = serve({"/slow": slow(5.0)})
+
+    async def scenario() -> tuple[WebhookSender, float]:
+        client = OutboundClient(LOCAL, transport=real_transport())
+        sender = WebhookSender(client)
+        sender.send(receiver.url("/slow"), PAYLOAD, task_uuid=TASK)
+        while not receiver.seen:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await sender.aclose(timeout=0.2)
+        took = time.monotonic() - started
+        sender.send(receiver.url("/slow"), PAYLOAD, task_uuid="late-task")  # after close: dropped, no raise
+        await client.aclose()
+        return sender, took
+
+    with caplog.at_level(logging.WARNING):
+        sender, took = asyncio.run(scenario())
+    assert took < 1.0
+    assert (sender.stats.delivered, sender.stats.given_up, sender.in_flight) == (0, 2, 0)
+    assert len(receiver.seen) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(TASK in m and "cancelled at shutdown" in m for m in messages)
+    assert any("late-task" in m and "closed" in m for m in messages)
+
+
+def test_send_never_raises() -> None:
+    async def scenario() -> WebhookSender:
+        client = OutboundClient(LOCAL, transport=real_transport())
+        sender = WebhookSender(client)
+        sender.send("http://127.0.0.1:9/hook", {"data": {1, 2}}, task_uuid=TASK)  # a set is not JSON
+        sender.send("http://127.0.0.1:9/hook", {"data": [float("nan")]}, task_uuid=TASK)  # nor is NaN
+        await client.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.stats.given_up == 2 and sender.in_flight == 0
+    outside = WebhookSender(OutboundClient(LOCAL, transport=real_transport()))
+    outside.send("http://127.0.0.1:9/hook", PAYLOAD, task_uuid=TASK)  # no running loop
+    assert outside.stats.given_up == 1
+
+
+def test_sender_rejects_bad_settings() -> None:
+    client = OutboundClient(LOCAL, transport=real_transport())
+    with pytest.raises(ValueError, match="max_attempts"):
+        WebhookSender(client, max_attempts=0)
+    with pytest.raises(ValueError, match="first_delay"):
+        WebhookSender(client, first_delay=5, max_delay=1)
+
+
+# --------------------------------------------------------------------------- uploadEndpoint
+
+
+def test_upload_puts_the_raw_bytes_with_the_content_type(serve: Serve) -> None:
+    receiver = serve({"/bucket/out.png": ok(b"")})
+    data = os.urandom(300_000) + bytes(range(256))
+
+    async def upload() -> None:
+        client = OutboundClient(LOCAL, transport=real_transport())
+        try:
+            await upload_output(client, receiver.url("/bucket/out.png?X-Amz-Signature=abc"), data, "image/png")
+        finally:
+            await client.aclose()
+
+    asyncio.run(upload())
+    (seen,) = receiver.seen
+    assert (seen.method, seen.path) == ("PUT", "/bucket/out.png?X-Amz-Signature=abc")
+    assert seen.headers["content-type"] == "image/png"
+    assert seen.headers["content-length"] == str(len(data))
+    assert seen.body == data
+
+
+def upload_error(url: str, *, policy: OutboundPolicy = LOCAL, transport: RecordingTransport | None = None) -> Exception:
+    async def upload() -> Exception:
+        client = OutboundClient(policy, transport=transport or real_transport())
+        try:
+            await upload_output(client, url, b"image bytes", "image/jpeg")
+        except Exception as exc:
+            return exc
+        finally:
+            await client.aclose()
+        raise AssertionError("the upload should have failed")
+
+    return asyncio.run(upload())
+
+
+def test_upload_403_fails_the_task_with_the_status(serve: Serve) -> None:
+    receiver = serve({"/bucket/out.jpg": status_sequence(403)})
+    error = upload_error(receiver.url("/bucket/out.jpg"))
+    assert isinstance(error, UploadFailedError)
+    assert (error.code, error.http_status, error.parameter) == ("uploadFailed", 400, "uploadEndpoint")
+    assert "HTTP 403" in error.message and f"127.0.0.1:{receiver.port}" in error.message
+    assert "SECRET" not in error.message  # the receiver's body is never echoed
+    assert len(receiver.seen) == 1  # no retry
+
+
+def test_upload_network_error_fails_the_task() -> None:
+    error = upload_error(f"http://127.0.0.1:{free_port()}/bucket/out.jpg")
+    assert isinstance(error, UploadFailedError) and "could not connect" in error.message
+
+
+def test_upload_to_a_refused_address_never_connects() -> None:
+    transport = RecordingTransport()
+    error = upload_error("http://10.0.0.7/bucket/out.jpg", policy=OutboundPolicy(), transport=transport)
+    assert isinstance(error, BlockedAddressError) and error.parameter == "uploadEndpoint"
+    assert transport.requests == []
