@@ -27,12 +27,16 @@ from server.errors import UpscaleError
 from server.inference.pipeline import UpscalePipeline
 from server.inference.registry import ModelRegistry
 from server.inference.worker import InferenceWorker
+from server.observability import health
+from server.observability.health import HealthSource
+from server.observability.metrics import Metrics
 from server.outbound import OutboundClient, OutboundPolicy
 from server.storage.db import open_database
 from server.storage.images import ImageStore
 from server.storage.results import TaskRecord, TaskStore
 from server.storage.sweeper import sweep_forever
 from server.tasks.dispatcher import TaskDispatcher
+from server.web import routes as web
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,13 @@ def create_app(settings: Settings) -> FastAPI:
         registry = ModelRegistry(settings)
         worker = InferenceWorker(max_queue=settings.max_queue)
         worker.start()
+        device = registry.compute.device
+        metrics = Metrics(
+            queue_depth=lambda: worker.queue_depth,
+            in_flight=lambda: dispatcher.in_flight,  # read at scrape time, after the dispatcher exists
+            storage_stats=images.stats,
+            cuda_device=device if device.type == "cuda" else None,
+        )
         outbound = OutboundClient(
             OutboundPolicy.parse(
                 settings.outbound_allow,
@@ -75,7 +86,10 @@ def create_app(settings: Settings) -> FastAPI:
             )
         )
         webhooks = WebhookSender(
-            outbound, max_attempts=settings.webhook_max_attempts, give_up_after=settings.webhook_give_up_after
+            outbound,
+            max_attempts=settings.webhook_max_attempts,
+            give_up_after=settings.webhook_give_up_after,
+            on_result=metrics.webhook,
         )
         dispatcher = TaskDispatcher(
             settings=settings,
@@ -85,6 +99,14 @@ def create_app(settings: Settings) -> FastAPI:
             pipeline=UpscalePipeline(registry),
             outbound=outbound,
             webhooks=webhooks,
+            metrics=metrics,
+        )
+        app.state.observability = HealthSource(
+            worker_state=lambda: worker.state.value,
+            model_loaded=lambda: registry.is_loaded(registry.spec(None).id),
+            data_dir=data_dir,
+            metrics=metrics,
+            require_model=settings.preload_default_model,  # else nothing loads it until a request comes
         )
         sessions = SessionRegistry(resume_seconds=settings.session_resume_seconds)
         app.state.server = ServerState(
@@ -111,7 +133,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Upscale Server", version=__version__, lifespan=lifespan)
     app.include_router(rest.router)
+    app.include_router(health.router)  # /health, /ready, /metrics: no API key, like every probe endpoint
     app.include_router(ws.router)
+    app.include_router(web.router)
     return app
 
 

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--data-dir", type=Path, help="folder for stored images and the database (default ./data)")
     serve.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accept this key (repeat)")
+    serve.add_argument("--log-format", choices=["plain", "json"], help="log line format (default plain)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
     add_compute_args(serve)
     serve.set_defaults(handler=run_serve)
 
@@ -132,6 +134,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "port",
             "data_dir",
             "api_keys",
+            "log_format",
+            "log_level",
         )
         if getattr(args, name, None) is not None
     }
@@ -267,14 +271,16 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.observability.logs import configure_logging
 
-    logging.getLogger().setLevel(logging.INFO)
+    configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_frame_bytes,
-        log_level="info",
+        log_config=None,  # keep configure_logging's handler: uvicorn's own config would replace it
+        log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
     return 0

@@ -145,6 +145,14 @@ class Settings(BaseSettings):
         description="How long a WebSocket session outlives its connection: a reconnect with its "
         "connectionSessionUUID receives the results that finished meanwhile.",
     )
+    log_format: Literal["plain", "json"] = Field(
+        default="plain",
+        description="Log lines as plain text or as one JSON object per line (time, level, logger, message, "
+        "taskUUID, exc_info); both carry the taskUUID of the task being run.",
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Least severe log level written (uvicorn's access lines are info)."
+    )
     cost_per_megapixel: float = Field(
         default=0.0, ge=0, description="Price reported in `cost` (includeCost) per output megapixel."
     )

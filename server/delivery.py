@@ -97,6 +97,7 @@ class WebhookSender:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        on_result: Callable[[str], None] = lambda result: None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
@@ -113,6 +114,7 @@ class WebhookSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.stats = WebhookStats()
+        self._on_result = on_result  # "delivered", "retried" or "given_up", beside each stats count: metrics
 
     @property
     def in_flight(self) -> int:
@@ -135,6 +137,7 @@ class WebhookSender:
             )
         except Exception as exc:
             self.stats.given_up += 1
+            self._on_result("given_up")
             log.error("webhook for task %s to %s not sent: %s", task_uuid, origin(url), exc)
             return
         self._tasks.add(task)
@@ -172,6 +175,7 @@ class WebhookSender:
                 outcome = await self._attempt(url, body, task_uuid)
                 if outcome.verdict is _Verdict.DELIVERED:
                     self.stats.delivered += 1
+                    self._on_result("delivered")
                     log.info("webhook for task %s delivered to %s (attempt %d)", task_uuid, target, attempt)
                     return
                 if outcome.verdict is _Verdict.GIVE_UP:
@@ -194,6 +198,7 @@ class WebhookSender:
                     delay,
                 )
                 self.stats.retried += 1
+                self._on_result("retried")
                 await self._sleep(delay)
         except asyncio.CancelledError:
             self._give_up(task_uuid, target, attempt, "cancelled at shutdown")
@@ -220,6 +225,7 @@ class WebhookSender:
 
     def _give_up(self, task_uuid: str, target: str, attempts: int, reason: str) -> None:
         self.stats.given_up += 1
+        self._on_result("given_up")
         log.warning("webhook for task %s to %s given up after %d attempt(s): %s", task_uuid, target, attempts, reason)
 
 

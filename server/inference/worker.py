@@ -9,6 +9,7 @@ every path: success, failure, shutdown, or the worker thread dying.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import logging
 import queue
@@ -39,6 +40,9 @@ class Job(Generic[T]):
     run: Callable[[], T]
     label: str
     future: Future[T] = field(default_factory=Future)
+    #: The submitter's context, so the job runs as if called where it was submitted (its taskUUID
+    #: reaches the worker's log lines), as ``asyncio.to_thread`` does for its threads.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 _STOP = object()
@@ -114,7 +118,7 @@ class InferenceWorker:
             return
         self.busy = True
         try:
-            job.future.set_result(job.run())
+            job.future.set_result(job.context.run(job.run))
         except BaseException as exc:
             job.future.set_exception(exc)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,11 @@ from server.errors import (
     error_item,
     http_status_of,
 )
+from server.imaging import Picture
 from server.inference.pipeline import UpscalePipeline
 from server.inference.worker import InferenceWorker
+from server.observability.logs import task_context
+from server.observability.metrics import Metrics
 from server.outbound import OutboundClient
 from server.protocol import (
     AuthenticationTask,
@@ -88,6 +92,7 @@ class TaskDispatcher:
         pipeline: UpscalePipeline,
         outbound: OutboundClient,
         webhooks: WebhookSender,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.images = images
@@ -96,6 +101,7 @@ class TaskDispatcher:
         self.pipeline = pipeline
         self.outbound = outbound
         self.webhooks = webhooks
+        self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # upscale tasks accepted and not finished; only touched on the event loop
 
@@ -110,6 +116,12 @@ class TaskDispatcher:
 
     async def _run_one(self, raw: object, base_url: str, emit: Emit) -> None:
         task_type, task_uuid = task_identity(raw)
+        with task_context(task_uuid):  # every log line of this task, and of what it spawns, carries its UUID
+            await self._run_in_context(raw, task_type, task_uuid, base_url, emit)
+
+    async def _run_in_context(
+        self, raw: object, task_type: str | None, task_uuid: str | None, base_url: str, emit: Emit
+    ) -> None:
         try:
             task = parse_task(raw)
             if isinstance(task, AuthenticationTask):
@@ -137,7 +149,10 @@ class TaskDispatcher:
                 else:
                     await emit(await work)
         except Exception as exc:
-            await emit(failure(exc, task_type, task_uuid))
+            outcome = failure(exc, task_type, task_uuid)
+            assert outcome.error is not None
+            self.metrics.task_finished(task_type or "unknown", str(outcome.error["code"]))
+            await emit(outcome)
 
     @property
     def in_flight(self) -> int:
@@ -199,8 +214,10 @@ class TaskDispatcher:
         except Exception as exc:
             outcome = failure(exc, task_type, task_uuid)
             assert outcome.error is not None
+            self.metrics.task_finished(task_type, str(outcome.error["code"]))
             await asyncio.to_thread(self.results.fail, task_uuid, {**outcome.error, "status": "error"})
             return outcome
+        self.metrics.task_finished(task_type, "success")
         try:
             await asyncio.to_thread(self.results.complete, task_uuid, compact_result(with_status(item, "success")))
         except Exception as exc:  # the result exists but could not be recorded: say so to pollers
@@ -254,9 +271,14 @@ class TaskDispatcher:
         plan = self.pipeline.plan(picture.width, picture.height, task.upscale_factor, task.model)
         if input_uuid is None:
             input_uuid = (await asyncio.to_thread(store_input, self.images, data, picture)).uuid
-        future = self.worker.submit(
-            lambda: self.pipeline.upscale(picture, plan.factor, task.model), label=task.task_uuid
-        )
+
+        def run() -> Picture:  # on the worker thread: times the network, not the wait in the queue
+            started = time.perf_counter()
+            result = self.pipeline.upscale(picture, plan.factor, task.model)
+            self.metrics.inference_done(time.perf_counter() - started, result.width * result.height)
+            return result
+
+        future = self.worker.submit(run, label=task.task_uuid)
         result = await asyncio.wrap_future(future)
         output = await asyncio.to_thread(
             store_output,

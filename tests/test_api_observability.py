@@ -1,0 +1,64 @@
+"""The wired app answers /health, /ready and /metrics, and its task logs carry the taskUUID."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+from server.config import Settings
+from server.observability.logs import JsonFormatter, TaskContextFilter
+from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+
+
+def test_wired_app(tmp_path: Path, provisioned_models_dir: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path, device="cpu", models_dir=provisioned_models_dir, default_model="local:realesr-animevideov3@1"
+    )
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(TaskContextFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/health").json()["worker"] == "running"
+            for _ in range(200):
+                if client.get("/ready").status_code == 200:
+                    break
+                time.sleep(0.05)
+            assert client.get("/ready").status_code == 200
+            task = upscale_task(data_uri(encode(photo_crop())))
+            bad = upscale_task("not-an-image")
+            response = client.post("/v1", json=[task, bad])
+            assert response.status_code == 200, response.text
+            text = client.get("/metrics").text
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("upscale_tasks_total", (("outcome", "success"), ("task_type", "imageUpscale")))] == 1
+    assert samples[("upscale_tasks_total", (("outcome", "invalidInputImage"), ("task_type", "imageUpscale")))] == 1
+    assert samples[("upscale_inference_seconds_count", ())] == 1
+    assert samples[("upscale_output_megapixels_sum", ())] == 48 * 32 / 1e6
+    assert samples[("upscale_stored_images", ())] == 2
+    assert samples[("upscale_queue_depth", ())] == 0
+    tagged = [json.loads(r) for r in records if task["taskUUID"] in r]
+    assert any(line.get("taskUUID") == task["taskUUID"] for line in tagged)
