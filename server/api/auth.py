@@ -16,7 +16,7 @@ class ApiKeys:
     """Checks keys in constant time: every configured key is compared, whatever matches first."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = [key.encode() for key in keys if key]
+        self._keys = [key.encode("utf-8", "surrogatepass") for key in keys if key]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
@@ -39,7 +39,7 @@ class ApiKeys:
                 "no API key: send Authorization: Bearer <key> or an authentication task first",
                 parameter="apiKey",
             )
-        candidate = key.encode()
+        candidate = key.encode("utf-8", "surrogatepass")  # JSON admits lone surrogates; they match no key
         matched = False
         for known in self._keys:
             matched |= hmac.compare_digest(candidate, known)

@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
-from server.api.state import parse_tasks, server_state
+from server.api.state import RunwareJSONResponse, parse_tasks, server_state
 from server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
 from server.protocol import envelope, task_identity
 from server.tasks.dispatcher import Outcome
@@ -16,9 +16,11 @@ from server.tasks.dispatcher import Outcome
 router = APIRouter()
 
 
-def error_response(exc: UpscaleError, task_type: str | None = None, task_uuid: str | None = None) -> JSONResponse:
+def error_response(
+    exc: UpscaleError, task_type: str | None = None, task_uuid: str | None = None
+) -> RunwareJSONResponse:
     item = error_item(exc, task_type=task_type, task_uuid=task_uuid)
-    return JSONResponse(envelope(errors=[item]), status_code=exc.http_status)
+    return RunwareJSONResponse(envelope(errors=[item]), status_code=exc.http_status)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,7 +71,7 @@ async def run_tasks(request: Request) -> Response:
     data = [o.item for o in outcomes if o.item is not None]
     errors = [o.error for o in outcomes if o.error is not None]
     status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])
-    return JSONResponse(envelope(data=data, errors=errors), status_code=status)
+    return RunwareJSONResponse(envelope(data=data, errors=errors), status_code=status)
 
 
 @router.get("/image/{name}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from fastapi import Request, WebSocket
+from fastapi.responses import JSONResponse
 
 from server.api.auth import ApiKeys
 from server.api.sessions import SessionRegistry
@@ -30,6 +32,14 @@ class ServerState:
         url = connection.base_url
         scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
         return str(url.replace(scheme=scheme)).rstrip("/")
+
+
+class RunwareJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a reply may echo a client's string, and JSON admits lone surrogates
+    that UTF-8 cannot encode (Starlette's own response would fail on them with a 500)."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 #: Bodies above this are parsed in a thread: json.loads of a 50 MB base64 image blocks for a while.

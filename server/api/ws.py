@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from typing import Any
 
@@ -48,7 +49,7 @@ class Connection:
     async def reply(self, payload: dict[str, Any]) -> None:
         """Answer on this socket directly (handshake and pre-auth replies belong to no session)."""
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            await self.socket.send_json(payload)
+            await self.socket.send_text(json.dumps(payload))  # ASCII-escaped: echoes may hold lone surrogates
 
     async def emit(self, outcome: Outcome) -> None:
         assert self.session is not None

@@ -129,10 +129,10 @@ class TaskDispatcher:
             if isinstance(task, PingTask):
                 await emit(Outcome(item=pong_item()))
             elif isinstance(task, GetResponseTask):
-                await emit(await self._get_response(task))
+                await emit(await self._get_response(task, base_url))
             elif isinstance(task, ImageUploadTask):
                 await self._claim(task.task_uuid, "imageUpload", "sync")
-                await emit(await self._tracked(task.task_uuid, "imageUpload", self._upload(task, base_url)))
+                await emit(await self._tracked(task.task_uuid, "imageUpload", base_url, self._upload(task, base_url)))
             elif isinstance(task, UpscaleTask):
                 await self._check_destinations(task)  # a refused webhook or endpoint does not use up the UUID
                 self._admit()
@@ -141,7 +141,9 @@ class TaskDispatcher:
                 except BaseException:
                     self._in_flight -= 1
                     raise
-                tracked = self._tracked(task.task_uuid, task.task_type, self._admitted(self._upscale(task, base_url)))
+                tracked = self._tracked(
+                    task.task_uuid, task.task_type, base_url, self._admitted(self._upscale(task, base_url))
+                )
                 work = self._notify(task, tracked)
                 if task.delivery_method == "async":
                     await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
@@ -207,7 +209,7 @@ class TaskDispatcher:
                 parameter="taskUUID",
             )
 
-    async def _tracked(self, task_uuid: str, task_type: str, work: Awaitable[dict[str, Any]]) -> Outcome:
+    async def _tracked(self, task_uuid: str, task_type: str, base_url: str, work: Awaitable[dict[str, Any]]) -> Outcome:
         """Run claimed work and record its result or error, so getResponse can answer later."""
         try:
             item = await work
@@ -219,14 +221,16 @@ class TaskDispatcher:
             return outcome
         self.metrics.task_finished(task_type, "success")
         try:
-            await asyncio.to_thread(self.results.complete, task_uuid, compact_result(with_status(item, "success")))
+            await asyncio.to_thread(
+                self.results.complete, task_uuid, compact_result(with_status(item, "success"), base_url)
+            )
         except Exception as exc:  # the result exists but could not be recorded: say so to pollers
             outcome = failure(exc, task_type, task_uuid)
             assert outcome.error is not None
             await asyncio.to_thread(self.results.fail, task_uuid, {**outcome.error, "status": "error"})
         return Outcome(item=item)
 
-    async def _get_response(self, task: GetResponseTask) -> Outcome:
+    async def _get_response(self, task: GetResponseTask, base_url: str) -> Outcome:
         record = await asyncio.to_thread(self.results.get, task.task_uuid)
         if record is None:
             raise TaskNotFoundError(
@@ -237,7 +241,7 @@ class TaskDispatcher:
             return Outcome(item=processing_item(record.task_type, record.task_uuid))
         if record.status == "success":
             assert record.item is not None
-            return Outcome(item=await asyncio.to_thread(expand_result, self.images, record.item))
+            return Outcome(item=await asyncio.to_thread(expand_result, self.images, record.item, base_url))
         assert record.error is not None
         return Outcome(error=record.error, status=200)
 

@@ -97,20 +97,29 @@ INLINE_OUTPUT_FIELDS = ("imageBase64Data", "imageDataURI")
 _INLINE_MARK = "_inlineOutput"
 
 
-def compact_result(item: dict[str, Any]) -> dict[str, Any]:
-    """The result item as the task database keeps it: megabytes of base64 replaced by a marker."""
+def compact_result(item: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """The result item as the task database keeps it: megabytes of base64 replaced by a marker, and
+    the server's own URLs kept as paths, so a poll after a restart on another address gets working URLs."""
+    stored = dict(item)
     for field in INLINE_OUTPUT_FIELDS:
-        if field in item:
-            return {**{k: v for k, v in item.items() if k != field}, _INLINE_MARK: field}
-    return item
+        if field in stored:
+            del stored[field]
+            stored[_INLINE_MARK] = field
+    url = stored.get("imageURL")
+    if isinstance(url, str) and url.startswith(base_url.rstrip("/") + "/"):
+        stored["imageURL"] = url[len(base_url.rstrip("/")) :]
+    return stored
 
 
-def expand_result(images: ImageStore, stored: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`compact_result`, reading the output image back from the image store."""
+def expand_result(images: ImageStore, stored: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """Inverse of :func:`compact_result`, reading inline outputs back from the image store."""
+    item = {k: v for k, v in stored.items() if k != _INLINE_MARK}
+    url = item.get("imageURL")
+    if isinstance(url, str) and url.startswith("/"):
+        item["imageURL"] = base_url.rstrip("/") + url
     field = stored.get(_INLINE_MARK)
     if field is None:
-        return stored
-    item = {k: v for k, v in stored.items() if k != _INLINE_MARK}
+        return item
     data, _ = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
     image = images.get(str(item["imageUUID"]), touch=False)
     content_type = image.content_type if image else "application/octet-stream"
