@@ -68,6 +68,10 @@ def create_app(settings: Settings) -> FastAPI:
         if keys.open_mode:
             log.warning("no API keys configured: open local mode, any API key is accepted")
         registry = ModelRegistry(settings)
+        if registry.resize_engine:
+            log.warning(
+                "test-target mode (UPSCALE_ENGINE=resize): a plain resize replaces the models; not for production"
+            )
         worker = InferenceWorker(max_queue=settings.max_queue)
         worker.start()
         device = registry.compute.device

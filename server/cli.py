@@ -108,6 +108,11 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, metavar="N", help="CPU threads (0 = all cores)")
     group.add_argument("--models-dir", type=Path, help="folder of weight files (default: the repo's models/)")
     group.add_argument("--allow-download", action="store_true", help="allow fetching official weights")
+    group.add_argument(
+        "--engine",
+        choices=("realesrgan", "resize"),
+        help="resize = test-target mode: fast deterministic resize, no weights (docs/test-target.md)",
+    )
 
 
 def quality_arg(text: str) -> int:
@@ -136,6 +141,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "api_keys",
             "log_format",
             "log_level",
+            "engine",
         )
         if getattr(args, name, None) is not None
     }

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Largest output width or height; bigger requests resize the input first (aspect kept).",
     )
 
+    engine: Literal["realesrgan", "resize"] = Field(
+        default="realesrgan",
+        description="realesrgan runs the models; resize is test-target mode: a fast deterministic Lanczos resize "
+        "behind the same API (same sizes, formats and errors), no weights needed (docs/test-target.md).",
+    )
+
     # ------------------------------------------------------------------ server
     host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")

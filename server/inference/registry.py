@@ -3,22 +3,31 @@
 Loading a network costs seconds (conversion on first use, then reading ~67 MB), so each model is
 loaded on first request and kept. A per-model lock lets two threads ask for the same model without
 loading it twice, while a slow load of one model does not block the others.
+
+In test-target mode (``engine = "resize"``) every model is served by a
+:class:`~server.inference.resize_engine.ResizeUpscaler` of the model's scale: ids are still checked
+against the manifest (so ``invalidModel`` is unchanged), but the weight store is never touched, so a
+server starts instantly with an empty models folder.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from server.config import Settings
 from server.inference.devices import configure_threads, resolve_device, resolve_dtype, tune_cpu_allocator
-from server.inference.engine import Upscaler
+from server.inference.engine import FloatImage, Upscaler
 from server.inference.loading import load_network
 from server.inference.manifest import Manifest, ModelSpec, load_manifest
 from server.inference.provision import WeightStatus, WeightStore
+from server.inference.resize_engine import ResizeUpscaler
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,17 @@ class ComputeConfig:
         return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads"
 
 
+class ImageUpscaler(Protocol):
+    """What the pipeline needs from an engine: :class:`Upscaler` (a network) or :class:`ResizeUpscaler`."""
+
+    @property
+    def scale(self) -> int: ...
+
+    def tile_size_for(self, height: int, width: int) -> int: ...
+
+    def upscale(self, rgb: np.ndarray, *, progress: Callable[[int, int], None] | None = None) -> FloatImage: ...
+
+
 class ModelRegistry:
     """Owns the manifest, the weight store and the loaded upscalers."""
 
@@ -59,7 +79,8 @@ class ModelRegistry:
         self.manifest = manifest or load_manifest()
         self.store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
         self.compute = ComputeConfig.from_settings(settings)
-        self._upscalers: dict[str, Upscaler] = {}
+        self.resize_engine = settings.engine == "resize"
+        self._upscalers: dict[str, ImageUpscaler] = {}
         self._locks = {spec.id: threading.Lock() for spec in self.manifest.models}
 
     def spec(self, model_id: str | None) -> ModelSpec:
@@ -67,19 +88,29 @@ class ModelRegistry:
         return self.manifest.get(model_id or self.settings.default_model)
 
     def status(self, spec: ModelSpec) -> WeightStatus:
+        """Whether ``spec`` can run now. The resize engine runs every model without weights: always ready."""
+        if self.resize_engine:
+            return WeightStatus(spec, True, None, None, "test-target mode: resize engine, no weights needed")
         return self.store.status(spec)
 
     def is_loaded(self, model_id: str) -> bool:
         return model_id in self._upscalers
 
-    def upscaler(self, spec: ModelSpec) -> Upscaler:
-        """The shared upscaler for ``spec``, provisioning and loading its weights on first use."""
+    def upscaler(self, spec: ModelSpec) -> ImageUpscaler:
+        """The shared upscaler for ``spec``, provisioning and loading its weights on first use.
+
+        In test-target mode a :class:`ResizeUpscaler` of ``spec.scale``, without touching the weight store.
+        """
         found = self._upscalers.get(spec.id)
         if found is not None:
             return found
         with self._locks[spec.id]:
             found = self._upscalers.get(spec.id)
-            if found is None:
+            if found is None and self.resize_engine:
+                found = ResizeUpscaler(spec.scale)
+                log.info("serving %s (%s) with the resize engine (test-target mode)", spec.id, spec.name)
+                self._upscalers[spec.id] = found
+            elif found is None:
                 path = self.store.ensure(spec)
                 network = load_network(path)
                 found = Upscaler(
