@@ -32,24 +32,13 @@ from tests.e2e.clients.harness import (
     make_source,
     run_client,
     single,
-    source_value,
     step_error,
     step_result,
+    upscale_args,
 )
 from tests.e2e.conftest import LiveServer
 
 TASK_TYPE = "upscale"
-
-
-def upscale_args(case: UpscaleCase, source: SourceImage) -> dict[str, Any]:
-    """``upscale()`` parameters for a case."""
-    image = source_value(source, case.source)
-    args = case.options()
-    if case.inputs_form:
-        args["inputs"] = {"image": image}
-    else:
-        args["inputImage"] = image
-    return args
 
 
 @pytest.fixture(scope="module")

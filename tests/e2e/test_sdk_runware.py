@@ -30,24 +30,13 @@ from tests.e2e.clients.harness import (
     run_client,
     runware_command,
     single,
-    source_value,
     step_error,
     step_result,
+    upscale_args,
 )
 from tests.e2e.conftest import LiveServer
 
 TASK_TYPE = "imageUpscale"
-
-
-def upscale_args(case: UpscaleCase, source: SourceImage) -> dict[str, Any]:
-    """The ``IImageUpscale`` fields for a case."""
-    image = source_value(source, case.source)
-    args = case.options()
-    if case.inputs_form:
-        args["inputs"] = {"image": image}
-    else:
-        args["inputImage"] = image
-    return args
 
 
 @pytest.fixture(scope="module")

@@ -310,3 +310,14 @@ def source_value(source: SourceImage, form: str, upload_step: str = "upload") ->
         "base64": source.base64,
         "path": str(source.path),
     }[form]
+
+
+def upscale_args(case: UpscaleCase, source: SourceImage) -> dict[str, Any]:
+    """The upscale task fields for a case, with the image in the field the case names."""
+    image = source_value(source, case.source)
+    args = case.options()
+    if case.inputs_form:
+        args["inputs"] = {"image": image}
+    else:
+        args["inputImage"] = image
+    return args
