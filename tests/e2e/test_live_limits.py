@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from websockets.exceptions import ConnectionClosedError
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from tests.api_helpers import data_uri, encode, photo_crop
 from tests.e2e.conftest import LiveServer
 
 
-def authenticated(server: LiveServer):  # type: ignore[no-untyped-def]
-    ws = connect(server.ws_url, max_size=None, open_timeout=10)
-    ws.send(json.dumps([{"taskType": "authentication", "apiKey": server.api_key}]))
-    assert "connectionSessionUUID" in ws.recv(timeout=10)
-    return ws
+@contextlib.contextmanager
+def authenticated(server: LiveServer) -> Iterator[ClientConnection]:
+    with connect(server.ws_url, max_size=None, open_timeout=10) as ws:
+        ws.send(json.dumps([{"taskType": "authentication", "apiKey": server.api_key}]))
+        assert "connectionSessionUUID" in ws.recv(timeout=10)
+        yield ws
 
 
 def test_a_fifty_megabyte_frame_is_accepted(live_server: LiveServer) -> None:
