@@ -521,22 +521,13 @@ def expected_ws_answers(body: bytes, authenticated: bool) -> tuple[list[Any], bo
 
 @st.composite
 def ws_frames(draw: st.DrawFn) -> tuple[bytes, bool]:
-    """A frame's payload and whether it goes as a binary frame."""
-    kind = draw(st.sampled_from(["tasks"] * 6 + ["auth+tasks", "one task", "json", "bytes", "text"]))
-    if kind == "bytes":
-        return draw(st.binary(max_size=300)), True
-    if kind == "text":
-        return draw(st.text(max_size=300)).encode(), False
-    value: Any
-    if kind == "tasks":
-        value = draw(task_lists)
-    elif kind == "auth+tasks":
-        value = [draw(auth_tasks), *draw(task_lists)]
-    elif kind == "one task":
-        value = draw(tasks)
-    else:
-        value = draw(junk | non_json)
-    return serialize(value), draw(st.booleans())
+    """A frame's payload (any REST body) and whether it goes as a binary frame (always, if not UTF-8)."""
+    body = draw(rest_bodies())
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body, True
+    return body, draw(st.booleans())
 
 
 @settings(FUZZ_SETTINGS, max_examples=200)

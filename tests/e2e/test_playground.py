@@ -4,37 +4,26 @@ Chromium and its driver come from Debian (``chromium``, ``chromium-driver``) and
 Selenium pointed at ``/usr/bin/chromedriver``, so Selenium Manager never downloads anything;
 ``scripts/setup-browser`` installs all three. A missing browser fails the test (it is not skipped).
 
-The server is ``upscale-server serve`` (``start_server``) once ``server.app`` includes the playground
-router; until then it is uvicorn running :func:`create_test_app`, the same app with the router added.
-A screenshot of the finished comparison is saved to ``tests/artifacts/playground.png``.
+The server is ``upscale-server serve`` (``start_server``). A screenshot of the finished comparison
+is saved to ``tests/artifacts/playground.png``.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
-from server.config import Settings
 from server.web.routes import STATIC_DIR
-from server.web.routes import router as playground_router
 from tests.conftest import PHOTO, REPO
-from tests.e2e.conftest import free_port, start_server, stop_server
+from tests.e2e.conftest import LiveServer, start_server, stop_server
 
 FAST_MODEL = "local:realesr-animevideov3@1"
 API_KEY = "test-key"
@@ -58,69 +47,11 @@ SERVER_ENV = {"UPSCALE_DEVICE": "cpu", "UPSCALE_PRELOAD_DEFAULT_MODEL": "false"}
 # ---------------------------------------------------------------------------------------- the server
 
 
-def serves_playground(app: FastAPI) -> bool:
-    """Whether ``app`` already includes the playground router (asked over ASGI: no lifespan, no server)."""
-    return TestClient(app).get("/playground/models").status_code == 200
-
-
-def create_test_app() -> FastAPI:
-    """``uvicorn --factory`` target: the real app (settings from UPSCALE_*), with the playground included."""
-    app = create_app(Settings())
-    if not serves_playground(app):
-        app.include_router(playground_router)
-    return app
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def start_test_app(data_dir: Path) -> Server:
-    port = free_port()
-    log_path = data_dir / "server.log"
-    env = {**os.environ, **SERVER_ENV, "UPSCALE_DATA_DIR": str(data_dir), "UPSCALE_API_KEYS": f'["{API_KEY}"]'}
-    command = [
-        sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:create_test_app",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"test server exited with {process.returncode}:\n{server.log()}")
-        try:
-            httpx.get(f"{server.url}/playground/models", timeout=1).raise_for_status()
-            return server
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"test server did not start:\n{server.log()}")
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, provisioned_models_dir: Path) -> Iterator[Server]:
-    data_dir = tmp_path_factory.mktemp("playground-server")
-    if serves_playground(create_app(Settings(data_dir=data_dir))):
-        live = start_server(data_dir, api_key=API_KEY, env=SERVER_ENV)
-        yield Server(live.url, live.process, live.log_path)
-        stop_server(live)
-        return
-    own = start_test_app(data_dir)
-    yield own
-    own.process.terminate()
-    try:
-        own.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        own.process.kill()
-        own.process.wait()
+def server(tmp_path_factory: pytest.TempPathFactory, provisioned_models_dir: Path) -> Iterator[LiveServer]:
+    live = start_server(tmp_path_factory.mktemp("playground-server"), api_key=API_KEY, env=SERVER_ENV)
+    yield live
+    stop_server(live)
 
 
 # ---------------------------------------------------------------------------------------- the browser
@@ -165,7 +96,7 @@ def js(driver: Any, script: str, *args: Any) -> Any:
     return driver.execute_script(script, *args)
 
 
-def open_page(driver: Any, server: Server) -> None:
+def open_page(driver: Any, server: LiveServer) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(f"{server.url}/")
@@ -188,7 +119,7 @@ def fill_form(
     driver.find_element(By.ID, "file").send_keys(str(image))
 
 
-def run_and_wait(driver: Any, server: Server, timeout: float = 180) -> str:
+def run_and_wait(driver: Any, server: LiveServer, timeout: float = 180) -> str:
     """Click Run and wait for the page to finish; the page's final state (``done`` or ``error``)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -207,7 +138,7 @@ def run_and_wait(driver: Any, server: Server, timeout: float = 180) -> str:
 # ---------------------------------------------------------------------------------------- the tests
 
 
-def test_page_and_assets_are_served_without_the_internet(server: Server) -> None:
+def test_page_and_assets_are_served_without_the_internet(server: LiveServer) -> None:
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
@@ -231,7 +162,7 @@ def test_page_and_assets_are_served_without_the_internet(server: Server) -> None
         assert "@font-face" not in text
 
 
-def test_upscale_in_the_browser(browser: Any, server: Server, small_photo: Path) -> None:
+def test_upscale_in_the_browser(browser: Any, server: LiveServer, small_photo: Path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -305,7 +236,7 @@ def test_upscale_in_the_browser(browser: Any, server: Server, small_photo: Path)
     ids=["wrong-key", "no-key"],
 )
 def test_api_errors_are_shown(
-    browser: Any, server: Server, small_photo: Path, key: str, expected: tuple[str, str]
+    browser: Any, server: LiveServer, small_photo: Path, key: str, expected: tuple[str, str]
 ) -> None:
     """A Runware error is shown in the page with its code and message, and the page can run again."""
     from selenium.webdriver.common.by import By
