@@ -274,3 +274,14 @@ def test_restart_keeps_images_and_results(tmp_path: Path) -> None:
         assert status == 200 and body["data"][0]["imageUUID"] == item["imageUUID"]
         image, _ = fetch_image(second, item["imageURL"])
         assert image.size == (48, 32)
+
+
+def test_url_outputs_honour_ttl(client: TestClient) -> None:
+    before = time.time()
+    task = upscale_task(data_uri(encode(photo_crop())), outputType="URL", ttl=60)
+    item = post(client, [task])[1]["data"][0]
+    stored = client.app.state.server.images.get(item["imageUUID"], touch=False)  # type: ignore[attr-defined]
+    assert stored is not None and stored.expires_at is not None
+    assert before + 60 <= stored.expires_at <= time.time() + 60
+    status, body = post(client, [upscale_task(data_uri(encode(photo_crop())), ttl=30)])
+    assert status == 400 and body["errors"][0]["parameter"] == "ttl" and body["errors"][0]["min"] == 60
