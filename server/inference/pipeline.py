@@ -86,7 +86,10 @@ class UpscalePipeline:
         progress: Progress | None = None,
     ) -> Picture:
         """Upscale ``picture`` by exactly ``factor``; gray stays gray, alpha and bit depth are kept."""
-        plan = self.plan(picture.width, picture.height, factor, model_id)
+        return self.run(picture, self.plan(picture.width, picture.height, factor, model_id), progress=progress)
+
+    def run(self, picture: Picture, plan: UpscalePlan, *, progress: Progress | None = None) -> Picture:
+        """Carry out a plan made by :meth:`plan` for this picture (callers that validate first plan once)."""
         pixels = picture.pixels
         if plan.shrinks_input:
             pixels = resize_pixels(pixels, *plan.input_size)

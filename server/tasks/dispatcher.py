@@ -251,7 +251,8 @@ class TaskDispatcher:
         """The raw bytes of an image input, and its stored UUID when it names one."""
         ref = classify_image_input(value, parameter=parameter)
         if isinstance(ref, UuidRef):
-            return await asyncio.to_thread(load_stored, self.images, ref.uuid, parameter=parameter)
+            data, stored = await asyncio.to_thread(load_stored, self.images, ref.uuid, parameter=parameter)
+            return data, stored.uuid
         if isinstance(ref, UrlRef):
             data = await self.outbound.get_bytes(ref.url, max_bytes=self.settings.max_fetch_bytes, parameter=parameter)
             return data, None
@@ -278,7 +279,7 @@ class TaskDispatcher:
 
         def run() -> Picture:  # on the worker thread: times the network, not the wait in the queue
             started = time.perf_counter()
-            result = self.pipeline.upscale(picture, plan.factor, task.model)
+            result = self.pipeline.run(picture, plan)
             self.metrics.inference_done(time.perf_counter() - started, result.width * result.height)
             return result
 

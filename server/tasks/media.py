@@ -30,14 +30,14 @@ class StoredOutput:
     data: bytes
 
 
-def load_stored(images: ImageStore, image_uuid: str, *, parameter: str) -> tuple[bytes, str]:
+def load_stored(images: ImageStore, image_uuid: str, *, parameter: str) -> tuple[bytes, StoredImage]:
     """Bytes of a stored upload or output (refreshing its last use); ImageNotFoundError if gone."""
     stored = images.get(image_uuid)
     if stored is None:
         raise ImageNotFoundError(
             f"no stored image with UUID {image_uuid} (never uploaded, or expired)", parameter=parameter
         )
-    return images.read_bytes(stored), stored.uuid
+    return images.read_bytes(stored), stored
 
 
 def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
@@ -120,9 +120,7 @@ def expand_result(images: ImageStore, stored: dict[str, Any], base_url: str) -> 
     field = stored.get(_INLINE_MARK)
     if field is None:
         return item
-    data, _ = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
-    image = images.get(str(item["imageUUID"]), touch=False)
-    content_type = image.content_type if image else "application/octet-stream"
+    data, image = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
     encoded = base64.b64encode(data).decode("ascii")
-    item[field] = encoded if field == "imageBase64Data" else f"data:{content_type};base64,{encoded}"
+    item[field] = encoded if field == "imageBase64Data" else f"data:{image.content_type};base64,{encoded}"
     return item
