@@ -1,0 +1,165 @@
+/*
+ * Winograd F(4x4, 3x3) transforms for 3x3 stride-1 "same" convolutions on NHWC float32 tensors.
+ *
+ * The matrix products in between are done by torch (MKL/oneDNN batched GEMM); these two loops are
+ * what eager torch cannot do without several passes over memory: gathering overlapping 6x6 input
+ * patches into the transformed domain, and turning 6x6 products back into 4x4 output tiles with the
+ * bias, activation and residual of the layer fused in. Built at run time by winograd.py (see there).
+ *
+ * Transform matrices (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015):
+ *   B^T = [4  0 -5  0  1  0]      A^T = [1  1  1  1  1  0]
+ *         [0 -4 -4  1  1  0]            [0  1 -1  2 -2  0]
+ *         [0  4 -4 -1  1  0]            [0  1  1  4  4  0]
+ *         [0 -2 -1  2  1  0]            [0  1 -1  8 -8  1]
+ *         [0  2 -1 -2  1  0]
+ *         [0  4  0 -5  0  1]
+ *
+ * Layouts: spatial tensors are [N][H][W] pixels of `cstride` floats, the layer's channels starting
+ * at `coff`. The transformed domain is [36][T] rows of `ldc` floats (T = N * ceil(H/4) * ceil(W/4)
+ * tiles, tile t = (n * th + ty) * tw + tx), so each of the 36 positions is one GEMM operand.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define CB 8 /* channels per inner block: one AVX2 register of floats */
+
+static inline void in_1d(const float *d0, const float *d1, const float *d2, const float *d3,
+                         const float *d4, const float *d5, float *r[6]) {
+    for (int k = 0; k < CB; k++) {
+        float s12 = d1[k] + d2[k], s34 = d3[k] + d4[k];
+        float a = d1[k] - d2[k], b = d4[k] - d3[k];
+        float c = d1[k] - d3[k], e = d4[k] - d2[k];
+        r[0][k] = 4.0f * d0[k] - 5.0f * d2[k] + d4[k];
+        r[1][k] = s34 - 4.0f * s12;
+        r[2][k] = b + 4.0f * a;
+        r[3][k] = e - 2.0f * c;
+        r[4][k] = e + 2.0f * c;
+        r[5][k] = 4.0f * d1[k] - 5.0f * d3[k] + d5[k];
+    }
+}
+
+static inline void out_1d(const float *m0, const float *m1, const float *m2, const float *m3,
+                          const float *m4, const float *m5, float *r[4]) {
+    for (int k = 0; k < CB; k++) {
+        float p12 = m1[k] + m2[k], n12 = m1[k] - m2[k];
+        float p34 = m3[k] + m4[k], n34 = m3[k] - m4[k];
+        r[0][k] = m0[k] + p12 + p34;
+        r[1][k] = n12 + 2.0f * n34;
+        r[2][k] = p12 + 4.0f * p34;
+        r[3][k] = n12 + 8.0f * n34 + m5[k];
+    }
+}
+
+/* x (spatial, C channels at coff of cstride) -> V[36][T][ldc] at channel offset voff. */
+void wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int coff,
+                float *v, int ldc, int voff) {
+    const int th = (h + 3) / 4, tw = (w + 3) / 4;
+    const int64_t tiles = (int64_t)n_img * th * tw;
+    const int64_t pstride = tiles * ldc;
+    const int cblocks = (c + CB - 1) / CB;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int n = (int)(t / ((int64_t)th * tw));
+        const int rem = (int)(t % ((int64_t)th * tw));
+        const int y0 = (rem / tw) * 4 - 1, x0 = (rem % tw) * 4 - 1;
+        float d[6][6][CB], u[6][6][CB], o[6][6][CB];
+        for (int cb = 0; cb < cblocks; cb++) {
+            const int c0 = cb * CB, nc = c - c0 < CB ? c - c0 : CB;
+            for (int i = 0; i < 6; i++) {
+                const int yy = y0 + i;
+                for (int j = 0; j < 6; j++) {
+                    const int xx = x0 + j;
+                    if (yy < 0 || yy >= h || xx < 0 || xx >= w) {
+                        memset(d[i][j], 0, sizeof d[i][j]);
+                        continue;
+                    }
+                    const float *src = x + (((int64_t)n * h + yy) * w + xx) * cstride + coff + c0;
+                    if (nc == CB) {
+                        memcpy(d[i][j], src, sizeof d[i][j]);
+                    } else {
+                        memset(d[i][j], 0, sizeof d[i][j]);
+                        memcpy(d[i][j], src, nc * sizeof(float));
+                    }
+                }
+            }
+            for (int j = 0; j < 6; j++) { /* columns: u[.][j] = B^T d[.][j] */
+                float *r[6] = {u[0][j], u[1][j], u[2][j], u[3][j], u[4][j], u[5][j]};
+                in_1d(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], r);
+            }
+            for (int i = 0; i < 6; i++) { /* rows: o[i][.] = u[i][.] B */
+                float *r[6] = {o[i][0], o[i][1], o[i][2], o[i][3], o[i][4], o[i][5]};
+                in_1d(u[i][0], u[i][1], u[i][2], u[i][3], u[i][4], u[i][5], r);
+            }
+            float *dst = v + t * ldc + voff + c0;
+            for (int p = 0; p < 36; p++)
+                memcpy(dst + p * pstride, o[p / 6][p % 6], nc * sizeof(float));
+        }
+    }
+}
+
+/*
+ * M[36][T][ldc] (GEMM products, channels at moff) -> spatial y (C channels at coff of cstride):
+ *   y = act(A^T M A + bias) * scale + (res ? res : 0)
+ * where act is leaky ReLU with `slope` (or PReLU with per-channel `slopes` when not NULL) when
+ * `activate`, identity otherwise. `res` may alias y
+ * (same layout), since each output element is read once before it is written.
+ */
+void wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int c,
+                 const float *bias, int activate, float slope, const float *slopes, float scale,
+                 const float *res, int res_cstride, int res_coff,
+                 float *y, int cstride, int coff) {
+    const int th = (h + 3) / 4, tw = (w + 3) / 4;
+    const int64_t tiles = (int64_t)n_img * th * tw;
+    const int64_t pstride = tiles * ldc;
+    const int cblocks = (c + CB - 1) / CB;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int n = (int)(t / ((int64_t)th * tw));
+        const int rem = (int)(t % ((int64_t)th * tw));
+        const int y0 = (rem / tw) * 4, x0 = (rem % tw) * 4;
+        float d[6][6][CB], u[4][6][CB], o[4][4][CB];
+        for (int cb = 0; cb < cblocks; cb++) {
+            const int c0 = cb * CB, nc = c - c0 < CB ? c - c0 : CB;
+            const float *src = m + t * ldc + moff + c0;
+            for (int p = 0; p < 36; p++) {
+                if (nc == CB) {
+                    memcpy(d[p / 6][p % 6], src + p * pstride, sizeof d[0][0]);
+                } else {
+                    memset(d[p / 6][p % 6], 0, sizeof d[0][0]);
+                    memcpy(d[p / 6][p % 6], src + p * pstride, nc * sizeof(float));
+                }
+            }
+            for (int j = 0; j < 6; j++) { /* columns: u[.][j] = A^T d[.][j] */
+                float *r[4] = {u[0][j], u[1][j], u[2][j], u[3][j]};
+                out_1d(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], r);
+            }
+            for (int i = 0; i < 4; i++) { /* rows: o[i][.] = u[i][.] A */
+                float *r[4] = {o[i][0], o[i][1], o[i][2], o[i][3]};
+                out_1d(u[i][0], u[i][1], u[i][2], u[i][3], u[i][4], u[i][5], r);
+            }
+            /* Epilogue without branches on the data, so it vectorizes: slope 1 is "no activation". */
+            float b[CB] = {0}, s[CB];
+            if (bias) memcpy(b, bias + c0, nc * sizeof(float));
+            for (int k = 0; k < CB; k++)
+                s[k] = !activate ? 1.0f : slopes && k < nc ? slopes[c0 + k] : slope;
+            for (int i = 0; i < 4 && y0 + i < h; i++) {
+                for (int j = 0; j < 4 && x0 + j < w; j++) {
+                    const int64_t pix = ((int64_t)n * h + y0 + i) * w + x0 + j;
+                    float val[CB];
+                    for (int k = 0; k < CB; k++) {
+                        const float z = o[i][j][k] + b[k];
+                        val[k] = (z < 0.0f ? z * s[k] : z) * scale;
+                    }
+                    if (res) {
+                        const float *r = res + pix * res_cstride + res_coff + c0;
+                        if (nc == CB)
+                            for (int k = 0; k < CB; k++) val[k] += r[k];
+                        else
+                            for (int k = 0; k < nc; k++) val[k] += r[k];
+                    }
+                    memcpy(y + pix * cstride + coff + c0, val, nc * sizeof(float));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+"""Winograd F(4x4, 3x3) convolutions: equal to torch's direct convolution, on toy and real networks."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from server.inference import winograd
+from server.inference.archs import RRDBNet, SRVGGNetCompact
+from server.inference.loading import LoadedNetwork
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: the Winograd path is off"
+)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _direct(x_nhwc: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    with torch.inference_mode():
+        return _nhwc(conv(x_nhwc.permute(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize(("n", "h", "w", "cin", "cout"), [(1, 16, 16, 8, 8), (2, 13, 7, 5, 12), (1, 1, 1, 3, 4)])
+def test_conv_equals_direct_convolution(n: int, h: int, w: int, cin: int, cout: int) -> None:
+    # Sides that are not multiples of 4 and channel counts that are not multiples of 8 exercise
+    # the kernel's partial tiles and partial channel blocks.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, 1, 1)
+    x = torch.randn(n, h, w, cin)
+    got = winograd.conv(x, winograd.WinogradConv.of(conv))
+    assert got.shape == (n, h, w, cout)
+    torch.testing.assert_close(got, _direct(x, conv), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_activation_scale_and_residual() -> None:
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(6, 6, 3, 1, 1)
+    x = torch.randn(1, 9, 11, 6)
+    residual = torch.randn(1, 9, 11, 6)
+    layer = winograd.WinogradConv.of(conv)
+    direct = _direct(x, conv)
+
+    leaky = winograd.conv(x, layer, slope=0.2, scale=0.5, residual=residual)
+    torch.testing.assert_close(leaky, F.leaky_relu(direct, 0.2) * 0.5 + residual, rtol=1e-4, atol=1e-4)
+
+    slopes = torch.linspace(0.0, 0.5, 6)
+    prelu = winograd.conv(x, layer, slopes=slopes)
+    torch.testing.assert_close(prelu, torch.where(direct >= 0, direct, direct * slopes), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_transform_shape_and_refusals() -> None:
+    assert winograd.transform_weight(torch.zeros(5, 7, 3, 3)).shape == (36, 7, 5)
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        winograd.WinogradConv.of(torch.nn.Conv2d(4, 4, 3, 2, 1))
+    with pytest.raises(ValueError, match="contiguous CPU float32"):
+        layer = winograd.WinogradConv.of(torch.nn.Conv2d(4, 4, 3, 1, 1))
+        winograd.conv(torch.zeros(1, 8, 8, 4).transpose(1, 2), layer)
+
+
+@pytest.mark.parametrize("scale", [4, 2, 1])
+def test_rrdbnet_forward_equals_the_module(scale: int) -> None:
+    torch.manual_seed(2)
+    net = RRDBNet(scale=scale, num_feat=16, num_block=2, num_grow_ch=8).eval()
+    fast = winograd.winograd_module(net)
+    assert isinstance(fast, winograd.WinogradRRDBNet)
+    x = torch.rand(2, 3, 12, 20)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_type", ["prelu", "leakyrelu", "relu"])
+def test_srvgg_forward_equals_the_module(act_type: str) -> None:
+    torch.manual_seed(3)
+    net = SRVGGNetCompact(num_feat=16, num_conv=3, upscale=4, act_type=act_type).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.0, 0.3)  # distinct per-channel slopes
+    fast = winograd.winograd_module(net)
+    assert isinstance(fast, winograd.WinogradSRVGGNet)
+    x = torch.rand(1, 3, 10, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_other_modules_have_no_winograd_form() -> None:
+    assert winograd.winograd_module(torch.nn.Conv2d(3, 3, 3, 1, 1)) is None
+
+
+@pytest.mark.parametrize("model_id", ["runware:504@1", "local:realesr-animevideov3@1"])
+def test_real_weights_match_the_direct_path(
+    model_id: str, photo_path: Path, load_real_network: Callable[[str], LoadedNetwork]
+) -> None:
+    # Exact mode's promise: within 1 level max and 0.01 mean (0..255) of fp32 direct convolution.
+    net = load_real_network(model_id).module.eval()
+    fast = winograd.winograd_module(net)
+    assert fast is not None
+    image = Image.open(photo_path).convert("RGB").resize((48, 40))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        diff = (fast(x).clamp(0, 1) - net(x).clamp(0, 1)).abs() * 255
+    assert float(diff.max()) < 1.0
+    assert float(diff.mean()) < 0.01
+
+
+def test_without_a_compiler_the_kernel_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level("INFO", logger="server.inference.winograd"):
+        assert winograd.available() is False
+        assert winograd.winograd_module(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
+    assert "using direct convolutions" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_kernel_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert winograd.available() is True
+    (built,) = tmp_path.rglob("winograd-*.so")
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
+    assert winograd.available() is True
+    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(8, 8, 3, 1, 1)
+    layer = winograd.WinogradConv.of(conv)
+    x = torch.randn(2, 37, 10, 8)
+    residual = torch.randn(2, 37, 10, 8)
+    whole = winograd.conv(x, layer, slope=0.2, residual=residual)
+    calls: list[int] = []
+    real = winograd._conv_whole
+    monkeypatch.setattr(winograd, "BAND_BYTES", 2 * 3 * 36 * 8 * 4 * 2)  # two tile rows per band
+    monkeypatch.setattr(winograd, "_conv_whole", lambda x, *a, **k: calls.append(x.shape[1]) or real(x, *a, **k))
+    banded = winograd.conv(x, layer, slope=0.2, residual=residual)
+    assert len(calls) == 5 and max(calls) <= 10  # 8-row bands plus a context row on each side
+    torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(banded, F.leaky_relu(_direct(x, conv), 0.2) + residual, rtol=1e-4, atol=1e-4)
