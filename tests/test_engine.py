@@ -21,6 +21,7 @@ from server.inference.engine import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, by
 from server.inference.loading import ArchInfo, LoadedNetwork, load_network
 from server.inference.manifest import load_manifest
 from server.inference.provision import WeightStore
+from server.inference.tiling import plan_tiles
 
 CPU = torch.device("cpu")
 PHOTO = Path(__file__).resolve().parent / "data" / "photo_grace_hopper.jpg"
@@ -223,8 +224,13 @@ def test_tile_size_for(monkeypatch: pytest.MonkeyPatch) -> None:
     free = 4 * 600 * 600 * per_px  # a quarter of it (the CPU fraction) holds a 600 x 600 window
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: free)
     tile = up.tile_size_for(2000, 3000)
-    assert tile % 8 == 0 and 600 - 32 - 8 < tile <= 600 - 32
+    assert tile % 8 == 0 and tile <= 600 - 32
     assert (tile + 32) ** 2 * per_px <= free * engine_module.MEMORY_FRACTION["cpu"]
+    # Spread evenly: as many tiles as the largest that fits (568) needs, but smaller windows.
+    largest, even = plan_tiles(2000, 3000, 568, 16), plan_tiles(2000, 3000, tile, 16)
+    assert len(even) == len(largest) == 4 * 6 and tile == 496
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 4 * 1100 * 1100 * per_px)
+    assert up.tile_size_for(2048, 2048) == 1008  # not 1064: two 1040-pixel windows per side, not two 1096
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 1 << 20)
     assert up.tile_size_for(2000, 3000) == MIN_TILE
     explicit = Upscaler(network(TinyNet(4), 4), device=CPU, dtype=torch.float32, tile_size=200)

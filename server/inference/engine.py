@@ -16,6 +16,14 @@ Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/ancho
 * **Precision fallbacks.** fp16 on CUDA sometimes yields NaN or black output (Real-ESRGAN#632,
   #330): such tiles are redone in fp32. CUDA out-of-memory halves the tile and retries; any other
   failure is an :class:`~server.errors.InferenceError` with the traceback logged.
+* **The output is made at the size asked for.** With ``out_size`` below the native scale (x4 network,
+  factor 2) each window's output is Lanczos-resized to the target scale before blending, so the full
+  native-scale canvas (805 MB for 2048x2048 at x4) never exists. Windows keep their context through
+  the resize, so the result matches "upscale, then resize the whole image" within the tiling tolerance.
+* **The device is kept busy.** On CUDA windows are copied from pinned memory on a side stream while the
+  previous window computes; one-window 8-bit results are quantised on the device (a quarter of the
+  bytes to copy back); tiles of concurrent requests can share one pass through a
+  :class:`~server.inference.batching.DynamicBatcher`; ``torch.compile`` is opt-in.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import gc
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, Protocol
 
 import numpy as np
@@ -34,8 +42,10 @@ import torch
 from torch import nn
 
 from server.errors import InferenceError
+from server.imaging import resize_pixels
+from server.inference.batching import BatcherClosedError, DynamicBatcher
 from server.inference.devices import free_memory_bytes
-from server.inference.tiling import TilePlan, blend_into, max_feather, plan_tiles, tile_weights
+from server.inference.tiling import Tile, TilePlan, blend_into, max_feather, plan_tiles, tile_weights, trim_tile
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,8 @@ _BLACK_OUTPUT: Final = 0.5 / 255
 _VISIBLE_INPUT: Final = 4 / 255
 #: Input-side multiple for RRDBNet variants that pixel-unshuffle (x2: by 2, x1: by 4).
 _UNSHUFFLE_MULTIPLE: Final = {2: 2, 1: 4}
+#: Support of Pillow's Lanczos filter, in pixels of the smaller of the two grids it maps between.
+_LANCZOS_SUPPORT: Final = 3
 
 
 class NetworkInfo(Protocol):
@@ -144,9 +156,10 @@ class Upscaler:
     """Runs one network over RGB images.
 
     Contract: input float32 numpy H x W x 3, RGB, values in [0, 1], on the host; output float32 numpy
-    (H*scale) x (W*scale) x 3 in [0, 1] (clamped), on the host. Thread-safe: calls keep their state in
-    locals, and the module is only read. Broken inputs raise ValueError; a network failure that the
-    fallbacks (smaller tiles, fp32) cannot fix raises :class:`~server.errors.InferenceError`.
+    (H*scale) x (W*scale) x 3 in [0, 1] (clamped), on the host, or the ``out_size`` asked for.
+    Thread-safe: calls keep their state in locals, and the module is only read. Broken inputs raise
+    ValueError; a network failure that the fallbacks (smaller tiles, fp32) cannot fix raises
+    :class:`~server.errors.InferenceError`.
 
     Precision modes, by ``(device, dtype)``:
 
@@ -175,12 +188,16 @@ class Upscaler:
         tile_size: int = 0,
         tile_overlap: int | None = None,
         feather: int | None = None,
+        batcher: DynamicBatcher | None = None,
+        compile_module: bool = False,
     ) -> None:
         """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
         the context in input pixels on each side of a tile (None: :data:`DEFAULT_TILE_OVERLAP` for the
         architecture); ``feather`` the half-width of the seam blend band (default a quarter of the
         overlap, so every pixel with weight keeps at least 3/4 of the context; reduced where a
-        plan's tiles are too small)."""
+        plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
+        upscalers) that send same-shaped windows; ``compile_module`` runs the network through
+        ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails."""
         if tile_overlap is None:
             tile_overlap = DEFAULT_TILE_OVERLAP.get(network.info.arch, _FALLBACK_TILE_OVERLAP)
         if tile_size < 0 or tile_overlap < 0 or (feather is not None and feather < 0):
@@ -199,12 +216,17 @@ class Upscaler:
         self.arch = network.info.arch
         self.scale: int = network.info.scale
         self.multiple = _UNSHUFFLE_MULTIPLE.get(self.scale, 1) if self.arch == "RRDBNet" else 1
+        self.batcher = batcher
+        self.compile_module = compile_module
 
         master = network.module.eval()
         self._lock = threading.Lock()
         self._fallback_logged = False
         self._master: nn.Module | None
         self._fp32_module: nn.Module | None
+        # Compiled wrappers by id() of the eager module they wrap; empty and unused after a failure.
+        self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._compile_failed = False
         if device.type == "cpu":
             # bf16 on the CPU is autocast over the fp32 weights, so one module serves both modes.
             self._module = _placed(master, device, torch.float32)
@@ -225,6 +247,10 @@ class Upscaler:
         need at most :data:`MEMORY_FRACTION` of the device's free memory, by the per-architecture
         estimate :func:`bytes_per_input_pixel`; an image that fits in that budget whole is not tiled
         (the result is then ``max(height, width)``). Never below :data:`MIN_TILE`.
+
+        Within the budget the image is split evenly: windows never shrink at the image edge, so the
+        largest tile that fits can waste most of a window (a 2048 side in 1528-pixel tiles runs two
+        1592-pixel windows, 2.4x the pixels and memory of two 1056-pixel ones for the same count).
         """
         if self.tile_size:
             return self.tile_size
@@ -233,21 +259,71 @@ class Upscaler:
         if height * width * per_pixel <= budget:
             return max(height, width)
         side = math.isqrt(int(budget // per_pixel)) - 2 * self.tile_overlap
-        return max(MIN_TILE, side // 8 * 8)
+        largest = max(MIN_TILE, side // 8 * 8)
+        candidates = {largest, *(self._even_tile(length, largest) for length in (height, width))}
+        return min(candidates, key=lambda tile: (self._window_pixels(height, width, tile), -tile))
 
-    def upscale(self, rgb: np.ndarray, *, progress: Progress | None = None) -> FloatImage:
+    def _even_tile(self, length: int, largest: int) -> int:
+        """The smallest tile (a multiple of 8, at most ``largest``) that cuts ``length`` into as few
+        tiles as ``largest`` does."""
+        inner = max(1, length - 2 * self.tile_overlap)
+        count = -(-inner // largest)
+        even = -(-inner // count)
+        return max(MIN_TILE, min(largest, -(-even // 8) * 8))
+
+    def _window_pixels(self, height: int, width: int, tile: int) -> int:
+        """Input pixels the network runs over (context included) with ``tile``: its cost in time."""
+        window = tile + 2 * self.tile_overlap
+
+        def along(length: int) -> int:
+            return length if length <= window else -(-(length - 2 * self.tile_overlap) // tile) * window
+
+        return along(height) * along(width)
+
+    def upscale(
+        self,
+        rgb: np.ndarray,
+        *,
+        progress: Progress | None = None,
+        out_size: tuple[int, int] | None = None,
+        quantize_8bit: bool = False,
+    ) -> FloatImage:
         """Upscale ``rgb`` (see the class contract); ``progress(done_tiles, total_tiles)`` after each tile.
+
+        ``out_size`` (width, height) asks for another output size than the native scale, as a Lanczos
+        resize (:func:`~server.imaging.resize_pixels`) of the native output would give it. When it is
+        an integer multiple of the input each window is resized on its own, so the native-scale image
+        is never held in memory; other sizes resize the whole native output.
+
+        ``quantize_8bit`` tells the engine the caller stores the result in 8 bits: a one-window result
+        at the native scale is then quantised on the device (rounding half up, like the encoders) and
+        comes back as the exact floats ``k / 255``, which quantise to the same ``k`` again. Other
+        results are returned unquantised.
 
         After an out-of-memory retry with smaller tiles, progress restarts from 0 with the new total.
         An exception raised by ``progress`` aborts the call and propagates unchanged (a way to cancel).
         """
         image = validate_rgb(rgb)
         height, width = image.shape[:2]
+        native = (width * self.scale, height * self.scale)
+        out_w, out_h = native if out_size is None else out_size
+        if out_w < 1 or out_h < 1:
+            raise ValueError(f"out_size must be positive, got {out_w}x{out_h}")
         padded = self._pad_to_multiple(image)
+        # Per-window resizing needs every window edge on the target grid, no padding to crop away, and
+        # room in the context for the filter beyond the blend band.
+        target = out_w // width
+        per_window = (
+            (out_w, out_h) == (width * target, height * target)
+            and padded is image
+            and self.feather + self._resize_margin(target) <= self.tile_overlap
+        )
+        if not per_window:
+            target = self.scale
         tile = min(self.tile_size_for(*padded.shape[:2]), max(padded.shape[:2]))
         while True:
             try:
-                out = self._run(padded, tile, progress)
+                out = self._run(padded, tile, progress, target, quantize_8bit and (out_w, out_h) == native)
                 break
             except _OutOfMemoryError as exc:
                 self._release_memory()
@@ -259,8 +335,14 @@ class Upscaler:
                     ) from (exc.__cause__ or exc)
                 logger.warning("out of memory on %s with %dpx tiles; retrying with %dpx", self.device, tile, smaller)
                 tile = smaller
-        out = out[: height * self.scale, : width * self.scale]
+        out = out[: height * target, : width * target]
+        if out.dtype == np.uint8:
+            # The floats an 8-bit decoder produces: each quantises back to the same k.
+            floats: FloatImage = np.multiply(out, np.float32(1.0 / 255.0), dtype=np.float32)
+            return floats
         np.clip(out, 0.0, 1.0, out=out)
+        if (out.shape[1], out.shape[0]) != (out_w, out_h):
+            return resize_pixels(out, out_w, out_h)
         return np.ascontiguousarray(out)
 
     # ------------------------------------------------------------------ internals
@@ -273,56 +355,127 @@ class Upscaler:
         # Reflection, not zeros: a black band would bleed into the real border through the convs.
         return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
 
-    def _run(self, image: FloatImage, tile: int, progress: Progress | None) -> FloatImage:
+    def _run(self, image: FloatImage, tile: int, progress: Progress | None, target: int, quantize: bool) -> np.ndarray:
+        """The output at ``target`` x the input (the native scale, or a per-window resize to it);
+        uint8 when ``quantize`` and the image is one window at the native scale, else float32."""
         height, width = image.shape[:2]
         plan: TilePlan = plan_tiles(height, width, tile, self.tile_overlap, self.multiple)
         total = len(plan)
         if total == 1:
-            out = self._run_window(image)
+            ((_, x),) = self._uploads(image, plan.tiles)
+            out = self._run_window(x, quantize=quantize and target == self.scale)
+            if target != self.scale:
+                np.clip(out, 0.0, 1.0, out=out)
+                out = resize_pixels(out, width * target, height * target)
             if progress is not None:
                 progress(1, 1)
             return out
         feather = min(self.feather, max_feather(plan))
-        out = np.zeros((height * self.scale, width * self.scale, 3), dtype=np.float32)
-        for done, tile_spec in enumerate(plan.tiles, start=1):
-            result = self._run_window(image[tile_spec.window])
-            blend_into(out, result, tile_spec, tile_weights(plan, tile_spec, self.scale, feather), self.scale)
+        margin = self._resize_margin(target)
+        out = np.zeros((height * target, width * target, 3), dtype=np.float32)
+        for done, (tile_spec, x) in enumerate(self._uploads(image, plan.tiles), start=1):
+            result = self._run_window(x, quantize=False)
+            blended = tile_spec
+            if target != self.scale:
+                blended = trim_tile(plan, tile_spec, feather, margin)
+                result = self._resize_window(result, tile_spec, blended, target)
+            blend_into(out, result, blended, tile_weights(plan, blended, target, feather), target)
+            del result
             if progress is not None:
                 progress(done, total)
         return out
 
-    def _run_window(self, window: FloatImage) -> FloatImage:
-        """Run one window (H x W x 3 host view) and return its unclamped output on the host."""
-        h, w = window.shape[:2]
-        # A contiguous HWC copy viewed as NCHW is already channels_last: no layout copy needed.
-        x = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1).unsqueeze(0)
-        x = x.to(self.device, non_blocking=False)
-        y = self._forward(x, exact=self._exact)
+    def _resize_margin(self, target: int) -> int:
+        """How far (input pixels) a Lanczos resize from the native scale to ``target`` reads around a
+        pixel: Pillow's support is 3 pixels of the coarser grid, plus one for its rounding."""
+        return -(-_LANCZOS_SUPPORT // min(target, self.scale)) + 1
+
+    def _resize_window(self, result: FloatImage, tile: Tile, trimmed: Tile, target: int) -> FloatImage:
+        """The ``trimmed`` part of a window's native output (``result``, for ``tile``), clamped, then
+        Lanczos-resized from the native scale to ``target`` (clamped first, as the whole native output
+        would be before a whole-image resize)."""
+        r0 = (trimmed.rows.win_start - tile.rows.win_start) * self.scale
+        c0 = (trimmed.cols.win_start - tile.cols.win_start) * self.scale
+        part = result[r0 : r0 + trimmed.rows.win_size * self.scale, c0 : c0 + trimmed.cols.win_size * self.scale]
+        np.clip(part, 0.0, 1.0, out=part)
+        return resize_pixels(part, trimmed.cols.win_size * target, trimmed.rows.win_size * target)
+
+    def _uploads(self, image: FloatImage, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """Each tile with its window as a 1 x 3 x H x W tensor on the device, ready to use.
+
+        On CUDA the windows go through pinned memory and a side stream, and the next window is already
+        being copied while the caller computes the current one. On the CPU a window is a zero-copy view
+        of a contiguous host copy, as before.
+        """
+        if self.device.type == "cpu":
+            for tile in tiles:
+                # A contiguous HWC copy viewed as NCHW is already channels_last: no layout copy needed.
+                yield tile, torch.from_numpy(np.ascontiguousarray(image[tile.window])).permute(2, 0, 1).unsqueeze(0)
+            return
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        pending = self._upload_async(image[tiles[0].window], stream)
+        for i, tile in enumerate(tiles):
+            x, copied = pending
+            if i + 1 < len(tiles):
+                pending = self._upload_async(image[tiles[i + 1].window], stream)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)
+            x.record_stream(current)  # allocated on the side stream, used on this one
+            yield tile, x.permute(2, 0, 1).unsqueeze(0)
+
+    def _upload_async(self, window: FloatImage, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start copying ``window`` (HWC) to the device on ``stream``; the event marks its arrival."""
+        pinned = torch.empty(window.shape, dtype=torch.float32, pin_memory=True)
+        np.copyto(pinned.numpy(), window)
+        with torch.cuda.stream(stream):
+            x = pinned.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record(stream)
+        return x, copied
+
+    def _run_window(self, x: torch.Tensor, *, quantize: bool) -> np.ndarray:
+        """Run one window (1 x 3 x H x W on the device) and return its output on the host: unclamped
+        float32 HWC, or uint8 HWC quantised on the device when ``quantize``."""
+        h, w = x.shape[2], x.shape[3]
+        y = self._infer(x, exact=self._exact)
         if not self._exact:
             problem = self._suspicious(x, y)
             if problem is not None:
                 self._log_fallback(problem)
-                y = self._forward(x, exact=True)
+                y = self._infer(x, exact=True)
         if not bool(torch.isfinite(y).all()):
             raise InferenceError("the network produced non-finite values in full precision")
         expected = (1, 3, h * self.scale, w * self.scale)
         if tuple(y.shape) != expected:
             raise InferenceError(f"the network returned shape {tuple(y.shape)} for a {h}x{w} tile, expected {expected}")
+        if quantize:
+            # floor(clamp(y) * 255 + 0.5) in float32, as the host encoders round: the same k for every pixel.
+            y = (y.clamp(0.0, 1.0) * 255.0 + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
         # channels_last output makes this permute a contiguous HWC view.
-        out: FloatImage = y[0].permute(1, 2, 0).cpu().numpy()
+        out: np.ndarray = y[0].permute(1, 2, 0).cpu().numpy()
         return out
+
+    def _infer(self, x: torch.Tensor, *, exact: bool) -> torch.Tensor:
+        """:meth:`_forward`, through the batcher when there is one (same network, precision and shape)."""
+        batcher = self.batcher
+        if batcher is None:
+            return self._forward(x, exact=exact)
+        try:
+            return batcher.run((id(self), exact, tuple(x.shape)), x, lambda b: self._forward(b, exact=exact))
+        except BatcherClosedError as exc:
+            raise InferenceError("inference was stopped: the server is shutting down") from exc
 
     def _forward(self, x: torch.Tensor, *, exact: bool) -> torch.Tensor:
         """One network pass; float32 result on the device. Maps failures to the engine's errors."""
         try:
             with torch.inference_mode():
                 if exact:
-                    y = self._exact_module()(x)
+                    y = self._call(self._exact_module(), x)
                 elif self.device.type == "cpu":
                     with torch.autocast("cpu", dtype=self.dtype):
-                        y = self._module(x)
+                        y = self._call(self._module, x)
                 else:
-                    y = self._module(x.to(self.dtype))
+                    y = self._call(self._module, x.to(self.dtype))
                 result: torch.Tensor = y.float()
                 return result
         except InferenceError:
@@ -332,6 +485,52 @@ class Upscaler:
                 raise _OutOfMemoryError(str(exc)) from exc
             logger.exception("network %s failed on a %s tile", self.arch, tuple(x.shape))
             raise InferenceError(f"the {self.arch} network failed on a {x.shape[2]}x{x.shape[3]} tile: {exc}") from exc
+
+    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)``, compiled when asked for; a compiled call that fails (other than out of
+        memory) turns compilation off for this upscaler and is redone eagerly."""
+        compiled = self._compiled_for(module)
+        if compiled is not None:
+            try:
+                return compiled(x)
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    raise
+                with self._lock:
+                    first = not self._compile_failed
+                    self._compile_failed = True
+                    self._compiled.clear()
+                if first:
+                    logger.warning(
+                        "torch.compile of %s failed (%s: %s); running it eagerly",
+                        self.arch,
+                        type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "",
+                    )
+        out: torch.Tensor = module(x)
+        return out
+
+    def _compiled_for(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The compiled wrapper of ``module`` (made on first need; compilation itself happens on its
+        first call), or None when compilation is off or has failed."""
+        if not self.compile_module or self._compile_failed:
+            return None
+        found = self._compiled.get(id(module))
+        if found is not None:
+            return found
+        with self._lock:
+            if self._compile_failed:
+                return None
+            found = self._compiled.get(id(module))
+            if found is None:
+                try:
+                    found = torch.compile(module)
+                except Exception as exc:  # e.g. an unsupported platform: refused before any call
+                    self._compile_failed = True
+                    logger.warning("torch.compile is unavailable (%s); running %s eagerly", exc, self.arch)
+                    return None
+                self._compiled[id(module)] = found
+            return found
 
     def _exact_module(self) -> nn.Module:
         """The fp32 module on the device, copied from the host master on first need (under the lock)."""

@@ -16,6 +16,7 @@ import numpy as np
 from server.config import UPSCALE_FACTORS
 from server.errors import InvalidUpscaleFactorError
 from server.imaging import Picture, bleed_transparent_colors, resize_pixels
+from server.inference.engine import Upscaler
 from server.inference.manifest import ModelSpec
 from server.inference.registry import ModelRegistry
 
@@ -103,16 +104,31 @@ class UpscalePipeline:
             # Transparent pixels often hide black; the network would smear it into the visible edge.
             rgb = bleed_transparent_colors(np.ascontiguousarray(rgb), alpha)
 
-        out = upscaler.upscale(np.ascontiguousarray(rgb, dtype=np.float32), progress=progress)
+        rgb = np.ascontiguousarray(rgb, dtype=np.float32)
         out_w, out_h = plan.output_size
-        if (out.shape[1], out.shape[0]) != (out_w, out_h):
-            out = resize_pixels(out, out_w, out_h)
+        if isinstance(upscaler, Upscaler):
+            # The engine makes the output size itself (window by window), so the x4 image of a factor-2
+            # request never exists; 8-bit RGB results may come back quantised on the device (the
+            # encoders would round them to the same values).
+            eight_bit_rgb = picture.bit_depth == 8 and channels == 3
+            out = upscaler.upscale(rgb, progress=progress, out_size=(out_w, out_h), quantize_8bit=eight_bit_rgb)
+        else:
+            out = upscaler.upscale(rgb, progress=progress)
+            if (out.shape[1], out.shape[0]) != (out_w, out_h):
+                out = resize_pixels(out, out_w, out_h)
+        del rgb
 
-        planes = [out.mean(axis=2, keepdims=True) if color.shape[2] == 1 else out]
+        # Every plane is float32 in [0, 1] already (the engine and resize_pixels clamp, a mean of
+        # clamped values stays in range): no clip or copy of the full-size result is needed.
+        if color.shape[2] == 1:
+            out = out.mean(axis=2, keepdims=True, dtype=np.float32)
         if alpha is not None:
-            planes.append(self._upscale_alpha(alpha, out_w, out_h))
-        result = np.clip(np.concatenate(planes, axis=2), 0.0, 1.0).astype(np.float32)
-        return replace(picture, pixels=np.ascontiguousarray(result))
+            result = np.empty((out_h, out_w, out.shape[2] + 1), dtype=np.float32)
+            result[..., :-1] = out
+            del out
+            result[..., -1:] = self._upscale_alpha(alpha, out_w, out_h)
+            out = result
+        return replace(picture, pixels=out)
 
     @staticmethod
     def _upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:

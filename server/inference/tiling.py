@@ -181,13 +181,37 @@ def tile_weights(plan: TilePlan, tile: Tile, scale: int, feather: int) -> tuple[
     )
 
 
+def trim_tile(plan: TilePlan, tile: Tile, feather: int, margin: int) -> Tile:
+    """``tile`` with its window cut down to what blending reads, plus ``margin`` pixels each side.
+
+    Blend weights are zero beyond ``feather`` pixels of the owned part, so the rest of the context only
+    served the network. A resampling filter applied to the window output needs its support
+    (``margin``) beyond the weighted part; resampling just this trimmed window is less work and gives
+    the weighted pixels exactly the values a resample of the whole window would. Image borders stay
+    where they are (the window edge is the image edge there).
+    """
+
+    def trim(span: Span, length: int) -> Span:
+        start = span.win_start if span.own_start == 0 else max(span.win_start, span.own_start - feather - margin)
+        end = span.win_end if span.own_end == length else min(span.win_end, span.own_end + feather + margin)
+        return Span(span.own_start, span.own_end, start, end)
+
+    return Tile(index=tile.index, rows=trim(tile.rows, plan.height), cols=trim(tile.cols, plan.width))
+
+
+#: Values (floats) per temporary in :func:`blend_into`: the weighted rows are added a few at a time.
+_BLEND_CHUNK = 1 << 20
+
+
 def blend_into(
     out: FloatArray, tile_out: FloatArray, tile: Tile, weights: tuple[FloatArray, FloatArray], scale: int
 ) -> None:
     """Add ``tile_out`` (window output, H x W x C) times its weights into ``out`` (whole output).
 
     Because the weights of a plan sum to 1 everywhere, ``out`` starts as zeros and is complete once
-    every tile has been added; no weight accumulator or division is needed.
+    every tile has been added; no weight accumulator or division is needed. The weighted rows are
+    added in chunks of about :data:`_BLEND_CHUNK` values, so the temporaries stay a few MB however
+    large the tile (each element is computed exactly as in one pass).
     """
     row_w, col_w = weights
     rows = slice(tile.rows.win_start * scale, tile.rows.win_end * scale)
@@ -200,6 +224,10 @@ def blend_into(
     if r.size == 0 or c.size == 0:
         return
     r0, r1, c0, c1 = int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
-    weight = row_w[r0:r1, None, None] * col_w[None, c0:c1, None]
-    target = out[rows, cols][r0:r1, c0:c1]
-    target += tile_out[r0:r1, c0:c1] * weight
+    target = out[rows, cols]
+    col_part = col_w[None, c0:c1, None]
+    step = max(1, _BLEND_CHUNK // ((c1 - c0) * tile_out.shape[2]))
+    for a in range(r0, r1, step):
+        b = min(a + step, r1)
+        weight = row_w[a:b, None, None] * col_part
+        target[a:b, c0:c1] += tile_out[a:b, c0:c1] * weight
