@@ -1,10 +1,11 @@
 """Engine throughput next to the ncnn runtime, in one run on the same inputs and weights.
 
-For each model, input size and precision: the median wall time of the whole engine path
-(tiling included) against ncnn's CPU runtime on the same official files, the achieved GFLOP/s
-(FLOPs counted from the network's convolutions), and the accuracy cost against exact fp32.
+For each model, input size, precision and CPU convolution algorithm: the median wall time of the
+whole engine path (tiling included) against ncnn's CPU runtime on the same official files, the
+achieved GFLOP/s (FLOPs counted from the network's convolutions as direct 3x3 convolutions, so for
+Winograd it is an effective rate), and the accuracy cost against exact fp32 / ncnn.
 
-    .venv/bin/python -m bench.bench_engine --sizes 128 256 --precisions fp32 bf16 --repeats 3
+    .venv/bin/python -m bench.bench_engine --sizes 128 256 --precisions fp32 --convolutions direct winograd
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--convolutions",
+        nargs="+",
+        default=["winograd"],
+        choices=["direct", "winograd"],
+        help="CPU convolution algorithms to time (bf16 always runs direct)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="0 = every core")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks-engine.json")
@@ -100,8 +108,10 @@ def main() -> None:
             ncnn_s, ncnn_all = median_seconds(lambda r=reference, i=image: r.upscale(i), args.repeats)
             ncnn_out = reference.upscale(image)
             exact: np.ndarray | None = None
-            for precision in args.precisions:
-                engine = Upscaler(network, device=device, dtype=resolve_dtype(precision, device))
+            runs = [(p, c) for p in args.precisions for c in (args.convolutions if p == "fp32" else ["direct"])]
+            for precision, convolution in runs:
+                dtype = resolve_dtype(precision, device)
+                engine = Upscaler(network, device=device, dtype=dtype, convolution=convolution)
                 out = engine.upscale(image)
                 # fp32 is compared with the ncnn runtime, the fast modes with our own fp32 output.
                 baseline = ncnn_out if precision == "fp32" or exact is None else exact
@@ -114,6 +124,7 @@ def main() -> None:
                     "model": name,
                     "input": f"{size}x{size}",
                     "precision": precision,
+                    "convolution": convolution,
                     "engine_s": round(ours_s, 4),
                     "engine_runs_s": [round(t, 4) for t in ours_all],
                     "ncnn_s": round(ncnn_s, 4),
@@ -138,6 +149,8 @@ def main() -> None:
                 *map(str, args.sizes),
                 "--precisions",
                 *args.precisions,
+                "--convolutions",
+                *args.convolutions,
                 "--repeats",
                 str(args.repeats),
             ]
@@ -162,14 +175,14 @@ def cpu_model() -> str:
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| model | input | precision | engine (median s) | ncnn (median s) | engine / ncnn speed | GFLOP/s | "
-        "output MPix/s | max / mean diff (levels) vs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | input | precision | convolution | engine (median s) | ncnn (median s) | engine / ncnn speed | "
+        "GFLOP/s | output MPix/s | max / mean diff (levels) vs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['precision']} | {r['engine_s']} | {r['ncnn_s']} | "
-            f"{r['speedup_vs_ncnn']}x | {r['engine_gflops']} | {r['output_mpix_s']} | "
+            f"| {r['model']} | {r['input']} | {r['precision']} | {r['convolution']} | {r['engine_s']} | "
+            f"{r['ncnn_s']} | {r['speedup_vs_ncnn']}x | {r['engine_gflops']} | {r['output_mpix_s']} | "
             f"{r['max_diff_levels']} / {r['mean_diff_levels']} vs {r['diff_vs']} |"
         )
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from server.inference import winograd
 from server.inference.engine import Upscaler
 from server.inference.loading import LoadedNetwork
 from server.inference.manifest import Manifest
@@ -44,8 +45,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("model_id", list(CASES))
+@pytest.mark.parametrize(
+    "convolution",
+    [
+        pytest.param(
+            "winograd",
+            marks=pytest.mark.skipif(not winograd.available(), reason="no C compiler: the Winograd path is off"),
+        ),
+        "direct",
+    ],
+)
 def test_torch_port_matches_ncnn_runtime(
     model_id: str,
+    convolution: str,
     manifest: Manifest,
     load_real_network: Callable[[str], LoadedNetwork],
     request: pytest.FixtureRequest,
@@ -56,8 +68,9 @@ def test_torch_port_matches_ncnn_runtime(
     x = _rgb(image.crop(box) if box else image)
     spec = manifest.get(model_id)
     reference = NcnnUpscaler(*ncnn_files(spec), threads=2).upscale(x)
-    # The whole engine path in exact mode (fp32, channels_last, the tile plan), not just the bare module.
-    engine = Upscaler(load_real_network(model_id), device=torch.device("cpu"), dtype=torch.float32)
+    # The whole engine path in exact mode (fp32, either CPU convolution, the tile plan), not just the bare module.
+    network = load_real_network(model_id)
+    engine = Upscaler(network, device=torch.device("cpu"), dtype=torch.float32, convolution=convolution)
     ours = engine.upscale(x)
 
     assert ours.shape == reference.shape == (x.shape[0] * spec.scale, x.shape[1] * spec.scale, 3)

@@ -152,3 +152,38 @@ def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.Monke
     assert len(calls) == 5 and max(calls) <= 10  # 8-row bands plus a context row on each side
     torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(banded, F.leaky_relu(_direct(x, conv), 0.2) + residual, rtol=1e-4, atol=1e-4)
+
+
+def _toy_network() -> LoadedNetwork:
+    from server.inference.loading import ArchInfo
+
+    torch.manual_seed(5)
+    net = RRDBNet(num_feat=8, num_block=1, num_grow_ch=4).eval()
+    return LoadedNetwork(module=net, info=ArchInfo(arch="RRDBNet", scale=4, params={}), path=Path("toy.pth"))
+
+
+@pytest.mark.parametrize(("convolution", "expected"), [("auto", winograd.WinogradRRDBNet), ("direct", RRDBNet)])
+def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str, expected: type) -> None:
+    from server.inference.engine import Upscaler
+
+    network = _toy_network()
+    reference = Upscaler(_toy_network(), device=torch.device("cpu"), dtype=torch.float32, convolution="direct")
+    engine = Upscaler(network, device=torch.device("cpu"), dtype=torch.float32, convolution=convolution)
+    assert isinstance(engine._exact_module(), expected)
+    image = np.random.default_rng(0).random((9, 11, 3), dtype=np.float32)
+    np.testing.assert_allclose(engine.upscale(image), reference.upscale(image), atol=1e-4)
+
+
+def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.inference.engine import Upscaler
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="convolution must be one of auto, winograd, direct"):
+        Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="fft")
+    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(ValueError, match="Winograd convolutions are not available"):
+        Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="winograd")
+    fallback = Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="auto")
+    assert isinstance(fallback._exact_module(), RRDBNet)

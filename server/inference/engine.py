@@ -43,6 +43,7 @@ from torch import nn
 
 from server.errors import InferenceError
 from server.imaging import resize_pixels
+from server.inference import winograd
 from server.inference.batching import BatcherClosedError, DynamicBatcher
 from server.inference.devices import free_memory_bytes
 from server.inference.tiling import Tile, TilePlan, blend_into, max_feather, plan_tiles, tile_weights, trim_tile
@@ -69,6 +70,8 @@ MEMORY_FRACTION: Final = {"cuda": 0.5, "cpu": 0.25}
 _BLACK_OUTPUT: Final = 0.5 / 255
 #: ... which is suspicious only when the input tile has something visible in it.
 _VISIBLE_INPUT: Final = 4 / 255
+#: CPU exact-mode convolution algorithms (see :func:`_cpu_exact_module`).
+CONVOLUTIONS: Final = ("auto", "winograd", "direct")
 #: Input-side multiple for RRDBNet variants that pixel-unshuffle (x2: by 2, x1: by 4).
 _UNSHUFFLE_MULTIPLE: Final = {2: 2, 1: 4}
 #: Support of Pillow's Lanczos filter, in pixels of the smaller of the two grids it maps between.
@@ -104,13 +107,14 @@ def bytes_per_input_pixel(arch: str, scale: int, dtype: torch.dtype) -> int:
 
     RRDBNet's peak is at output resolution: about three live 64-channel tensors per output pixel
     (upsampled features, conv output, the next conv's output), i.e. ``3 * 64 * scale**2`` values per
-    input pixel, plus about 600 values at input resolution for the dense blocks' concatenations.
+    input pixel, plus about 1000 values at input resolution for the dense blocks' concatenations
+    (600 direct; the Winograd path keeps the concatenation transformed, 2.25x larger).
     SRVGGNetCompact stays at input resolution (a few 64-channel tensors) until the final pixel
     shuffle. A 1.5x margin covers allocator rounding and temporaries; out-of-memory back-off covers
     the rest.
     """
     element = torch.empty((), dtype=dtype).element_size()
-    rrdb = 3 * 64 * scale * scale + 600
+    rrdb = 3 * 64 * scale * scale + 1000
     values = rrdb if arch == "RRDBNet" else 4 * 64 + 2 * 3 * scale * scale + 48
     return int(values * element * 1.5)
 
@@ -133,6 +137,26 @@ def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
     for param in module.parameters():
         if param.dim() == 4:
             param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def _cpu_exact_module(module: nn.Module, convolution: str) -> nn.Module:
+    """The module that runs CPU fp32 passes: the Winograd form (same weights) unless told otherwise.
+
+    Winograd needs 4x fewer multiplications for the 3x3 convolutions that make up these networks and
+    stays within 0.01 levels of the direct result (docs/benchmarks.md); "auto" keeps the direct
+    path where the kernel cannot be built (no C compiler).
+    """
+    if convolution == "direct":
+        return module
+    fast = winograd.winograd_module(module)
+    if fast is not None:
+        return fast
+    if convolution == "winograd":
+        raise ValueError(
+            "Winograd convolutions are not available here (no C compiler, or an architecture without a Winograd "
+            "form); use convolution 'direct' or 'auto'"
+        )
     return module
 
 
@@ -163,7 +187,8 @@ class Upscaler:
 
     Precision modes, by ``(device, dtype)``:
 
-    * CPU fp32 (exact): ``torch.inference_mode`` with the module in ``channels_last`` (faster on CPU).
+    * CPU fp32 (exact): Winograd F(4x4, 3x3) convolutions (:mod:`server.inference.winograd`) where the
+      kernel builds, else oneDNN's direct ones with the module in ``channels_last``.
     * CPU bf16 (fast, a few levels off): ``torch.autocast("cpu", bfloat16)`` over the fp32 module.
     * CUDA fp16/bf16: a reduced-precision copy of the module on the device; a tile that comes out
       NaN/Inf, or black from a visible input, is redone with an fp32 copy made on first need.
@@ -190,6 +215,7 @@ class Upscaler:
         feather: int | None = None,
         batcher: DynamicBatcher | None = None,
         compile_module: bool = False,
+        convolution: str = "auto",
     ) -> None:
         """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
         the context in input pixels on each side of a tile (None: :data:`DEFAULT_TILE_OVERLAP` for the
@@ -197,7 +223,10 @@ class Upscaler:
         overlap, so every pixel with weight keeps at least 3/4 of the context; reduced where a
         plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
         upscalers) that send same-shaped windows; ``compile_module`` runs the network through
-        ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails."""
+        ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails.
+        ``convolution`` picks the CPU exact mode's 3x3 convolutions: ``"winograd"``
+        (:mod:`server.inference.winograd`, ValueError when its kernel cannot be built), ``"direct"``
+        (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
         if tile_overlap is None:
             tile_overlap = DEFAULT_TILE_OVERLAP.get(network.info.arch, _FALLBACK_TILE_OVERLAP)
         if tile_size < 0 or tile_overlap < 0 or (feather is not None and feather < 0):
@@ -208,6 +237,8 @@ class Upscaler:
             raise ValueError("float16 is a CUDA mode (see devices.resolve_dtype); on the CPU use float32 or bfloat16")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {device}")
+        if convolution not in CONVOLUTIONS:
+            raise ValueError(f"convolution must be one of {', '.join(CONVOLUTIONS)}, got {convolution!r}")
         self.device = device
         self.dtype = dtype
         self.tile_size = tile_size
@@ -230,7 +261,7 @@ class Upscaler:
         if device.type == "cpu":
             # bf16 on the CPU is autocast over the fp32 weights, so one module serves both modes.
             self._module = _placed(master, device, torch.float32)
-            self._fp32_module = self._module
+            self._fp32_module = _cpu_exact_module(self._module, convolution)
             self._master = None
         else:
             self._master = master
