@@ -19,9 +19,19 @@
  * tiles, tile t = (n * th + ty) * tw + tx), so each of the 36 positions is one GEMM operand.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CB 8 /* channels per inner block: one AVX2 register of floats */
+
+/* Short copies inline: a libc memcpy call per 8 floats costs more than the transform itself. */
+static inline void copy_floats(float *restrict dst, const float *restrict src, int n) {
+    if (n == CB) {
+        for (int k = 0; k < CB; k++) dst[k] = src[k];
+    } else {
+        for (int k = 0; k < n; k++) dst[k] = src[k];
+    }
+}
 
 static inline void in_1d(const float *d0, const float *d1, const float *d2, const float *d3,
                          const float *d4, const float *d5, float *r[6]) {
@@ -50,50 +60,65 @@ static inline void out_1d(const float *m0, const float *m1, const float *m2, con
     }
 }
 
+/*
+ * Both kernels walk blocks of TB consecutive tiles and stage a block's 36 transformed rows in a
+ * per-thread buffer, so the transformed domain is read and written one position (one contiguous
+ * run of TB rows) at a time: touching all 36 positions per tile would be 36 interleaved memory
+ * streams. Copies are written as loops the compiler inlines (built with
+ * -fno-tree-loop-distribute-patterns, which stops gcc from turning them back into memcpy calls).
+ */
+#define TB 32
+
 /* x (spatial, C channels at coff of cstride) -> V[36][T][ldc] at channel offset voff. */
 void wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int coff,
-                float *v, int ldc, int voff) {
+                float *v, int ldc, int voff, int nthreads) {
     const int th = (h + 3) / 4, tw = (w + 3) / 4;
     const int64_t tiles = (int64_t)n_img * th * tw;
     const int64_t pstride = tiles * ldc;
-    const int cblocks = (c + CB - 1) / CB;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int n = (int)(t / ((int64_t)th * tw));
-        const int rem = (int)(t % ((int64_t)th * tw));
-        const int y0 = (rem / tw) * 4 - 1, x0 = (rem % tw) * 4 - 1;
-        float d[6][6][CB], u[6][6][CB], o[6][6][CB];
-        for (int cb = 0; cb < cblocks; cb++) {
-            const int c0 = cb * CB, nc = c - c0 < CB ? c - c0 : CB;
-            for (int i = 0; i < 6; i++) {
-                const int yy = y0 + i;
-                for (int j = 0; j < 6; j++) {
-                    const int xx = x0 + j;
-                    if (yy < 0 || yy >= h || xx < 0 || xx >= w) {
-                        memset(d[i][j], 0, sizeof d[i][j]);
-                        continue;
+    const int cblocks = (c + CB - 1) / CB, cpad = cblocks * CB;
+    const int64_t nblocks = (tiles + TB - 1) / TB;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = malloc(sizeof(float) * 36 * TB * cpad);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t t0 = blk * TB, t1 = t0 + TB < tiles ? t0 + TB : tiles;
+            for (int64_t t = t0; t < t1; t++) {
+                const int n = (int)(t / ((int64_t)th * tw));
+                const int rem = (int)(t % ((int64_t)th * tw));
+                const int y0 = (rem / tw) * 4 - 1, x0 = (rem % tw) * 4 - 1;
+                float d[6][6][CB], u[6][6][CB], o[6][6][CB];
+                for (int cb = 0; cb < cblocks; cb++) {
+                    const int c0 = cb * CB, nc = c - c0 < CB ? c - c0 : CB;
+                    for (int i = 0; i < 6; i++) {
+                        const int yy = y0 + i;
+                        for (int j = 0; j < 6; j++) {
+                            const int xx = x0 + j;
+                            if (yy >= 0 && yy < h && xx >= 0 && xx < w) {
+                                if (nc < CB) memset(d[i][j], 0, sizeof d[i][j]);
+                                copy_floats(d[i][j], x + (((int64_t)n * h + yy) * w + xx) * cstride + coff + c0, nc);
+                            } else {
+                                memset(d[i][j], 0, sizeof d[i][j]);
+                            }
+                        }
                     }
-                    const float *src = x + (((int64_t)n * h + yy) * w + xx) * cstride + coff + c0;
-                    if (nc == CB) {
-                        memcpy(d[i][j], src, sizeof d[i][j]);
-                    } else {
-                        memset(d[i][j], 0, sizeof d[i][j]);
-                        memcpy(d[i][j], src, nc * sizeof(float));
+                    for (int j = 0; j < 6; j++) { /* columns: u[.][j] = B^T d[.][j] */
+                        float *r[6] = {u[0][j], u[1][j], u[2][j], u[3][j], u[4][j], u[5][j]};
+                        in_1d(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], r);
                     }
+                    for (int i = 0; i < 6; i++) { /* rows: o[i][.] = u[i][.] B */
+                        float *r[6] = {o[i][0], o[i][1], o[i][2], o[i][3], o[i][4], o[i][5]};
+                        in_1d(u[i][0], u[i][1], u[i][2], u[i][3], u[i][4], u[i][5], r);
+                    }
+                    for (int p = 0; p < 36; p++)
+                        copy_floats(buf + ((int64_t)p * TB + (t - t0)) * cpad + c0, o[p / 6][p % 6], CB);
                 }
             }
-            for (int j = 0; j < 6; j++) { /* columns: u[.][j] = B^T d[.][j] */
-                float *r[6] = {u[0][j], u[1][j], u[2][j], u[3][j], u[4][j], u[5][j]};
-                in_1d(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], r);
-            }
-            for (int i = 0; i < 6; i++) { /* rows: o[i][.] = u[i][.] B */
-                float *r[6] = {o[i][0], o[i][1], o[i][2], o[i][3], o[i][4], o[i][5]};
-                in_1d(u[i][0], u[i][1], u[i][2], u[i][3], u[i][4], u[i][5], r);
-            }
-            float *dst = v + t * ldc + voff + c0;
             for (int p = 0; p < 36; p++)
-                memcpy(dst + p * pstride, o[p / 6][p % 6], nc * sizeof(float));
+                for (int64_t t = t0; t < t1; t++)
+                    copy_floats(v + p * pstride + t * ldc + voff, buf + ((int64_t)p * TB + (t - t0)) * cpad, c);
         }
+        free(buf);
     }
 }
 
@@ -101,65 +126,74 @@ void wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int
  * M[36][T][ldc] (GEMM products, channels at moff) -> spatial y (C channels at coff of cstride):
  *   y = act(A^T M A + bias) * scale + (res ? res : 0)
  * where act is leaky ReLU with `slope` (or PReLU with per-channel `slopes` when not NULL) when
- * `activate`, identity otherwise. `res` may alias y
- * (same layout), since each output element is read once before it is written.
+ * `activate`, identity otherwise. `res` may alias y (same layout), since each output element is
+ * read once before it is written.
  */
 void wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int c,
                  const float *bias, int activate, float slope, const float *slopes, float scale,
                  const float *res, int res_cstride, int res_coff,
-                 float *y, int cstride, int coff) {
+                 float *y, int cstride, int coff, int nthreads) {
     const int th = (h + 3) / 4, tw = (w + 3) / 4;
     const int64_t tiles = (int64_t)n_img * th * tw;
     const int64_t pstride = tiles * ldc;
-    const int cblocks = (c + CB - 1) / CB;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int n = (int)(t / ((int64_t)th * tw));
-        const int rem = (int)(t % ((int64_t)th * tw));
-        const int y0 = (rem / tw) * 4, x0 = (rem % tw) * 4;
-        float d[6][6][CB], u[4][6][CB], o[4][4][CB];
-        for (int cb = 0; cb < cblocks; cb++) {
-            const int c0 = cb * CB, nc = c - c0 < CB ? c - c0 : CB;
-            const float *src = m + t * ldc + moff + c0;
-            for (int p = 0; p < 36; p++) {
-                if (nc == CB) {
-                    memcpy(d[p / 6][p % 6], src + p * pstride, sizeof d[0][0]);
-                } else {
-                    memset(d[p / 6][p % 6], 0, sizeof d[0][0]);
-                    memcpy(d[p / 6][p % 6], src + p * pstride, nc * sizeof(float));
-                }
-            }
-            for (int j = 0; j < 6; j++) { /* columns: u[.][j] = A^T d[.][j] */
-                float *r[4] = {u[0][j], u[1][j], u[2][j], u[3][j]};
-                out_1d(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], r);
-            }
-            for (int i = 0; i < 4; i++) { /* rows: o[i][.] = u[i][.] A */
-                float *r[4] = {o[i][0], o[i][1], o[i][2], o[i][3]};
-                out_1d(u[i][0], u[i][1], u[i][2], u[i][3], u[i][4], u[i][5], r);
-            }
-            /* Epilogue without branches on the data, so it vectorizes: slope 1 is "no activation". */
-            float b[CB] = {0}, s[CB];
-            if (bias) memcpy(b, bias + c0, nc * sizeof(float));
-            for (int k = 0; k < CB; k++)
-                s[k] = !activate ? 1.0f : slopes && k < nc ? slopes[c0 + k] : slope;
-            for (int i = 0; i < 4 && y0 + i < h; i++) {
-                for (int j = 0; j < 4 && x0 + j < w; j++) {
-                    const int64_t pix = ((int64_t)n * h + y0 + i) * w + x0 + j;
-                    float val[CB];
-                    for (int k = 0; k < CB; k++) {
-                        const float z = o[i][j][k] + b[k];
-                        val[k] = (z < 0.0f ? z * s[k] : z) * scale;
+    const int cblocks = (c + CB - 1) / CB, cpad = cblocks * CB;
+    const int64_t nblocks = (tiles + TB - 1) / TB;
+    /* Per-channel constants, padded to whole blocks; slope 1 means "no activation". */
+    float *b = calloc(cpad, sizeof(float)), *s = malloc(sizeof(float) * cpad);
+    for (int k = 0; k < cpad; k++) {
+        if (bias && k < c) b[k] = bias[k];
+        s[k] = !activate ? 1.0f : slopes && k < c ? slopes[k] : slope;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = calloc((size_t)36 * TB * cpad, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t t0 = blk * TB, t1 = t0 + TB < tiles ? t0 + TB : tiles;
+            for (int p = 0; p < 36; p++)
+                for (int64_t t = t0; t < t1; t++)
+                    copy_floats(buf + ((int64_t)p * TB + (t - t0)) * cpad, m + p * pstride + t * ldc + moff, c);
+            for (int64_t t = t0; t < t1; t++) {
+                const int n = (int)(t / ((int64_t)th * tw));
+                const int rem = (int)(t % ((int64_t)th * tw));
+                const int y0 = (rem / tw) * 4, x0 = (rem % tw) * 4;
+                float u[4][6][CB], o[4][4][CB];
+                for (int cb = 0; cb < cblocks; cb++) {
+                    const int c0 = cb * CB, nc = c - c0 < CB ? c - c0 : CB;
+#define M_AT(i, j) (buf + ((int64_t)((i) * 6 + (j)) * TB + (t - t0)) * cpad + c0)
+                    for (int j = 0; j < 6; j++) { /* columns: u[.][j] = A^T m[.][j] */
+                        float *r[4] = {u[0][j], u[1][j], u[2][j], u[3][j]};
+                        out_1d(M_AT(0, j), M_AT(1, j), M_AT(2, j), M_AT(3, j), M_AT(4, j), M_AT(5, j), r);
                     }
-                    if (res) {
-                        const float *r = res + pix * res_cstride + res_coff + c0;
-                        if (nc == CB)
-                            for (int k = 0; k < CB; k++) val[k] += r[k];
-                        else
-                            for (int k = 0; k < nc; k++) val[k] += r[k];
+#undef M_AT
+                    for (int i = 0; i < 4; i++) { /* rows: o[i][.] = u[i][.] A */
+                        float *r[4] = {o[i][0], o[i][1], o[i][2], o[i][3]};
+                        out_1d(u[i][0], u[i][1], u[i][2], u[i][3], u[i][4], u[i][5], r);
                     }
-                    memcpy(y + pix * cstride + coff + c0, val, nc * sizeof(float));
+                    /* Epilogue without branches on the data, so it vectorizes. */
+                    for (int i = 0; i < 4 && y0 + i < h; i++) {
+                        for (int j = 0; j < 4 && x0 + j < w; j++) {
+                            const int64_t pix = ((int64_t)n * h + y0 + i) * w + x0 + j;
+                            float val[CB];
+                            for (int k = 0; k < CB; k++) {
+                                const float z = o[i][j][k] + b[c0 + k];
+                                val[k] = (z < 0.0f ? z * s[c0 + k] : z) * scale;
+                            }
+                            if (res) {
+                                const float *r = res + pix * res_cstride + res_coff + c0;
+                                if (nc == CB)
+                                    for (int k = 0; k < CB; k++) val[k] += r[k];
+                                else
+                                    for (int k = 0; k < nc; k++) val[k] += r[k];
+                            }
+                            copy_floats(y + pix * cstride + coff + c0, val, nc);
+                        }
+                    }
                 }
             }
         }
+        free(buf);
     }
+    free(b);
+    free(s);
 }

@@ -44,7 +44,7 @@ from server.inference.archs import LRELU_SLOPE, RESIDUAL_SCALE, RRDBNet, SRVGGNe
 log = logging.getLogger(__name__)
 
 _SOURCE: Final = Path(__file__).with_name("winograd.c")
-_CFLAGS: Final = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+_CFLAGS: Final = ("-O3", "-fno-tree-loop-distribute-patterns", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 #: Transformed positions per tile: 6x6 for F(4x4, 3x3).
 POSITIONS: Final = 36
 
@@ -137,13 +137,13 @@ def _load() -> ctypes.CDLL:
             _kernel.error = str(exc)
             raise OSError(_kernel.error) from exc
         f32p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.wino_input.argtypes = [f32p, i32, i32, i32, i32, i32, i32, f32p, i32, i32]
+        lib.wino_input.argtypes = [f32p, i32, i32, i32, i32, i32, i32, f32p, i32, i32, i32]
         lib.wino_input.restype = None
         lib.wino_output.argtypes = [
             *(f32p, i32, i32, i32, i32, i32, i32),
             *(f32p, i32, f32, f32p, f32),
             *(f32p, i32, i32),
-            *(f32p, i32, i32),
+            *(f32p, i32, i32, i32),
         ]
         lib.wino_output.restype = None
         _kernel.lib = lib
@@ -210,7 +210,7 @@ def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int, channels: int
     n, h, w, cstride = x.shape
     c = cstride if channels is None else channels
     _check_layout(v, x)
-    _load().wino_input(_ptr(x), n, h, w, c, cstride, 0, _ptr(v), v.shape[2], offset)
+    _load().wino_input(_ptr(x), n, h, w, c, cstride, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
 
 
 def transform_output(
@@ -246,6 +246,7 @@ def transform_output(
         _ptr(out),
         c,
         0,
+        torch.get_num_threads(),  # OpenMP's own default is per thread; follow torch's (UPSCALE_THREADS)
     )
     return out
 
