@@ -187,3 +187,15 @@ def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.
         Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="winograd")
     fallback = Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="auto")
     assert isinstance(fallback._exact_module(), RRDBNet)
+
+
+@pytest.mark.parametrize(("t", "k", "n"), [(7, 20, 32), (64, 64, 48), (13, 5, 12)])
+def test_products_equal_batched_matmul_on_channel_slices(t: int, k: int, n: int) -> None:
+    # n = 12 is not a multiple of 16: the kernel declines and torch.bmm answers.
+    torch.manual_seed(6)
+    buffer = torch.randn(36, t, k + 9)
+    u = torch.randn(36, k, n)
+    out = winograd.products(buffer[:, :, :k], u, torch.empty(36, t, n))
+    torch.testing.assert_close(out, torch.bmm(buffer[:, :, :k], u), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="row-major"):
+        winograd.products(buffer.transpose(1, 2)[:, :k], u, torch.empty(36, t + 9, n))

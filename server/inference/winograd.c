@@ -197,3 +197,79 @@ void wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int
     free(b);
     free(s);
 }
+
+/*
+ * The 36 products M[p] = V[p] @ U[p] (V[p]: T x K rows of ldv floats, U[p]: K x N row-major, M[p]:
+ * T x N rows of ldm floats). MKL's sgemm reaches only about half of an AMD core's FMA peak on these
+ * skinny shapes (N = 32 or 64); a 6x16 register-blocked AVX2 kernel with U[p] resident in L1 does
+ * better. Returns 0 (and does nothing) where the kernel is not compiled for AVX2+FMA or N is not a
+ * multiple of 16; the caller then uses torch.bmm.
+ */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline void kernel_6x16(const float *a, int64_t lda, const float *b, int ldb, int k_len,
+                               float *c, int64_t ldc) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+           c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+           c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+           c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int k = 0; k < k_len; k++) {
+        const __m256 b0 = _mm256_loadu_ps(b + (int64_t)k * ldb), b1 = _mm256_loadu_ps(b + (int64_t)k * ldb + 8);
+        __m256 a0 = _mm256_broadcast_ss(a + k);
+        c00 = _mm256_fmadd_ps(a0, b0, c00); c01 = _mm256_fmadd_ps(a0, b1, c01);
+        a0 = _mm256_broadcast_ss(a + lda + k);
+        c10 = _mm256_fmadd_ps(a0, b0, c10); c11 = _mm256_fmadd_ps(a0, b1, c11);
+        a0 = _mm256_broadcast_ss(a + 2 * lda + k);
+        c20 = _mm256_fmadd_ps(a0, b0, c20); c21 = _mm256_fmadd_ps(a0, b1, c21);
+        a0 = _mm256_broadcast_ss(a + 3 * lda + k);
+        c30 = _mm256_fmadd_ps(a0, b0, c30); c31 = _mm256_fmadd_ps(a0, b1, c31);
+        a0 = _mm256_broadcast_ss(a + 4 * lda + k);
+        c40 = _mm256_fmadd_ps(a0, b0, c40); c41 = _mm256_fmadd_ps(a0, b1, c41);
+        a0 = _mm256_broadcast_ss(a + 5 * lda + k);
+        c50 = _mm256_fmadd_ps(a0, b0, c50); c51 = _mm256_fmadd_ps(a0, b1, c51);
+    }
+    _mm256_storeu_ps(c, c00); _mm256_storeu_ps(c + 8, c01);
+    _mm256_storeu_ps(c + ldc, c10); _mm256_storeu_ps(c + ldc + 8, c11);
+    _mm256_storeu_ps(c + 2 * ldc, c20); _mm256_storeu_ps(c + 2 * ldc + 8, c21);
+    _mm256_storeu_ps(c + 3 * ldc, c30); _mm256_storeu_ps(c + 3 * ldc + 8, c31);
+    _mm256_storeu_ps(c + 4 * ldc, c40); _mm256_storeu_ps(c + 4 * ldc + 8, c41);
+    _mm256_storeu_ps(c + 5 * ldc, c50); _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+}
+
+int wino_gemm(const float *v, int ldv, const float *u, int k_len, int n_len, float *m, int ldm,
+              int64_t tiles, int nthreads) {
+    if (n_len % 16 != 0 || k_len > 256) return 0;
+    const int64_t vstride = tiles * ldv, mstride = tiles * ldm, ustride = (int64_t)k_len * n_len;
+    const int64_t row_blocks = (tiles + 5) / 6;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float a_pad[6 * 256], c_pad[6 * 16];
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < 36 * row_blocks; job++) {
+            const int p = (int)(job / row_blocks);
+            const int64_t r0 = (job % row_blocks) * 6;
+            const float *a = v + p * vstride + r0 * ldv, *b = u + p * ustride;
+            float *c = m + p * mstride + r0 * ldm;
+            const int rows = tiles - r0 < 6 ? (int)(tiles - r0) : 6;
+            if (rows == 6) {
+                for (int j = 0; j < n_len; j += 16) kernel_6x16(a, ldv, b + j, n_len, k_len, c + j, ldm);
+            } else { /* the last few rows: zero-padded copies, so the one kernel serves */
+                memset(a_pad, 0, sizeof a_pad);
+                for (int r = 0; r < rows; r++) copy_floats(a_pad + r * k_len, a + r * ldv, k_len);
+                for (int j = 0; j < n_len; j += 16) {
+                    kernel_6x16(a_pad, k_len, b + j, n_len, k_len, c_pad, 16);
+                    for (int r = 0; r < rows; r++) copy_floats(c + r * ldm + j, c_pad + r * 16, 16);
+                }
+            }
+        }
+    }
+    return 1;
+}
+#else
+int wino_gemm(const float *v, int ldv, const float *u, int k_len, int n_len, float *m, int ldm,
+              int64_t tiles, int nthreads) {
+    (void)v; (void)ldv; (void)u; (void)k_len; (void)n_len; (void)m; (void)ldm; (void)tiles; (void)nthreads;
+    return 0;
+}
+#endif

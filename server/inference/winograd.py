@@ -146,6 +146,8 @@ def _load() -> ctypes.CDLL:
             *(f32p, i32, i32, i32),
         ]
         lib.wino_output.restype = None
+        lib.wino_gemm.argtypes = [f32p, i32, f32p, i32, i32, f32p, i32, ctypes.c_int64, i32]
+        lib.wino_gemm.restype = i32
         _kernel.lib = lib
         return lib
 
@@ -251,6 +253,21 @@ def transform_output(
     return out
 
 
+def products(v: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[p] = v[p] @ u[p]`` for the 36 positions: the kernel's AVX2 GEMM where it applies, else
+    ``torch.bmm``. ``v`` may be a channel slice ``[36, T, :K]`` of a wider contiguous buffer."""
+    if v.shape[0] != POSITIONS or not (
+        v.stride(2) == 1 and v.stride(0) == v.shape[1] * v.stride(1) and u.is_contiguous() and out.is_contiguous()
+    ):
+        raise ValueError("products() needs row-major operands (v may be a channel slice of a buffer)")
+    _, t, k = v.shape
+    n = u.shape[2]
+    done = _load().wino_gemm(_ptr(v), v.stride(1), _ptr(u), k, n, _ptr(out), n, t, torch.get_num_threads())
+    if not done:
+        torch.bmm(v, u, out=out)
+    return out
+
+
 #: Largest transformed buffer (bytes) a single :func:`conv` allocates; taller inputs run in bands of
 #: rows. Keeps the high-resolution layers of x4plus (1024x1024x64 for a 256x256 input) from needing
 #: 2.25x their activation size twice over, and keeps each band's buffers near the caches.
@@ -303,7 +320,7 @@ def _conv_whole(
     n, h, w, _ = x.shape
     v = x.new_empty(POSITIONS, tiles(n, h, w), layer.cin)
     transform_input(x, v, 0)
-    m = torch.bmm(v, layer.u)
+    m = products(v, layer.u, x.new_empty(POSITIONS, v.shape[1], layer.cout))
     del v
     return transform_output(m, out, layer.bias, slope=slope, slopes=slopes, scale=scale, residual=residual)
 
@@ -323,12 +340,12 @@ class _DenseBlock:
         transform_input(x, v, 0)
         offset = self.feat
         for layer in self.convs[:4]:
-            torch.bmm(v[:, :, :offset], layer.u, out=scratch.m_grow)
+            products(v[:, :, :offset], layer.u, scratch.m_grow)
             transform_output(scratch.m_grow, grown, layer.bias, slope=LRELU_SLOPE)
             transform_input(grown, v, offset)
             offset += self.grow
         last = self.convs[4]
-        torch.bmm(v, last.u, out=scratch.m_feat)
+        products(v, last.u, scratch.m_feat)
         return transform_output(scratch.m_feat, torch.empty_like(x), last.bias, scale=RESIDUAL_SCALE, residual=x)
 
 
