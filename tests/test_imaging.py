@@ -7,6 +7,7 @@ import itertools
 import struct
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps, JpegImagePlugin
 
+from server import imaging
 from server.errors import ImageTooLargeError, InvalidImageError
 from server.imaging import (
     ALLOWED_INPUT_FORMATS,
@@ -646,3 +648,76 @@ def test_bleed_is_fast_enough_for_big_images() -> None:
     bled = bleed_transparent_colors(rgb, alpha)
     assert time.perf_counter() - start < 2.0
     assert np.isfinite(bled).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# the PNG writer: Average filter, blocks, stripes deflated in parallel
+
+
+def idat_stream(data: bytes) -> bytes:
+    """The concatenated IDAT payload of a PNG: one zlib stream (its Adler-32 is checked by decompress)."""
+    pos, out = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            out += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    return out
+
+
+def pillow_png_values(picture: Picture) -> np.ndarray:
+    """What the former writer (Pillow, 8-bit) stored: the reference the new writer must match exactly."""
+    scaled = np.fmin(np.fmax(picture.pixels * np.float32(255) + np.float32(0.5), 0.0), 255.0).astype(np.uint8)
+    return np.asarray(
+        Image.open(io.BytesIO(pil_bytes(Image.fromarray(scaled[..., 0] if scaled.shape[2] == 1 else scaled))))
+    )
+
+
+def test_adler32_combine_matches_zlib() -> None:
+    for first_size, second_size in [(0, 0), (1, 0), (0, 7), (5552, 65521), (100_000, 300_001)]:
+        first, second = RNG.bytes(first_size), RNG.bytes(second_size)
+        combined = imaging._adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second))
+        assert combined == zlib.adler32(first + second)
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_striped_png_is_one_valid_stream_with_the_same_pixels(
+    monkeypatch: pytest.MonkeyPatch, channels: int, bit_depth: int
+) -> None:
+    monkeypatch.setattr(imaging, "_usable_cores", lambda: 5)  # several stripes on any machine
+    monkeypatch.setattr(imaging, "_PNG_STRIPE_MIN_BYTES", 64)
+    monkeypatch.setattr(imaging, "_BLOCK_SAMPLES", 100)  # several blocks per stripe, too
+    pixels = RNG.random((37, 23, channels), dtype=np.float32)
+    pixels[0, 0, 0] = np.nan
+    picture = Picture(pixels, bit_depth=bit_depth)
+    with ThreadPoolExecutor(2) as pool:
+        striped = encode_image(picture, "PNG", executor=pool)
+    single = encode_image(picture, "PNG")
+    assert zlib.decompress(idat_stream(striped)) == zlib.decompress(idat_stream(single))  # same filtered rows
+    np.testing.assert_array_equal(decode_image(striped).pixels, decode_image(single).pixels)
+    if bit_depth == 8:
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(striped))), pillow_png_values(picture))
+
+
+def test_png_of_a_real_output_matches_pillow_pixels_and_size(photo_path: Path) -> None:
+    photo = read_image_file(photo_path)
+    picture = Picture(resize_pixels(photo.pixels[:128, :128], 512, 512))  # smooth, like an upscaled output
+    ours = encode_image(picture, "PNG")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ours))), pillow_png_values(picture))
+    values = np.asarray(Image.open(io.BytesIO(ours)))
+    pillow_level1 = pil_bytes(Image.fromarray(values), compress_level=1)
+    assert len(ours) <= 1.1 * len(pillow_level1)  # a fixed filter, but no worse than Pillow's adaptive choice
+
+
+def test_striping_inside_the_pool_it_uses_cannot_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The codec pool encodes on its own threads: stripes that find no idle thread run on the caller."""
+    monkeypatch.setattr(imaging, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(imaging, "_PNG_STRIPE_MIN_BYTES", 64)
+    picture = Picture(RNG.random((40, 30, 3), dtype=np.float32))
+    expected = decode_image(encode_image(picture, "PNG")).pixels
+    with ThreadPoolExecutor(1) as pool:  # its only thread is the one encoding
+        data = pool.submit(encode_image, picture, "PNG", executor=pool).result(timeout=30)
+    np.testing.assert_array_equal(decode_image(data).pixels, expected)
+    pool.shutdown()
+    np.testing.assert_array_equal(decode_image(encode_image(picture, "PNG", executor=pool)).pixels, expected)
