@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings)`` wires storage, models, the worker and the routes.
 
 Start-up order matters: storage first (so tasks interrupted by a restart are marked failed before
-anyone can poll them), then the worker, then the routes start taking requests. Shutdown is the
-reverse: stop taking work, let running tasks finish within a grace period, close storage last.
+anyone can poll them), then the worker and the codec pool, then the routes start taking requests.
+Shutdown is the reverse: stop taking work, let running tasks finish within a grace period, stop the
+worker, the codec pool and the batcher, close storage last.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -31,7 +34,7 @@ from server.observability import health
 from server.observability.health import HealthSource
 from server.observability.metrics import Metrics
 from server.outbound import OutboundClient, OutboundPolicy
-from server.storage.db import open_database
+from server.storage.db import Database, open_database
 from server.storage.images import ImageStore
 from server.storage.results import TaskRecord, TaskStore
 from server.storage.sweeper import sweep_forever
@@ -57,13 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = settings.data_dir.expanduser().resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
-        db = open_database(data_dir / "upscale.sqlite3")
-        images = ImageStore(db, data_dir / "images", retention_seconds=settings.image_retention_days * 86400)
-        results = TaskStore(db, result_ttl_seconds=settings.result_ttl_seconds)
-        interrupted = results.fail_unfinished(interrupted_error)
-        if interrupted:
-            log.warning("%d task(s) were running when the server stopped; marked as failed", interrupted)
+        db, images, results = open_storage(settings, data_dir)
         keys = ApiKeys.from_settings(settings)
         if keys.open_mode:
             log.warning("no API keys configured: open local mode, any API key is accepted")
@@ -72,8 +69,11 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning(
                 "test-target mode (UPSCALE_ENGINE=resize): a plain resize replaces the models; not for production"
             )
-        worker = InferenceWorker(max_queue=settings.max_queue)
-        worker.start()
+        worker = start_worker(settings, registry)
+        # Decoding and encoding get their own bounded pool: never the worker's threads (the device would
+        # wait for PNG), and not the default executor that SQLite and file reads share.
+        codec_threads = settings.resolved_encode_workers()
+        codecs = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
         device = registry.compute.device
         metrics = Metrics(
             queue_depth=lambda: worker.queue_depth,
@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
             outbound=outbound,
             webhooks=webhooks,
             metrics=metrics,
+            codecs=codecs,
         )
         app.state.observability = HealthSource(
             worker_state=lambda: worker.state.value,
@@ -121,13 +122,17 @@ def create_app(settings: Settings) -> FastAPI:
         warmup = threading.Thread(target=warm_default_model, args=(registry,), name="model-warmup", daemon=True)
         if settings.preload_default_model:
             warmup.start()
-        log.info("serving on %s; models on %s", settings.host, registry.compute.describe())
+        log.info(
+            "serving on %s; models on %s; %d codec threads", settings.host, registry.compute.describe(), codec_threads
+        )
         try:
             yield
         finally:
             stop.set()
             await dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
             await asyncio.to_thread(worker.stop, SHUTDOWN_GRACE_SECONDS)
+            registry.close()  # after the worker: only a job past the grace period can still be batching
+            await asyncio.to_thread(codecs.shutdown, wait=True, cancel_futures=True)
             await sweeper
             if warmup.is_alive():
                 await asyncio.to_thread(warmup.join)
@@ -141,6 +146,31 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(web.router)
     return app
+
+
+def open_storage(settings: Settings, data_dir: Path) -> tuple[Database, ImageStore, TaskStore]:
+    """The database and stores, with tasks a restart interrupted already marked failed."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = open_database(data_dir / "upscale.sqlite3")
+    images = ImageStore(db, data_dir / "images", retention_seconds=settings.image_retention_days * 86400)
+    results = TaskStore(db, result_ttl_seconds=settings.result_ttl_seconds)
+    interrupted = results.fail_unfinished(interrupted_error)
+    if interrupted:
+        log.warning("%d task(s) were running when the server stopped; marked as failed", interrupted)
+    return db, images, results
+
+
+def start_worker(settings: Settings, registry: ModelRegistry) -> InferenceWorker:
+    """The inference worker, started; concurrency without batching is allowed but only shares the device."""
+    if settings.worker_concurrency > 1 and registry.batcher is None:
+        log.warning(
+            "UPSCALE_WORKER_CONCURRENCY=%d without cross-request batching (UPSCALE_BATCH_WINDOW_MS): "
+            "concurrent jobs only share the device",
+            settings.worker_concurrency,
+        )
+    worker = InferenceWorker(max_queue=settings.max_queue, concurrency=settings.worker_concurrency)
+    worker.start()
+    return worker
 
 
 def warm_default_model(registry: ModelRegistry) -> None:

@@ -2,18 +2,22 @@
 
 REST and WebSocket differ only in how outcomes travel (one HTTP reply vs. one frame each), so
 they hand the parsed task array and an ``emit`` callback here. Every task of an array runs
-concurrently and fails on its own. Blocking work (decoding, encoding, SQLite, files) runs in
-threads and inference on the worker, so the event loop stays free for pings and other requests.
+concurrently and fails on its own. Inference runs on the worker; decoding and encoding (with the
+storing of what they produce) in the codec pool, so the device never waits for a PNG and the worker
+never encodes; SQLite and file reads in ``asyncio.to_thread``. The event loop stays free for pings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from server.config import Settings
 from server.delivery import WebhookSender, upload_output
@@ -51,6 +55,7 @@ from server.storage.images import ImageStore
 from server.storage.results import TaskStore
 from server.tasks.inputs import Base64Ref, DataUriRef, UrlRef, UuidRef, classify_image_input
 from server.tasks.media import (
+    StoredOutput,
     compact_result,
     decode_input,
     expand_result,
@@ -62,6 +67,9 @@ from server.tasks.media import (
 )
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,10 @@ class TaskDispatcher:
         outbound: OutboundClient,
         webhooks: WebhookSender,
         metrics: Metrics | None = None,
+        codecs: Executor | None = None,
     ) -> None:
+        """``codecs``: the pool that decodes and encodes (the app owns it and sizes it from
+        ``encode_workers``); None uses the event loop's default executor."""
         self.settings = settings
         self.images = images
         self.results = results
@@ -102,6 +113,7 @@ class TaskDispatcher:
         self.outbound = outbound
         self.webhooks = webhooks
         self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
+        self.codecs = codecs
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # upscale tasks accepted and not finished; only touched on the event loop
 
@@ -259,23 +271,29 @@ class TaskDispatcher:
         assert isinstance(ref, DataUriRef | Base64Ref)
         return ref.data, None
 
+    async def _in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the
+        log lines), as ``asyncio.to_thread`` does for the default executor."""
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.codecs, call)
+
     async def _upload(self, task: ImageUploadTask, base_url: str) -> dict[str, Any]:
         data, _ = await self._input_bytes(task.image, "image")
-        picture = await asyncio.to_thread(
+        picture = await self._in_codecs(
             decode_input, data, max_pixels=self.settings.max_input_pixels, parameter="image"
         )
-        stored = await asyncio.to_thread(store_upload, self.images, picture, max_side=self.settings.upload_max_side)
+        stored = await self._in_codecs(
+            store_upload, self.images, picture, max_side=self.settings.upload_max_side, executor=self.codecs
+        )
         return upload_item(task.task_uuid, stored.uuid, image_url(base_url, stored.uuid, stored.extension))
 
     async def _upscale(self, task: UpscaleTask, base_url: str) -> dict[str, Any]:
         self.pipeline.registry.spec(task.model)  # an unknown model fails before any I/O
         data, input_uuid = await self._input_bytes(task.image, task.image_parameter)
-        picture = await asyncio.to_thread(
+        picture = await self._in_codecs(
             decode_input, data, max_pixels=self.settings.max_input_pixels, parameter=task.image_parameter
         )
         plan = self.pipeline.plan(picture.width, picture.height, task.upscale_factor, task.model)
-        if input_uuid is None:
-            input_uuid = (await asyncio.to_thread(store_input, self.images, data, picture)).uuid
 
         def run() -> Picture:  # on the worker thread: times the network, not the wait in the queue
             started = time.perf_counter()
@@ -284,16 +302,20 @@ class TaskDispatcher:
             return result
 
         future = self.worker.submit(run, label=task.task_uuid)
-        result = await asyncio.wrap_future(future)
-        output = await asyncio.to_thread(
-            store_output,
-            self.images,
-            result,
-            output_format=task.output_format,
-            quality=task.output_quality,
-            ttl_seconds=task.ttl if task.output_type == "URL" else None,
-        )
-        url = image_url(base_url, output.image.uuid, output.image.extension)
+        # An inline input is stored while the network runs: only the reply needs its UUID.
+        storing = None
+        if input_uuid is None:
+            storing = asyncio.ensure_future(self._in_codecs(store_input, self.images, data, picture))
+        try:
+            result = await asyncio.wrap_future(future)
+            output, url, fields = await self._in_codecs(self._store_result, result, task, base_url)
+        except BaseException:
+            if storing is not None:  # the task failed: its input's UUID is never reported
+                storing.cancel()
+                storing.add_done_callback(_outcome_ignored)
+            raise
+        if storing is not None:
+            input_uuid = (await storing).uuid
         if task.upload_endpoint:
             try:
                 await upload_output(self.outbound, task.upload_endpoint, output.data, output.image.content_type)
@@ -306,12 +328,34 @@ class TaskDispatcher:
             task.task_uuid,
             output.image.uuid,
             input_uuid,
-            output_fields(output, task.output_type, url),
+            fields,
             cost,
         )
 
+    def _store_result(
+        self, result: Picture, task: UpscaleTask, base_url: str
+    ) -> tuple[StoredOutput, str, dict[str, str]]:
+        """Encode once, store, and build the reply field from the same bytes (in the codec pool: the
+        base64 of a big output is work too). Returns the output, its URL and the reply field."""
+        output = store_output(
+            self.images,
+            result,
+            output_format=task.output_format,
+            quality=task.output_quality,
+            ttl_seconds=task.ttl if task.output_type == "URL" else None,
+            executor=self.codecs,  # a big PNG is deflated in stripes on the pool's idle threads
+        )
+        url = image_url(base_url, output.image.uuid, output.image.extension)
+        return output, url, output_fields(output, task.output_type, url)
+
     def cost(self, width: int, height: int) -> float:
         return round(self.settings.cost_per_megapixel * width * height / 1e6, 6) + 0.0
+
+
+def _outcome_ignored(task: asyncio.Future[Any]) -> None:
+    """Mark a background step's error as seen: the task failed for another reason already."""
+    if not task.cancelled():
+        task.exception()
 
 
 def image_url(base_url: str, image_uuid: str, extension: str) -> str:

@@ -1,12 +1,14 @@
 """Turning image inputs into pictures and pictures into stored outputs (all blocking: run in threads).
 
 Shared by ``imageUpload`` and the upscale tasks, so both accept the same input forms and store
-images the same way.
+images the same way. The dispatcher runs the decoders and encoders here in its codec pool, never on
+the event loop or the inference worker.
 """
 
 from __future__ import annotations
 
 import base64
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,8 +51,12 @@ def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
         raise
 
 
-def store_upload(images: ImageStore, picture: Picture, *, max_side: int) -> StoredImage:
-    """Store an uploaded image as Runware does: at most ``max_side`` on the long side (EXIF already applied)."""
+def store_upload(
+    images: ImageStore, picture: Picture, *, max_side: int, executor: Executor | None = None
+) -> StoredImage:
+    """Store an uploaded image as Runware does: at most ``max_side`` on the long side (EXIF already applied).
+
+    ``executor``: idle threads that may share a big PNG encode (see :func:`~server.imaging.encode_image`)."""
     longest = max(picture.width, picture.height)
     if longest > max_side:
         ratio = max_side / longest
@@ -58,15 +64,24 @@ def store_upload(images: ImageStore, picture: Picture, *, max_side: int) -> Stor
         picture = replace(picture, pixels=resize_pixels(picture.pixels, *size))
     wire_format = UPLOAD_FORMAT_FOR_SOURCE.get(picture.source_format, "PNG")
     encoder, extension, _ = OUTPUT_FORMATS[wire_format]
-    encoded = encode_image(picture, encoder, quality=95)  # type: ignore[arg-type]
+    encoded = encode_image(picture, encoder, quality=95, executor=executor)  # type: ignore[arg-type]
     return images.put(encoded, extension=extension, kind="upload")  # type: ignore[arg-type]
 
 
 def store_output(
-    images: ImageStore, picture: Picture, *, output_format: str, quality: int, ttl_seconds: float | None
+    images: ImageStore,
+    picture: Picture,
+    *,
+    output_format: str,
+    quality: int,
+    ttl_seconds: float | None,
+    executor: Executor | None = None,
 ) -> StoredOutput:
+    """Encode once and store; the bytes are kept for the reply (base64, upload) so nothing is re-encoded.
+
+    ``executor``: idle threads that may share a big PNG encode (see :func:`~server.imaging.encode_image`)."""
     encoder, extension, _ = OUTPUT_FORMATS[output_format]
-    data = encode_image(picture, encoder, quality=quality)  # type: ignore[arg-type]
+    data = encode_image(picture, encoder, quality=quality, executor=executor)  # type: ignore[arg-type]
     stored = images.put(data, extension=extension, kind="output", ttl_seconds=ttl_seconds)  # type: ignore[arg-type]
     return StoredOutput(stored, data)
 
