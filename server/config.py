@@ -5,6 +5,7 @@ Entry points build a :class:`Settings` and pass it down; nothing reads the envir
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,36 @@ class Settings(BaseSettings):
         "result within 1 level of the untiled one (64 for RRDBNet, 32 for SRVGGNetCompact).",
     )
     threads: int = Field(default=0, ge=0, description="CPU threads for inference; 0 uses every core.")
+    compile: bool = Field(
+        default=False,
+        description="Compile each network with torch.compile on first use: faster passes (mostly on a GPU) for a "
+        "slow first request per model and input shape.",
+    )
+    batch_window_ms: float = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Milliseconds a tile waits for tiles of other requests to share one network pass (at most "
+        "`UPSCALE_MAX_BATCH`); 0 turns cross-request batching off, right on a CPU, where one image already uses "
+        "every core. 2-5 ms suits a GPU, together with `UPSCALE_WORKER_CONCURRENCY` > 1.",
+    )
+    max_batch: int = Field(
+        default=8, ge=1, le=256, description="Most tiles in one batched network pass (with `UPSCALE_BATCH_WINDOW_MS`)."
+    )
+    worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Upscale jobs the inference worker runs at once. More than 1 only helps with cross-request "
+        "batching (`UPSCALE_BATCH_WINDOW_MS`) on a GPU; on a CPU concurrent jobs just share the cores.",
+    )
+    encode_workers: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Threads that decode inputs and encode and store outputs, apart from the inference worker so "
+        "the device never waits for a PNG; 0 uses one per CPU core.",
+    )
     max_output_side: int = Field(
         default=4096,
         ge=64,
@@ -173,6 +204,15 @@ class Settings(BaseSettings):
 
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser().resolve()
+
+    def resolved_encode_workers(self) -> int:
+        """``encode_workers``, with 0 meaning one per CPU core this process may use."""
+        if self.encode_workers:
+            return self.encode_workers
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
 
 def settings_reference() -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from server.config import Settings, settings_reference
 from tests.conftest import REPO
 
@@ -21,3 +24,41 @@ def test_settings_read_the_upscale_prefix(monkeypatch) -> None:
     assert settings.tile_size == 128
     assert settings.precision == "bf16"
     assert settings.api_keys == ["a", "b"]
+
+
+def test_performance_settings_defaults_and_environment(monkeypatch) -> None:
+    defaults = Settings()
+    assert (defaults.compile, defaults.batch_window_ms, defaults.max_batch) == (False, 0, 8)
+    assert (defaults.worker_concurrency, defaults.encode_workers) == (1, 0)
+    assert defaults.resolved_encode_workers() >= 1  # 0 means one per usable core
+    monkeypatch.setenv("UPSCALE_COMPILE", "true")
+    monkeypatch.setenv("UPSCALE_BATCH_WINDOW_MS", "2.5")
+    monkeypatch.setenv("UPSCALE_MAX_BATCH", "16")
+    monkeypatch.setenv("UPSCALE_WORKER_CONCURRENCY", "4")
+    monkeypatch.setenv("UPSCALE_ENCODE_WORKERS", "3")
+    settings = Settings()
+    assert (settings.compile, settings.batch_window_ms, settings.max_batch) == (True, 2.5, 16)
+    assert (settings.worker_concurrency, settings.resolved_encode_workers()) == (4, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("batch_window_ms", "-1", "greater than or equal to 0"),
+        ("batch_window_ms", "5000", "less than or equal to 1000"),
+        ("batch_window_ms", "soon", "valid number"),
+        ("max_batch", "0", "greater than or equal to 1"),
+        ("worker_concurrency", "0", "greater than or equal to 1"),
+        ("encode_workers", "-2", "greater than or equal to 0"),
+        ("compile", "maybe", "valid boolean"),
+    ],
+)
+def test_bad_performance_settings_name_the_setting_and_the_rule(
+    monkeypatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(f"UPSCALE_{name.upper()}", value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    (error,) = info.value.errors()
+    assert error["loc"] == (name,)
+    assert message in error["msg"]

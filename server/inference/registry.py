@@ -8,6 +8,10 @@ In test-target mode (``engine = "resize"``) every model is served by a
 :class:`~server.inference.resize_engine.ResizeUpscaler` of the model's scale: ids are still checked
 against the manifest (so ``invalidModel`` is unchanged), but the weight store is never touched, so a
 server starts instantly with an empty models folder.
+
+With ``batch_window_ms`` set, every network shares one :class:`~server.inference.batching.DynamicBatcher`
+(it keeps items of different networks and shapes apart), so tiles of concurrent requests can share a
+pass; :meth:`ModelRegistry.close` stops it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from server.config import Settings
+from server.inference.batching import DynamicBatcher
 from server.inference.devices import configure_threads, resolve_device, resolve_dtype, tune_cpu_allocator
 from server.inference.engine import FloatImage, Upscaler
 from server.inference.loading import load_network
@@ -40,6 +45,9 @@ class ComputeConfig:
     dtype: torch.dtype
     tile_size: int
     tile_overlap: int | None
+    compile_module: bool = False
+    batch_window_s: float = 0.0  # 0: no cross-request batching
+    max_batch: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ComputeConfig:
@@ -52,12 +60,18 @@ class ComputeConfig:
             dtype=resolve_dtype(settings.precision, device),
             tile_size=settings.tile_size,
             tile_overlap=settings.tile_overlap,
+            compile_module=settings.compile,
+            batch_window_s=settings.batch_window_ms / 1000,
+            max_batch=settings.max_batch,
         )
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         tiles = f"tile {self.tile_size or 'auto'}, overlap {'auto' if self.tile_overlap is None else self.tile_overlap}"
-        return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads"
+        extras = ", torch.compile" if self.compile_module else ""
+        if self.batch_window_s > 0:
+            extras += f", batches of up to {self.max_batch} tiles within {self.batch_window_s * 1000:g} ms"
+        return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads{extras}"
 
 
 class ImageUpscaler(Protocol):
@@ -82,6 +96,16 @@ class ModelRegistry:
         self.resize_engine = settings.engine == "resize"
         self._upscalers: dict[str, ImageUpscaler] = {}
         self._locks = {spec.id: threading.Lock() for spec in self.manifest.models}
+        #: One batcher for all networks, only when cross-request batching is configured (never for the
+        #: resize engine, which has no network to batch).
+        self.batcher: DynamicBatcher | None = None
+        if self.compute.batch_window_s > 0 and not self.resize_engine:
+            self.batcher = DynamicBatcher(window_s=self.compute.batch_window_s, max_batch=self.compute.max_batch)
+
+    def close(self) -> None:
+        """Stop the batcher (if any): items still waiting in it fail rather than hang. Idempotent."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def spec(self, model_id: str | None) -> ModelSpec:
         """The manifest entry for ``model_id`` (the default model when None); InvalidModelError if unknown."""
@@ -119,6 +143,8 @@ class ModelRegistry:
                     dtype=self.compute.dtype,
                     tile_size=self.compute.tile_size,
                     tile_overlap=self.compute.tile_overlap,
+                    batcher=self.batcher,
+                    compile_module=self.compute.compile_module,
                 )
                 log.info("loaded %s (%s) from %s on %s", spec.id, spec.name, path, self.compute.describe())
                 self._upscalers[spec.id] = found
