@@ -3,7 +3,10 @@
 * Overhead: the engine alone (``UpscalePipeline.upscale`` in this process, while no server runs) against
   the same upscale sent to a real ``upscale-server serve`` as one sync REST request (raw base64 in,
   base64 PNG or JPG out) by one client. The difference is what the server adds: base64 and JSON, HTTP,
-  decoding, storing the input, the queue, encoding, storing the output.
+  decoding, storing the input, the queue, encoding, storing the output. Because the two phases run
+  seconds apart, load from other processes can skew that comparison on a shared machine; the paired
+  overhead does not: the mean request time minus the mean inference time the server itself measured
+  for the same requests (``upscale_inference_seconds`` from ``/metrics``).
 * Concurrency: latency (median, p90) and throughput (images/s, output MPix/s) with 1, 2, 4 and 8 clients
   sending sync upscales back to back.
 * ``--ping``: WebSocket ping round trips, idle and while other clients keep the server fully loaded.
@@ -198,10 +201,21 @@ def check_output(response: httpx.Response, output_format: str, side: int) -> int
     return len(data)
 
 
+def inference_totals(server: LiveServer) -> tuple[float, int]:
+    """The server's ``upscale_inference_seconds`` sum and count so far (worker time, queue wait excluded)."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("upscale_inference_seconds_sum", "upscale_inference_seconds_count"):
+            totals[name.rsplit("_", 1)[1]] = float(value)
+    return totals["sum"], int(totals["count"])
+
+
 def run_clients(server: LiveServer, make_body: Callable[[], bytes], clients: int, per_client: int) -> dict[str, Any]:
     """``clients`` threads, each with its own connection, send ``per_client`` sync upscales back to back.
 
-    The clock starts when every client is connected and stops at the last answer."""
+    The clock starts when every client is connected and stops at the last answer. Also returns the mean
+    inference time the server measured for these requests (None if its metrics did not count them all)."""
     latencies: list[float] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients + 1, timeout=60)
@@ -215,6 +229,7 @@ def run_clients(server: LiveServer, make_body: Callable[[], bytes], clients: int
                 with lock:
                     latencies.append(elapsed)
 
+    before = inference_totals(server)
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client_loop) for _ in range(clients)]
         barrier.wait()
@@ -222,7 +237,10 @@ def run_clients(server: LiveServer, make_body: Callable[[], bytes], clients: int
         for future in futures:
             future.result()
         wall = time.perf_counter() - start
-    return {"wall_s": wall, "latencies_s": latencies}
+    after = inference_totals(server)
+    done = after[1] - before[1]
+    inference = (after[0] - before[0]) / done if done == len(latencies) else None
+    return {"wall_s": wall, "latencies_s": latencies, "server_inference_mean_s": inference}
 
 
 def measure_ping(server: LiveServer, seconds: float) -> list[float]:
@@ -465,6 +483,10 @@ def main() -> None:
                         "requests": len(lat),
                         "output_kb": round(out_bytes / 1e3, 1),
                         "median_s": round(statistics.median(lat), 4),
+                        "mean_s": round(statistics.mean(lat), 4),
+                        "server_inference_mean_s": None
+                        if run["server_inference_mean_s"] is None
+                        else round(run["server_inference_mean_s"], 4),
                         "p90_s": round(percentile(lat, 90), 4),
                         "wall_s": round(run["wall_s"], 3),
                         "images_s": round(len(lat) / run["wall_s"], 3),
@@ -529,6 +551,8 @@ def overhead(engine: dict[str, dict[str, Any]], e2e_rows: list[dict[str, Any]]) 
         base = engine[row["model"]]
         over_s = row["median_s"] - base["engine_s"]
         target = OVERHEAD_TARGET.get(row["model"]) if row["format"] == "PNG" else None
+        inference = row.get("server_inference_mean_s")
+        paired_s = None if inference is None else row["mean_s"] - inference
         rows.append(
             {
                 "model": row["model"],
@@ -540,6 +564,12 @@ def overhead(engine: dict[str, dict[str, Any]], e2e_rows: list[dict[str, Any]]) 
                 "overhead_pct": round(100 * over_s / base["engine_s"], 1),
                 "target_pct": None if target is None else round(100 * target, 1),
                 "within_target": None if target is None else over_s <= target * base["engine_s"],
+                "e2e_mean_s": row["mean_s"],
+                "server_inference_mean_s": inference,
+                "paired_overhead_ms": None if paired_s is None else round(paired_s * 1000, 1),
+                "paired_overhead_pct": None
+                if paired_s is None or not inference
+                else round(100 * paired_s / inference, 1),
             }
         )
     return rows
@@ -553,16 +583,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"(load average {m['load_average_at_start'][0]} at start); input: {result['input']}.",
         "",
         "| model | output | engine (median s) | encode (s) | end to end, 1 client (median s) | overhead (ms) | "
-        "overhead | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "overhead | target | paired: end to end / in-server inference (mean s) | paired overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["overhead"]:
         target = (
             "-" if r["target_pct"] is None else f"<= {r['target_pct']}% ({'met' if r['within_target'] else 'missed'})"
         )
+        paired = (
+            "- | -"
+            if r["paired_overhead_ms"] is None
+            else f"{r['e2e_mean_s']} / {r['server_inference_mean_s']} | {r['paired_overhead_ms']} ms, "
+            f"{r['paired_overhead_pct']}%"
+        )
         lines.append(
             f"| {r['model']} | {r['format']} | {r['engine_s']} | {r['encode_s']} | {r['e2e_s']} | "
-            f"{r['overhead_ms']} | {r['overhead_pct']}% | {target} |"
+            f"{r['overhead_ms']} | {r['overhead_pct']}% | {target} | {paired} |"
         )
     lines += [
         "",
