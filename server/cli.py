@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from server import __version__
-from server.config import Settings
+from server.config import Convolution, Settings, UnusableSettingError
 from server.errors import UpscaleError
 
 PROG = "upscale-server"
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CliError as exc:
         parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    except UnusableSettingError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
     except UpscaleError as exc:
@@ -104,6 +108,12 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compute (defaults come from UPSCALE_* settings)")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="bf16 = CPU fast mode")
+    group.add_argument(
+        "--convolution",
+        dest="cpu_convolution",
+        choices=get_args(Convolution),
+        help="CPU fp32 convolutions (auto = winograd when its kernel builds)",
+    )
     group.add_argument("--tile-size", type=int, metavar="PX", help="tile edge in input pixels (0 = auto)")
     group.add_argument("--threads", type=int, metavar="N", help="CPU threads (0 = all cores)")
     group.add_argument("--models-dir", type=Path, help="folder of weight files (default: the repo's models/)")
@@ -132,6 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for name in (
             "device",
             "precision",
+            "cpu_convolution",
             "tile_size",
             "threads",
             "models_dir",
@@ -277,8 +288,10 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.inference.registry import ComputeConfig
     from server.observability.logs import configure_logging
 
+    ComputeConfig.from_settings(settings)  # an unusable device or kernel: one line here, not a failed start-up
     configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
         create_app(settings),

@@ -105,6 +105,32 @@ def test_bad_arguments_exit_2_with_a_message(small_png: Path, tmp_path: Path, ar
     assert "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["upscale", "serve"])
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--device", "cuda:7"], "cuda"),  # CPU-only CI has no CUDA
+        (["--device", "cpu", "--convolution", "winograd"], "cpu_convolution 'winograd'"),  # kernel cannot build
+    ],
+)
+def test_settings_this_machine_cannot_honour_exit_2_with_one_line(
+    command: str, flags: list[str], named: str, small_png: Path, tmp_path: Path
+) -> None:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no kernel built earlier...
+        env.setenv("CC", str(tmp_path / "no-such-compiler"))  # ...and none can be built now
+        result = _run_with(command, flags, small_png, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert_one_line_errors(result.stderr)
+    assert named in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _run_with(command: str, flags: list[str], small_png: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    where = ["upscale", small_png, "-o", tmp_path / "o"] if command == "upscale" else ["serve", "--port", "0"]
+    return run_cli(*where, *flags)
+
+
 def test_unknown_model_is_one_line(small_png: Path, tmp_path: Path) -> None:
     result = run_cli("upscale", small_png, "-o", tmp_path / "o", "--model", "runware:1@1")
     assert result.returncode == 1

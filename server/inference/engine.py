@@ -34,13 +34,14 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final, Protocol
+from typing import Final, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
+from server.config import Convolution
 from server.errors import InferenceError
 from server.imaging import resize_pixels
 from server.inference import winograd
@@ -71,7 +72,7 @@ _BLACK_OUTPUT: Final = 0.5 / 255
 #: ... which is suspicious only when the input tile has something visible in it.
 _VISIBLE_INPUT: Final = 4 / 255
 #: CPU exact-mode convolution algorithms (see :func:`_cpu_exact_module`).
-CONVOLUTIONS: Final = ("auto", "winograd", "direct")
+CONVOLUTIONS: Final = get_args(Convolution)
 #: Input-side multiple for RRDBNet variants that pixel-unshuffle (x2: by 2, x1: by 4).
 _UNSHUFFLE_MULTIPLE: Final = {2: 2, 1: 4}
 #: Support of Pillow's Lanczos filter, in pixels of the smaller of the two grids it maps between.

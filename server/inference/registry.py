@@ -25,7 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from server.config import Settings
+from server.config import Settings, UnusableSettingError
+from server.inference import winograd
 from server.inference.batching import DynamicBatcher
 from server.inference.devices import configure_threads, resolve_device, resolve_dtype, tune_cpu_allocator
 from server.inference.engine import FloatImage, Upscaler
@@ -46,21 +47,33 @@ class ComputeConfig:
     tile_size: int
     tile_overlap: int | None
     compile_module: bool = False
+    convolution: str = "auto"
     batch_window_s: float = 0.0  # 0: no cross-request batching
     max_batch: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ComputeConfig:
-        device = resolve_device(settings.device)
+        """Resolve the compute settings; UnusableSettingError when this machine cannot honour one."""
+        try:
+            device = resolve_device(settings.device)
+            dtype = resolve_dtype(settings.precision, device)
+        except ValueError as exc:
+            raise UnusableSettingError(str(exc)) from None
+        if device.type == "cpu" and settings.cpu_convolution == "winograd" and not winograd.available():
+            raise UnusableSettingError(
+                "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
+                "use 'auto' or 'direct'"
+            )
         if device.type == "cpu":
             tune_cpu_allocator()
         configure_threads(settings.threads)
         return cls(
             device=device,
-            dtype=resolve_dtype(settings.precision, device),
+            dtype=dtype,
             tile_size=settings.tile_size,
             tile_overlap=settings.tile_overlap,
             compile_module=settings.compile,
+            convolution=settings.cpu_convolution,
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch=settings.max_batch,
         )
@@ -68,7 +81,8 @@ class ComputeConfig:
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         tiles = f"tile {self.tile_size or 'auto'}, overlap {'auto' if self.tile_overlap is None else self.tile_overlap}"
-        extras = ", torch.compile" if self.compile_module else ""
+        extras = f", {self.convolution} convolutions" if self.device.type == "cpu" else ""
+        extras += ", torch.compile" if self.compile_module else ""
         if self.batch_window_s > 0:
             extras += f", batches of up to {self.max_batch} tiles within {self.batch_window_s * 1000:g} ms"
         return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads{extras}"
@@ -145,6 +159,7 @@ class ModelRegistry:
                     tile_overlap=self.compute.tile_overlap,
                     batcher=self.batcher,
                     compile_module=self.compute.compile_module,
+                    convolution=self.compute.convolution,
                 )
                 log.info("loaded %s (%s) from %s on %s", spec.id, spec.name, path, self.compute.describe())
                 self._upscalers[spec.id] = found
