@@ -104,6 +104,19 @@ def test_cpu_free_memory_reads_meminfo(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert free_memory_bytes(CPU) > 0
 
 
+def test_cpu_free_memory_counts_what_malloc_keeps_for_reuse() -> None:
+    # With the tuned allocator a freed buffer stays resident in the process (so MemAvailable drops),
+    # yet the next image reuses it: the free estimate must not shrink by its size.
+    assert tune_cpu_allocator()
+    size = 512 * 2**20
+    held_before = devices._malloc_free_bytes()
+    buffer = torch.ones(size // 4)
+    before = free_memory_bytes(CPU)
+    del buffer
+    assert devices._malloc_free_bytes() >= held_before + size // 2
+    assert free_memory_bytes(CPU) >= before + size // 2
+
+
 def test_tune_cpu_allocator_applies_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 

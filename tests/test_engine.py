@@ -221,15 +221,16 @@ def test_tile_size_for(monkeypatch: pytest.MonkeyPatch) -> None:
     per_px = bytes_per_input_pixel("RRDBNet", 4, torch.float32)
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 64 << 30)
     assert up.tile_size_for(300, 500) == 500  # fits: not tiled
-    free = 4 * 600 * 600 * per_px  # a quarter of it (the CPU fraction) holds a 600 x 600 window
+    share = engine_module.MEMORY_FRACTION["cpu"]
+    free = int(600 * 600 * per_px / share)  # the CPU's share of it holds a 600 x 600 window
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: free)
     tile = up.tile_size_for(2000, 3000)
     assert tile % 8 == 0 and tile <= 600 - 32
-    assert (tile + 32) ** 2 * per_px <= free * engine_module.MEMORY_FRACTION["cpu"]
+    assert (tile + 32) ** 2 * per_px <= free * share
     # Spread evenly: as many tiles as the largest that fits (568) needs, but smaller windows.
     largest, even = plan_tiles(2000, 3000, 568, 16), plan_tiles(2000, 3000, tile, 16)
     assert len(even) == len(largest) == 4 * 6 and tile == 496
-    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 4 * 1100 * 1100 * per_px)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: int(1100 * 1100 * per_px / share))
     assert up.tile_size_for(2048, 2048) == 1008  # not 1064: two 1040-pixel windows per side, not two 1096
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 1 << 20)
     assert up.tile_size_for(2000, 3000) == MIN_TILE

@@ -135,19 +135,39 @@ def free_memory_bytes(device: torch.device) -> int:
 
     CUDA: free bytes from the driver (``torch.cuda.mem_get_info``) plus what PyTorch's caching
     allocator holds but does not use (it will reuse that first). CPU: ``MemAvailable`` from
-    /proc/meminfo (counts reclaimable page cache, unlike MemFree), falling back to free physical pages.
+    /proc/meminfo (counts reclaimable page cache, unlike MemFree), falling back to free physical pages,
+    plus what this process's malloc holds free: :func:`tune_cpu_allocator` keeps freed buffers in the
+    process, so after one big image they are resident and missing from MemAvailable, yet the next
+    image reuses them first (without this, every later image got smaller tiles than the first).
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + max(cached, 0))
     available = _meminfo_available()
-    if available is not None:
-        return available
+    if available is None:
+        try:
+            available = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return 1 << 30  # unknown platform: assume 1 GiB so the engine still picks a bounded tile
+    return available + _malloc_free_bytes()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def _malloc_free_bytes() -> int:
+    """Free bytes inside glibc malloc's heap (``mallinfo2().fordblks``); 0 where there is no glibc 2.33+."""
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 30  # unknown platform: assume 1 GiB so the engine still picks a bounded tile
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
 
 
 def tune_cpu_allocator() -> bool:
