@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,26 @@ def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, list
     return statistics.median(times), times
 
 
+def ncnn_timed(
+    param: Path, weights: Path, image: np.ndarray, repeats: int, threads: int
+) -> tuple[float, list[float], np.ndarray]:
+    """ncnn's median time, every run, and its output (run in a child process by the caller)."""
+    reference = NcnnUpscaler(param, weights, threads=threads)
+    median, runs = median_seconds(lambda: reference.upscale(image), repeats)
+    return median, runs, reference.upscale(image)
+
+
+def ncnn_timed_elsewhere(
+    param: Path, weights: Path, image: np.ndarray, repeats: int, threads: int
+) -> tuple[float, list[float], np.ndarray]:
+    """:func:`ncnn_timed` in a fresh process: ncnn keeps gigabytes of blobs after a large input, and
+    in our process they would shrink the engine's free-memory tile budget (a 512x512 x4plus input
+    would then be tiled, with seams and 1.5x the work, only because the reference ran first)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(ncnn_timed, param, weights, image, repeats, threads).result()
+
+
 def test_input(size: int) -> np.ndarray:
     photo = read_image_file(PHOTO).pixels
     side = min(photo.shape[:2])
@@ -102,11 +124,9 @@ def main() -> None:
         spec = manifest.get(MODELS[name])
         network = load_network(store.ensure(spec))
         flops_px = conv_flops_per_input_pixel(network)
-        reference = NcnnUpscaler(*ncnn_files(spec), threads=threads)
         for size in args.sizes:
             image = test_input(size)
-            ncnn_s, ncnn_all = median_seconds(lambda r=reference, i=image: r.upscale(i), args.repeats)
-            ncnn_out = reference.upscale(image)
+            ncnn_s, ncnn_all, ncnn_out = ncnn_timed_elsewhere(*ncnn_files(spec), image, args.repeats, threads)
             exact: np.ndarray | None = None
             runs = [(p, c) for p in args.precisions for c in (args.convolutions if p == "fp32" else ["direct"])]
             for precision, convolution in runs:
