@@ -64,11 +64,13 @@ _FALLBACK_TILE_OVERLAP: Final = 64
 #: Smallest tile (input pixels per side, without context) the out-of-memory back-off goes down to.
 MIN_TILE: Final = 32
 #: Share of the device's free memory one tile may use when the tile size is chosen automatically.
-#: CUDA leaves room for cudnn workspaces and other models; the CPU for decoding, encoding and the
-#: output buffer that lives on the host. Half, not less, on the CPU too: every split costs twice the
-#: context around each seam in recomputation (a 512x512 x4plus input cut into four 320x320 windows
-#: runs 1.56x the pixels) and seams are where a tiled result can differ from an untiled one.
-MEMORY_FRACTION: Final = {"cuda": 0.5, "cpu": 0.5}
+#: CUDA leaves room for cudnn workspaces and other models. On the CPU it is a trade: every split
+#: costs twice the context around each seam in recomputation (a 512x512 x4plus input cut into four
+#: 320x320 windows runs 1.56x the pixels) and seams are where a tiled result can differ from an
+#: untiled one, while bigger windows raise the peak memory of big images. A third keeps a 512x512
+#: x4plus input (6.4 GB by the estimate) whole on a 24 GB machine, and still cuts a 2048x2048
+#: animevideov3 input in four, which then peaks under 3 GB (docs/benchmarks.md).
+MEMORY_FRACTION: Final = {"cuda": 0.5, "cpu": 0.35}
 #: An output tile whose maximum is below this is "black" (every pixel rounds to 0 in 8 bits) ...
 _BLACK_OUTPUT: Final = 0.5 / 255
 #: ... which is suspicious only when the input tile has something visible in it.
