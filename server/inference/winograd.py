@@ -207,12 +207,11 @@ class WinogradConv:
         return int(self.u.shape[2])
 
 
-def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int, channels: int | None = None) -> None:
-    """Transform NHWC ``x`` (first ``channels``) into ``v[:, :, offset:]`` (``v`` is ``[36, T, ldc]``)."""
-    n, h, w, cstride = x.shape
-    c = cstride if channels is None else channels
+def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int) -> None:
+    """Transform NHWC ``x`` into the channels ``v[:, :, offset:offset + C]`` (``v`` is ``[36, T, ldc]``)."""
+    n, h, w, c = x.shape
     _check_layout(v, x)
-    _load().wino_input(_ptr(x), n, h, w, c, cstride, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
+    _load().wino_input(_ptr(x), n, h, w, c, c, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
 
 
 def transform_output(
