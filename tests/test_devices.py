@@ -143,4 +143,9 @@ def test_tune_cpu_allocator_tolerates_missing_libc(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(devices, "_allocator_tuned", None)
     monkeypatch.setattr(devices.ctypes, "CDLL", no_libc)
-    assert tune_cpu_allocator() is False
+    devices._libc_function.cache_clear()  # the lookup is cached: make it look again, without libc
+    try:
+        assert tune_cpu_allocator() is False
+        assert devices._malloc_free_bytes() == 0
+    finally:
+        devices._libc_function.cache_clear()

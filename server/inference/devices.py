@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -160,11 +162,19 @@ class _MallInfo2(ctypes.Structure):
     ] + [("keepcost", ctypes.c_size_t)]
 
 
+@functools.cache
+def _libc_function(name: str) -> Any:
+    """``name`` from the C library, looked up once (``find_library`` runs a subprocess), or None."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def _malloc_free_bytes() -> int:
     """Free bytes inside glibc malloc's heap (``mallinfo2().fordblks``); 0 where there is no glibc 2.33+."""
-    try:
-        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
-    except (OSError, AttributeError, TypeError):
+    mallinfo2 = _libc_function("mallinfo2")
+    if mallinfo2 is None:
         return 0
     mallinfo2.restype = _MallInfo2
     return int(mallinfo2().fordblks)
@@ -194,11 +204,8 @@ def tune_cpu_allocator() -> bool:
 
 
 def _apply_mallopt() -> bool:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         logger.info("no glibc mallopt on this platform; CPU allocator left at its defaults")
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
