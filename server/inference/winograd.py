@@ -121,6 +121,9 @@ def _build(target: Path) -> None:
 
 def _load() -> ctypes.CDLL:
     """The compiled kernel, built on first use; OSError when it cannot be built or loaded."""
+    lib = _kernel.lib  # every transform calls this: no lock once loaded
+    if lib is not None:
+        return lib
     with _kernel.lock:
         if _kernel.lib is not None:
             return _kernel.lib
