@@ -30,7 +30,6 @@ RUN apt-get update \
 RUN pip install torch==2.13.0
 
 COPY pyproject.toml README.md /src/
-COPY models/manifest.toml /src/models/manifest.toml
 COPY server /src/server
 RUN pip install /src && rm -rf /src
 

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.config import Settings
-from server.imaging import read_image_file, resize_pixels
-from server.inference.devices import configure_threads, resolve_dtype, tune_cpu_allocator
-from server.inference.engine import Upscaler
-from server.inference.loading import LoadedNetwork, load_network
-from server.inference.manifest import load_manifest
-from server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
-from server.inference.provision import WeightStore
+from upscale_server.config import Settings
+from upscale_server.imaging import read_image_file, resize_pixels
+from upscale_server.inference.devices import configure_threads, resolve_dtype, tune_cpu_allocator
+from upscale_server.inference.engine import Upscaler
+from upscale_server.inference.loading import LoadedNetwork, load_network
+from upscale_server.inference.manifest import load_manifest
+from upscale_server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
+from upscale_server.inference.provision import WeightStore
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests" / "data" / "photo_grace_hopper.jpg"

@@ -46,13 +46,13 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 from bench.bench_engine import MODELS, REPO, cpu_model, test_input
-from server.config import Settings
-from server.imaging import encode_image
-from server.inference.pipeline import UpscalePipeline
-from server.inference.registry import ModelRegistry
-from server.protocol import DEFAULT_OUTPUT_QUALITY
-from server.tasks.media import OUTPUT_FORMATS, decode_input
 from tests.e2e.conftest import LiveServer, start_server, stop_server
+from upscale_server.config import Settings
+from upscale_server.imaging import encode_image
+from upscale_server.inference.pipeline import UpscalePipeline
+from upscale_server.inference.registry import ModelRegistry
+from upscale_server.protocol import DEFAULT_OUTPUT_QUALITY
+from upscale_server.tasks.media import OUTPUT_FORMATS, decode_input
 
 API_KEY = "bench-key"
 FACTOR = 4  # the overhead and concurrency runs; --memory uses --memory-factor

@@ -6,9 +6,9 @@ like the real one (sizes, formats, alpha, error items) with a fast deterministic
 the model, so these tests take seconds and need no GPU, no weights and no internet. Run::
 
     pip install upscale-server runware-sdk pytest
-    pytest -p server.testing examples/test_my_app.py
+    pytest -p upscale_server.testing examples/test_my_app.py
 
-``-p server.testing`` loads the plugin that provides the ``upscale_server`` fixture (installed
+``-p upscale_server.testing`` loads the plugin that provides the ``upscale_server`` fixture (installed
 upscale-server registers it, so the flag is then optional). See docs/test-target.md.
 This file needs only the standard library besides the SDK, so it runs wherever the SDK does.
 """

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from server.config import REPO_MODELS_DIR
-from server.inference.loading import LoadedNetwork, load_network
-from server.inference.manifest import Manifest, load_manifest
-from server.inference.provision import WeightStore
+from upscale_server.inference.loading import LoadedNetwork, load_network
+from upscale_server.inference.manifest import Manifest, load_manifest
+from upscale_server.inference.provision import WeightStore
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 PHOTO = DATA / "photo_grace_hopper.jpg"
 CLIPART_RGBA = DATA / "clipart_rgba.png"
+#: The checkout's models folder: where a server run from this checkout keeps its weights.
+MODELS = REPO / "models"
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +41,12 @@ def manifest() -> Manifest:
 
 @pytest.fixture(scope="session")
 def provisioned_models_dir(manifest: Manifest) -> Path:
-    """``server.config.REPO_MODELS_DIR`` with every ncnn-backed model converted and sha256-checked."""
-    store = WeightStore(REPO_MODELS_DIR)
+    """The checkout's ``models/`` with every ncnn-backed model converted and sha256-checked."""
+    store = WeightStore(MODELS)
     for spec in manifest.models:
         if spec.ncnn is not None:
             store.ensure_converted(spec)
-    return REPO_MODELS_DIR
+    return MODELS
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.config import Settings
 from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+from upscale_server.app import create_app
+from upscale_server.config import Settings
 
 KEY = "delivery-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

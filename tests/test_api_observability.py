@@ -10,10 +10,10 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
-from server.config import Settings
-from server.observability.logs import JsonFormatter, TaskContextFilter
 from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+from upscale_server.app import create_app
+from upscale_server.config import Settings
+from upscale_server.observability.logs import JsonFormatter, TaskContextFilter
 
 
 def test_wired_app(tmp_path: Path, provisioned_models_dir: Path) -> None:

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
-from server.config import Settings
 from tests.api_helpers import b64, data_uri, decode, encode, new_uuid, photo_crop, upscale_task
+from upscale_server.app import create_app
+from upscale_server.config import Settings
 
 KEY = "secret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

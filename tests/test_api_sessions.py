@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api.sessions import SessionRegistry
-from server.app import create_app
-from server.config import Settings
 from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+from upscale_server.api.sessions import SessionRegistry
+from upscale_server.app import create_app
+from upscale_server.config import Settings
 
 KEY = "session-key"
 

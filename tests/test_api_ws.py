@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
-from server.app import create_app
-from server.config import Settings
 from tests.api_helpers import data_uri, encode, new_uuid, photo_crop, upscale_task
+from upscale_server.app import create_app
+from upscale_server.config import Settings
 
 KEY = "ws-key"
 

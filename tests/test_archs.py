@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.inference.archs import RRDBNet, SRVGGNetCompact
+from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from server.errors import InferenceError
-from server.inference.batching import BatcherClosedError, DynamicBatcher
-from server.inference.engine import Upscaler
-from server.inference.tiling import plan_tiles
 from tests.test_engine import CPU, Recording, TinyNet, image, network
+from upscale_server.errors import InferenceError
+from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.engine import Upscaler
+from upscale_server.inference.tiling import plan_tiles
 
 
 @pytest.fixture

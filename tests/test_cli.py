@@ -16,7 +16,7 @@ ANIME = "local:realesr-animevideov3@1"
 
 def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *map(str, args)],
+        [sys.executable, "-m", "upscale_server", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from server import imaging
-from server.app import create_app
-from server.config import Settings
-from server.inference.pipeline import UpscalePipeline
-from server.tasks import media
 from tests.api_helpers import b64, decode, encode, new_uuid, photo_crop, upscale_task
+from upscale_server import imaging
+from upscale_server.app import create_app
+from upscale_server.config import Settings
+from upscale_server.inference.pipeline import UpscalePipeline
+from upscale_server.tasks import media
 
 KEY = "codec-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.config import Settings, settings_reference
 from tests.conftest import REPO
+from upscale_server.config import Settings, settings_reference
 
 
 def test_configuration_reference_is_current() -> None:
     committed = (REPO / "docs" / "configuration.md").read_text()
-    assert committed == settings_reference(), "run: python -m server.config > docs/configuration.md"
+    assert committed == settings_reference(), "run: python -m upscale_server.config > docs/configuration.md"
     for name in Settings.model_fields:
         assert f"`UPSCALE_{name.upper()}`" in committed
 

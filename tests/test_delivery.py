@@ -15,9 +15,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from server.delivery import WebhookSender, upload_output
-from server.errors import BlockedAddressError, UploadFailedError
-from server.outbound import OutboundClient, OutboundPolicy
 from tests.test_outbound import (
     LOCAL,
     LocalServer,
@@ -28,6 +25,9 @@ from tests.test_outbound import (
     ok,
     real_transport,
 )
+from upscale_server.delivery import WebhookSender, upload_output
+from upscale_server.errors import BlockedAddressError, UploadFailedError
+from upscale_server.outbound import OutboundClient, OutboundPolicy
 
 Serve = Callable[[dict[str, Route]], LocalServer]
 TASK = "6f1c2a9e-4b8d-4c1e-9a55-1f2e3d4c5b6a"
@@ -150,7 +150,7 @@ def test_408_and_429_are_retried_and_retry_after_is_honoured(serve: Serve) -> No
 @pytest.mark.parametrize("status", [400, 401, 404, 410, 301])
 def test_other_statuses_give_up_after_one_attempt(serve: Serve, status: int, caplog: pytest.LogCaptureFixture) -> None:
     receiver = serve({"/hook": status_sequence(status)})
-    with caplog.at_level(logging.WARNING, logger="server.delivery"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.delivery"):
         sender, sleep = asyncio.run(deliver_all([receiver.url("/hook?token=secret-token")]))
     assert len(receiver.seen) == 1 and sleep.delays == []
     assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 0, 1)
@@ -161,7 +161,7 @@ def test_other_statuses_give_up_after_one_attempt(serve: Serve, status: int, cap
 
 
 def test_unreachable_receiver_is_retried_then_given_up(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="server.delivery"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.delivery"):
         sender, sleep = asyncio.run(deliver_all([f"http://127.0.0.1:{free_port()}/hook"], max_attempts=4))
     assert len(sleep.delays) == 3 and sleep.delays == sorted(sleep.delays)
     assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 3, 1)

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from server.config import REPO_MODELS_DIR
-from server.errors import InferenceError
-from server.inference import engine as engine_module
-from server.inference.engine import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, bytes_per_input_pixel
-from server.inference.loading import ArchInfo, LoadedNetwork, load_network
-from server.inference.manifest import load_manifest
-from server.inference.provision import WeightStore
-from server.inference.tiling import plan_tiles
+from tests.conftest import MODELS
+from upscale_server.errors import InferenceError
+from upscale_server.inference import engine as engine_module
+from upscale_server.inference.engine import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, bytes_per_input_pixel
+from upscale_server.inference.loading import ArchInfo, LoadedNetwork, load_network
+from upscale_server.inference.manifest import load_manifest
+from upscale_server.inference.provision import WeightStore
+from upscale_server.inference.tiling import plan_tiles
 
 CPU = torch.device("cpu")
 PHOTO = Path(__file__).resolve().parent / "data" / "photo_grace_hopper.jpg"
@@ -251,7 +251,7 @@ def test_out_of_memory_halves_the_tile_and_retries(message_only: bool, caplog: p
     up = Upscaler(network(module, 2), device=CPU, dtype=torch.float32, tile_size=128, tile_overlap=4)
     rgb = image(100, 90)
     progress: list[tuple[int, int]] = []
-    with caplog.at_level(logging.WARNING, logger="server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
         got = up.upscale(rgb, progress=lambda d, t: progress.append((d, t)))
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)
     # 100 x 90 whole -> OOM; tile 50 (58-px windows) fits.
@@ -277,7 +277,10 @@ def test_other_network_errors_become_inference_errors(caplog: pytest.LogCaptureF
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     up = Upscaler(network(Broken(), 2), device=CPU, dtype=torch.float32)
-    with caplog.at_level(logging.ERROR, logger="server.inference.engine"), pytest.raises(InferenceError) as info:
+    with (
+        caplog.at_level(logging.ERROR, logger="upscale_server.inference.engine"),
+        pytest.raises(InferenceError) as info,
+    ):
         up.upscale(image(8, 8))
     assert "shapes cannot be multiplied" in info.value.message
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -305,7 +308,7 @@ def test_bad_low_precision_tiles_are_redone_in_fp32(mode: str, caplog: pytest.Lo
     module = BadInLowPrecision(net, mode)
     up = Upscaler(network(module, 2), device=CPU, dtype=torch.bfloat16, tile_size=16, tile_overlap=4)
     rgb = image(40, 50) * 0.5 + 0.25  # visible everywhere, so a black tile is suspicious
-    with caplog.at_level(logging.WARNING, logger="server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
         got = up.upscale(rgb)
         up.upscale(rgb)
     # Every tile failed in bf16 and was redone in fp32: the result is the exact fp32 one.
@@ -377,7 +380,7 @@ def test_concurrent_calls_match_sequential_calls() -> None:
 
 def _real_network(model_id: str) -> LoadedNetwork:
     """Weights converted offline from the installed ncnn package into the repo's models/ folder."""
-    path = WeightStore(REPO_MODELS_DIR).ensure(load_manifest().get(model_id))
+    path = WeightStore(MODELS).ensure(load_manifest().get(model_id))
     return load_network(path)
 
 

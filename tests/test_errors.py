@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from server.errors import (
+from upscale_server.errors import (
     INTERNAL_ERROR_MESSAGE,
     ConflictTaskUUIDError,
     ImageFetchError,
@@ -162,7 +162,7 @@ def test_unexpected_exceptions_become_a_generic_internal_error_and_are_logged(
     try:
         raise KeyError("/srv/secret/path.pth")
     except KeyError as exc:
-        with caplog.at_level(logging.ERROR, logger="server.errors"):
+        with caplog.at_level(logging.ERROR, logger="upscale_server.errors"):
             item = error_item(exc, task_type="upscale", task_uuid=UUID)
     assert item == {
         "code": "internalServerError",
@@ -179,7 +179,7 @@ def test_unexpected_exceptions_become_a_generic_internal_error_and_are_logged(
 
 
 def test_upscale_errors_are_not_logged_by_error_item(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="server.errors"):
+    with caplog.at_level(logging.DEBUG, logger="upscale_server.errors"):
         error_item(InvalidImageError("bad"), task_type=None, task_uuid=None)
     assert caplog.records == []
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from server.inference import winograd
-from server.inference.engine import Upscaler
-from server.inference.loading import LoadedNetwork
-from server.inference.manifest import Manifest
-from server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
+from upscale_server.inference import winograd
+from upscale_server.inference.engine import Upscaler
+from upscale_server.inference.loading import LoadedNetwork
+from upscale_server.inference.manifest import Manifest
+from upscale_server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
 
 pytestmark = pytest.mark.slow
 

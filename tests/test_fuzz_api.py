@@ -38,9 +38,9 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from starlette.testclient import WebSocketTestSession
 
-from server.app import create_app
-from server.config import Settings
 from tests.api_helpers import b64, data_uri, encode, photo_crop
+from upscale_server.app import create_app
+from upscale_server.config import Settings
 
 KEY = "fuzz-key"
 SMALL_MODEL = "local:realesr-animevideov3@1"

@@ -1,4 +1,4 @@
-"""Tests for server.imaging: decoding rules, limits, encoding fidelity and the pixel helpers."""
+"""Tests for upscale_server.imaging: decoding rules, limits, encoding fidelity and the pixel helpers."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps, JpegImagePlugin
 
-from server import imaging
-from server.errors import ImageTooLargeError, InvalidImageError
-from server.imaging import (
+from upscale_server import imaging
+from upscale_server.errors import ImageTooLargeError, InvalidImageError
+from upscale_server.imaging import (
     ALLOWED_INPUT_FORMATS,
     Picture,
     bleed_transparent_colors,

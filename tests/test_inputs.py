@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import InvalidParameterError, error_item
-from server.tasks.inputs import (
+from upscale_server.errors import InvalidParameterError, error_item
+from upscale_server.tasks.inputs import (
     Base64Ref,
     DataUriRef,
     UrlRef,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.errors import ModelLoadError
-from server.inference.archs import RRDBNet, SRVGGNetCompact
-from server.inference.loading import (
+from upscale_server.errors import ModelLoadError
+from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
+from upscale_server.inference.loading import (
     ArchInfo,
     build_network,
     detect_architecture,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from pathlib import Path
 
+import platformdirs
 import pytest
 
-from server.config import REPO_MODELS_DIR
-from server.errors import InvalidModelError
-from server.inference import manifest as manifest_module
-from server.inference.loading import ArchInfo
-from server.inference.manifest import Manifest, load_manifest, parse_manifest
+from tests.conftest import MODELS
+from upscale_server import config
+from upscale_server.config import Settings, default_models_dir
+from upscale_server.errors import InvalidModelError
+from upscale_server.inference import manifest as manifest_module
+from upscale_server.inference.loading import ArchInfo
+from upscale_server.inference.manifest import Manifest, load_manifest, parse_manifest
 
 GOOD = """
 [[model]]
@@ -106,22 +108,16 @@ def test_invalid_toml_and_empty_manifest() -> None:
         parse_manifest("")
 
 
-def test_default_path_is_the_repo_manifest(manifest: Manifest) -> None:
-    assert manifest.path == str(REPO_MODELS_DIR / "manifest.toml")
-    assert load_manifest(REPO_MODELS_DIR / "manifest.toml").models == manifest.models
+def test_the_manifest_is_package_data(manifest: Manifest) -> None:
+    """It ships inside the package (wheels included), never read from a user's models folder."""
+    packaged = Path(manifest_module.__file__).with_name("manifest.toml")
+    assert manifest.path == str(packaged)
+    assert load_manifest(packaged).models == manifest.models
 
 
-def test_falls_back_to_the_packaged_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # In an installed wheel there is no checkout: the manifest comes from server/inference/manifest.toml.
-    (tmp_path / "manifest.toml").write_text(GOOD)
-    monkeypatch.setattr(manifest_module, "REPO_MODELS_DIR", tmp_path / "no-checkout")
-    seen: list[str] = []
-
-    def files(package: str) -> Path:
-        seen.append(package)
-        return tmp_path
-
-    monkeypatch.setattr(importlib.resources, "files", files)
-    loaded = load_manifest()
-    assert seen == ["server.inference"]
-    assert loaded.ids() == ("a@1", "b@1")
+def test_models_live_in_the_checkout_or_the_user_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_models_dir() == MODELS
+    monkeypatch.setattr(config, "_CHECKOUT", tmp_path / "site-packages")  # an installed wheel: no checkout
+    monkeypatch.setattr(platformdirs, "user_data_path", lambda name, appauthor: tmp_path / "user" / name)
+    assert default_models_dir() == tmp_path / "user" / "upscale-server" / "models"
+    assert Settings().models_dir == default_models_dir()

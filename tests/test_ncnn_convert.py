@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from server.errors import ModelLoadError
-from server.inference.archs import SRVGGNetCompact
-from server.inference.loading import ArchInfo, build_network, load_network
-from server.inference.manifest import Manifest, ModelSpec
-from server.inference.ncnn_convert import (
+from upscale_server.errors import ModelLoadError
+from upscale_server.inference.archs import SRVGGNetCompact
+from upscale_server.inference.loading import ArchInfo, build_network, load_network
+from upscale_server.inference.manifest import Manifest, ModelSpec
+from upscale_server.inference.ncnn_convert import (
     METADATA_KEY,
     TAG_FP16,
     TAG_FP32,
@@ -26,7 +26,7 @@ from server.inference.ncnn_convert import (
     sha256_file,
     source_metadata,
 )
-from server.inference.provision import ncnn_package_dir
+from upscale_server.inference.provision import ncnn_package_dir
 
 PARAM_COUNTS = {
     "runware:504@1": 16_697_987,

@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.observability import health
-from server.observability.health import HealthSource, write_test
-from server.observability.logs import (
+from upscale_server.observability import health
+from upscale_server.observability.health import HealthSource, write_test
+from upscale_server.observability.logs import (
     TaskContextFilter,
     bind_context,
     configure_logging,
@@ -26,7 +26,7 @@ from server.observability.logs import (
     run_in_task_context,
     task_context,
 )
-from server.observability.metrics import MAX_TASK_SERIES, Metrics
+from upscale_server.observability.metrics import MAX_TASK_SERIES, Metrics
 
 TASK = "19abad0d-6ec5-40a6-b7af-203775fa5b7f"
 
@@ -272,7 +272,7 @@ def test_a_failing_source_drops_only_its_own_series(
         raise RuntimeError("database is locked")
 
     metrics = Metrics(queue_depth=lambda: 4, storage_stats=broken, process_metrics=False)
-    with caplog.at_level(logging.WARNING, logger="server.observability.metrics"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.observability.metrics"):
         first = metrics.render()[0].decode()
         second = metrics.render()[0].decode()
     assert "upscale_queue_depth 4.0" in first
@@ -360,7 +360,7 @@ def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
 
 def test_json_lines_parse_and_carry_the_task_uuid_inside_a_task_context(log_stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=log_stream)
-    log = logging.getLogger("server.tasks.dispatcher")
+    log = logging.getLogger("upscale_server.tasks.dispatcher")
     log.info("before")
     with task_context(TASK):
         log.info("upscaling %s", "cat.png")
@@ -374,7 +374,7 @@ def test_json_lines_parse_and_carry_the_task_uuid_inside_a_task_context(log_stre
     assert inside["taskUUID"] == TASK
     assert inside["message"] == "upscaling cat.png"
     assert inside["level"] == "INFO"
-    assert inside["logger"] == "server.tasks.dispatcher"
+    assert inside["logger"] == "upscale_server.tasks.dispatcher"
     assert str(inside["time"]).endswith("+00:00")
     assert failed["taskUUID"] == TASK
     assert failed["level"] == "ERROR"
@@ -383,7 +383,7 @@ def test_json_lines_parse_and_carry_the_task_uuid_inside_a_task_context(log_stre
 
 def test_a_worker_thread_carries_the_task_uuid_via_run_in_task_context(log_stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=log_stream)
-    log = logging.getLogger("server.inference.worker")
+    log = logging.getLogger("upscale_server.inference.worker")
 
     def job() -> str:
         log.info("running on the worker")
@@ -405,7 +405,7 @@ def test_a_worker_thread_carries_the_task_uuid_via_run_in_task_context(log_strea
 
 def test_bind_context_and_to_thread_carry_the_callers_task(log_stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=log_stream)
-    log = logging.getLogger("server.tasks.dispatcher")
+    log = logging.getLogger("upscale_server.tasks.dispatcher")
 
     def job() -> None:
         log.info("in a thread")
@@ -432,15 +432,15 @@ def test_bind_context_and_to_thread_carry_the_callers_task(log_stream: io.String
 
 def test_plain_lines_show_the_task_uuid(log_stream: io.StringIO) -> None:
     configure_logging("plain", "debug", stream=log_stream)
-    log = logging.getLogger("server.app")
+    log = logging.getLogger("upscale_server.app")
     log.debug("starting")
     with task_context(TASK):
         log.warning("slow input")
     log.info("explicit", extra={"taskUUID": "given-uuid"})
     outside, inside, explicit = log_stream.getvalue().splitlines()
-    assert outside.endswith(" DEBUG server.app: starting")
-    assert inside.endswith(f" WARNING server.app [{TASK}]: slow input")
-    assert explicit.endswith(" INFO server.app [given-uuid]: explicit")
+    assert outside.endswith(" DEBUG upscale_server.app: starting")
+    assert inside.endswith(f" WARNING upscale_server.app [{TASK}]: slow input")
+    assert explicit.endswith(" INFO upscale_server.app [given-uuid]: explicit")
 
 
 def test_uvicorn_loggers_use_the_same_handler(log_stream: io.StringIO) -> None:

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.errors import BlockedAddressError, ImageFetchError, ImageTooLargeError
-from server.outbound import (
+from upscale_server.errors import BlockedAddressError, ImageFetchError, ImageTooLargeError
+from upscale_server.outbound import (
     ALLOW_SETTING,
     OutboundClient,
     OutboundError,

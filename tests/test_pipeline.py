@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from server.config import REPO_MODELS_DIR, Settings
-from server.errors import InvalidModelError, InvalidUpscaleFactorError
-from server.imaging import Picture, read_image_file, resize_pixels
-from server.inference.archs import RRDBNet
-from server.inference.pipeline import UpscalePipeline, fit_input_size
-from server.inference.registry import ModelRegistry
+from tests.conftest import MODELS
+from upscale_server.config import Settings
+from upscale_server.errors import InvalidModelError, InvalidUpscaleFactorError
+from upscale_server.imaging import Picture, read_image_file, resize_pixels
+from upscale_server.inference.archs import RRDBNet
+from upscale_server.inference.pipeline import UpscalePipeline, fit_input_size
+from upscale_server.inference.registry import ModelRegistry
 
 ANIME = "local:realesr-animevideov3@1"
 X4PLUS = "runware:504@1"
@@ -142,7 +143,7 @@ def test_bad_factor_and_model_are_refused_before_any_work(pipeline: UpscalePipel
 
 
 def test_registry_shares_one_upscaler_per_model() -> None:
-    registry = ModelRegistry(Settings(device="cpu", models_dir=REPO_MODELS_DIR))
+    registry = ModelRegistry(Settings(device="cpu", models_dir=MODELS))
     spec = registry.spec(ANIME)
     assert registry.upscaler(spec) is registry.upscaler(spec)
     assert registry.compute.device == torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.errors import (
+from upscale_server.errors import (
     InvalidApiKeyError,
     InvalidParameterError,
     InvalidRequestError,
@@ -20,7 +20,7 @@ from server.errors import (
     UpscaleError,
     error_item,
 )
-from server.protocol import (
+from upscale_server.protocol import (
     TASK_TYPES,
     AuthenticationTask,
     GetResponseTask,

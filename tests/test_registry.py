@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from server.config import Settings
-from server.imaging import Picture
-from server.inference.batching import BatcherClosedError, DynamicBatcher
-from server.inference.engine import Upscaler
-from server.inference.pipeline import UpscalePipeline
-from server.inference.registry import ModelRegistry
+from upscale_server.config import Settings
+from upscale_server.imaging import Picture
+from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.engine import Upscaler
+from upscale_server.inference.pipeline import UpscalePipeline
+from upscale_server.inference.registry import ModelRegistry
 
 ANIME = "local:realesr-animevideov3@1"
 

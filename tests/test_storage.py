@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.storage import (
+from upscale_server.storage import (
     Database,
     DatabaseVersionError,
     ImageStore,
@@ -23,8 +23,8 @@ from server.storage import (
     open_database,
     sweep_forever,
 )
-from server.storage.db import SCHEMA_VERSION
-from server.storage.images import ORPHAN_TEMP_AGE_SECONDS
+from upscale_server.storage.db import SCHEMA_VERSION
+from upscale_server.storage.images import ORPHAN_TEMP_AGE_SECONDS
 
 DAY = 86400.0
 RETENTION = 30 * DAY

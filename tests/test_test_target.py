@@ -27,21 +27,21 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
-from server.config import Settings
-from server.inference.manifest import load_manifest
-from server.inference.registry import ModelRegistry
-from server.inference.resize_engine import ResizeUpscaler
 from tests.api_helpers import data_uri, encode, photo_crop
 from tests.conftest import REPO
+from upscale_server.app import create_app
+from upscale_server.config import Settings
+from upscale_server.inference.manifest import load_manifest
+from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.resize_engine import ResizeUpscaler
 
 if TYPE_CHECKING:
-    from server.testing import UpscaleTestServer
+    from upscale_server.testing import UpscaleTestServer
 
-# Loads the plugin (a no-op once the package's pytest11 entry point, named "server.testing", is
-# installed). server.testing is imported only inside tests below: importing it here, before pytest
+# Loads the plugin (a no-op once the package's pytest11 entry point, named "upscale_server.testing", is
+# installed). upscale_server.testing is imported only inside tests below: importing it here, before pytest
 # registers it, would keep pytest from rewriting its asserts and warn about it.
-pytest_plugins = ["server.testing"]
+pytest_plugins = ["upscale_server.testing"]
 
 SDK_PYTHON = REPO / ".venv-sdk-runware-sdk" / "bin" / "python"
 SDK_CLIENT = REPO / "tests" / "e2e" / "clients" / "runware_sdk_client.py"
@@ -220,7 +220,7 @@ def test_errors_are_identical_to_the_real_engine(
 
 
 def test_starts_fast_with_an_empty_models_folder(tmp_path: Path) -> None:
-    from server.testing import run_test_server
+    from upscale_server.testing import run_test_server
 
     models = tmp_path / "models"
     models.mkdir()
@@ -297,16 +297,25 @@ def test_the_documented_example_passes(tmp_path: Path) -> None:
     """
     python = sdk_python()
     has_pytest = subprocess.run([str(python), "-c", "import pytest"], capture_output=True, check=False)
-    if has_pytest.returncode != 0:  # scripts/setup-sdks installs it; a venv made before that lacks it
-        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "pytest"]
-        subprocess.run(install, capture_output=True, check=True, timeout=300)
+    if has_pytest.returncode != 0:
+        pytest.fail("pytest is missing from the runware-sdk venv: run scripts/setup-sdks", pytrace=False)
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(REPO / "server"),
         "UPSCALE_TEST_SERVER_PYTHON": sys.executable,
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    command = [str(python), "-m", "pytest", "-p", "server.testing", str(EXAMPLE), "-q", "-p", "no:cacheprovider"]
+    command = [
+        str(python),
+        "-m",
+        "pytest",
+        "-p",
+        "upscale_server.testing",
+        str(EXAMPLE),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
     process = subprocess.run(
         [*command, "--basetemp", str(tmp_path / "basetemp"), "--rootdir", str(EXAMPLE.parent)],
         capture_output=True,

@@ -7,7 +7,15 @@ import itertools
 import numpy as np
 import pytest
 
-from server.inference.tiling import Span, axis_weights, blend_into, max_feather, plan_axis, plan_tiles, tile_weights
+from upscale_server.inference.tiling import (
+    Span,
+    axis_weights,
+    blend_into,
+    max_feather,
+    plan_axis,
+    plan_tiles,
+    tile_weights,
+)
 
 # (length, tile, overlap): odd sizes, 1-px images and edges, smaller than a tile, exact multiples.
 AXIS_CASES = [

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from server.errors import InternalError, QueueFullError, ServiceUnavailableError
-from server.inference.worker import InferenceWorker, Job, WorkerState
+from upscale_server.errors import InternalError, QueueFullError, ServiceUnavailableError
+from upscale_server.inference.worker import InferenceWorker, Job, WorkerState
 
 
 def test_runs_jobs_in_order_and_propagates_errors() -> None:

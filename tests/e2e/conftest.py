@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.config import REPO_MODELS_DIR
+from tests.conftest import MODELS
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ def start_server(data_dir: Path, *, api_key: str = "test-key", env: dict[str, st
     log_path = data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "server", "serve", "--port", str(port), "--data-dir", str(data_dir),
-        "--models-dir", str(REPO_MODELS_DIR), "--device", "cpu", "--api-key", api_key,
+        sys.executable, "-m", "upscale_server", "serve", "--port", str(port), "--data-dir", str(data_dir),
+        "--models-dir", str(MODELS), "--device", "cpu", "--api-key", api_key,
     ]  # fmt: skip
     with log_path.open("wb") as log:
         # Test fixtures (and the server's own image URLs, used as inputs) live on 127.0.0.1.

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.web.routes import STATIC_DIR
 from tests.conftest import PHOTO, REPO
 from tests.e2e.conftest import LiveServer, start_server, stop_server
+from upscale_server.web.routes import STATIC_DIR
 
 FAST_MODEL = "local:realesr-animevideov3@1"
 API_KEY = "test-key"

@@ -1,5 +1,0 @@
-"""Runware tasks -> jobs: input handling and the dispatcher shared by REST and WebSocket.
-
-Sits between ``server.protocol`` (the wire models) and ``server.inference``/storage; it imports no web
-framework, so everything here can be tested without a server.
-"""

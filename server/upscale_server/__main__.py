@@ -1,0 +1,3 @@
+from upscale_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""REST transport: ``POST /v1`` with a task array, and ``GET /image/<uuid>.<ext>`` for stored images."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+
+from upscale_server.api.state import RunwareJSONResponse, parse_tasks, server_state
+from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
+from upscale_server.protocol import envelope, task_identity
+from upscale_server.tasks.dispatcher import Outcome
+
+router = APIRouter()
+
+
+def error_response(
+    exc: UpscaleError, task_type: str | None = None, task_uuid: str | None = None
+) -> RunwareJSONResponse:
+    item = error_item(exc, task_type=task_type, task_uuid=task_uuid)
+    return RunwareJSONResponse(envelope(errors=[item]), status_code=exc.http_status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes (Starlette itself has no cap)."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLargeError(
+        f"The request body is larger than {limit} bytes (UPSCALE_MAX_BODY_BYTES).", max=limit
+    )
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bearer_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@router.post("/v1")
+async def run_tasks(request: Request) -> Response:
+    state = server_state(request)
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+        raw_tasks = await parse_tasks(body, state.settings)
+        key = bearer_key(request)
+        if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
+            first: Any = raw_tasks[0]
+            key = first.get("apiKey") if isinstance(first.get("apiKey"), str) else key
+            raw_tasks = raw_tasks[1:]
+        state.keys.check(key)
+    except UpscaleError as exc:
+        return error_response(exc)
+
+    outcomes: list[Outcome] = []
+
+    async def collect(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+
+    await state.dispatcher.dispatch(raw_tasks, base_url=state.base_url(request), emit=collect)
+    data = [o.item for o in outcomes if o.item is not None]
+    errors = [o.error for o in outcomes if o.error is not None]
+    status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])
+    return RunwareJSONResponse(envelope(data=data, errors=errors), status_code=status)
+
+
+@router.get("/image/{name}")
+async def get_image(name: str, request: Request) -> Response:
+    state = server_state(request)
+    image_uuid, _, extension = name.partition(".")
+    stored = await asyncio.to_thread(state.images.get, image_uuid)
+    if stored is None or extension != stored.extension:
+        return error_response(ImageNotFoundError(f"no image {name} (unknown or expired)", parameter="image"))
+    return FileResponse(stored.path, media_type=stored.content_type)

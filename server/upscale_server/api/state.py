@@ -1,0 +1,58 @@
+"""What the transports share: built once in the app's lifespan, read by every request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from fastapi import Request, WebSocket
+from fastapi.responses import JSONResponse
+
+from upscale_server.api.auth import ApiKeys
+from upscale_server.api.sessions import SessionRegistry
+from upscale_server.config import Settings
+from upscale_server.protocol import parse_request_body
+from upscale_server.storage.images import ImageStore
+from upscale_server.tasks.dispatcher import TaskDispatcher
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    keys: ApiKeys
+    images: ImageStore
+    dispatcher: TaskDispatcher
+    sessions: SessionRegistry
+
+    def base_url(self, connection: Request | WebSocket) -> str:
+        """Where clients fetch images: the configured public URL, else the address they used."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        url = connection.base_url
+        scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
+        return str(url.replace(scheme=scheme)).rstrip("/")
+
+
+class RunwareJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a reply may echo a client's string, and JSON admits lone surrogates
+    that UTF-8 cannot encode (Starlette's own response would fail on them with a 500)."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+#: Bodies above this are parsed in a thread: json.loads of a 50 MB base64 image blocks for a while.
+LARGE_BODY = 1 << 20
+
+
+async def parse_tasks(body: bytes, settings: Settings) -> list[object]:
+    """The task array of a REST body or WebSocket frame, parsed off the event loop when it is big."""
+    if len(body) > LARGE_BODY:
+        return await asyncio.to_thread(parse_request_body, body, max_tasks=settings.max_tasks)
+    return parse_request_body(body, max_tasks=settings.max_tasks)
+
+
+def server_state(connection: Request | WebSocket) -> ServerState:
+    state: ServerState = connection.app.state.server
+    return state

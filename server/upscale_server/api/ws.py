@@ -1,0 +1,131 @@
+"""WebSocket transport on ``/v1``: the authentication handshake, ping, and results pushed by taskUUID.
+
+Each incoming frame is dispatched in its own asyncio task, so the receive loop keeps answering
+pings while upscales run. Results go to the connection's :class:`~upscale_server.api.sessions.Session`,
+which buffers them while the client is away, so a reconnect with the same
+``connectionSessionUUID`` receives them. A frame carries either ``data`` or ``errors``, never both:
+the Python SDK ignores ``data`` in a frame that has ``errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from upscale_server.api.sessions import Session
+from upscale_server.api.state import ServerState, parse_tasks, server_state
+from upscale_server.errors import MissingApiKeyError, UpscaleError, error_item
+from upscale_server.protocol import (
+    AuthenticationTask,
+    auth_item,
+    envelope,
+    parse_task,
+    pong_item,
+    task_identity,
+)
+from upscale_server.tasks.dispatcher import Outcome
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class Connection:
+    """One socket: unauthenticated until an authentication task succeeds, then bound to a session."""
+
+    def __init__(self, socket: WebSocket, state: ServerState) -> None:
+        self.socket = socket
+        self.state = state
+        self.session: Session | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def send_text(self, text: str) -> None:
+        await self.socket.send_text(text)
+
+    async def reply(self, payload: dict[str, Any]) -> None:
+        """Answer on this socket directly (handshake and pre-auth replies belong to no session)."""
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await self.socket.send_text(json.dumps(payload))  # ASCII-escaped: echoes may hold lone surrogates
+
+    async def emit(self, outcome: Outcome) -> None:
+        assert self.session is not None
+        if outcome.error is not None:
+            await self.session.deliver(envelope(errors=[outcome.error]))
+        elif outcome.item is not None:
+            await self.session.deliver(envelope(data=[outcome.item]))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None and message.get("bytes") is not None:
+                    text = message["bytes"].decode("utf-8", errors="replace")
+                await self.handle_frame(text or "")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.session is not None:
+                self.session.detach(self.send_text)
+
+    async def handle_frame(self, text: str) -> None:
+        try:
+            raw_tasks = await parse_tasks(text.encode(), self.state.settings)
+        except UpscaleError as exc:
+            await self.reply(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
+            return
+        if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
+            if not await self.authenticate(raw_tasks[0]):
+                return
+            raw_tasks = raw_tasks[1:]
+        if not raw_tasks:
+            return
+        if self.session is None:
+            await self.refuse_unauthenticated(raw_tasks)
+            return
+        task = asyncio.create_task(
+            self.state.dispatcher.dispatch(raw_tasks, base_url=self.state.base_url(self.socket), emit=self.emit)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def authenticate(self, raw: object) -> bool:
+        try:
+            task = parse_task(raw)
+            assert isinstance(task, AuthenticationTask)
+            self.state.keys.check(task.api_key)
+        except UpscaleError as exc:
+            await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
+            return False
+        if self.session is not None:
+            self.session.detach(self.send_text)
+        session = self.state.sessions.open(task.connection_session_uuid)
+        await self.reply(envelope(data=[auth_item(session.uuid)]))
+        self.session = session
+        await session.attach(self.send_text)  # flushes results that finished while the client was away
+        return True
+
+    async def refuse_unauthenticated(self, raw_tasks: list[object]) -> None:
+        """Before authentication only pings are answered; every other task is refused under its own id."""
+        for raw in raw_tasks:
+            task_type, task_uuid = task_identity(raw)
+            if task_type == "ping":
+                await self.reply(envelope(data=[pong_item()]))
+                continue
+            exc = MissingApiKeyError(
+                'authenticate first: send [{"taskType": "authentication", "apiKey": "..."}]',
+                parameter="apiKey",
+            )
+            await self.reply(envelope(errors=[error_item(exc, task_type=task_type, task_uuid=task_uuid)]))
+
+
+@router.websocket("/v1")
+async def websocket_endpoint(socket: WebSocket) -> None:
+    await socket.accept()
+    await Connection(socket, server_state(socket)).run()

@@ -1,0 +1,333 @@
+"""The ``upscale-server`` command: ``upscale`` files and folders offline, list ``models``.
+
+Exit codes: 0 when every input was upscaled, 1 when any input failed (the others are still
+processed), 2 for a usage error. Every failure is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from upscale_server import __version__
+from upscale_server.config import Convolution, Settings, UnusableSettingError
+from upscale_server.errors import UpscaleError
+
+PROG = "upscale-server"
+FORMAT_SUFFIX = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+FORMAT_NAME = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+INPUT_FORMAT_TO_CLI = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+stderr = Console(stderr=True, highlight=False)
+
+
+class CliError(Exception):
+    """A problem with the command line itself: reported in one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target_dir: Path | None  # None: write exactly to ``target_file``
+    target_file: Path | None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        code: int = args.handler(args, settings)
+        return code
+    except CliError as exc:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    except UnusableSettingError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    except UpscaleError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc.message}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Self-hosted Real-ESRGAN upscaling.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("upscale", help="upscale image files and folders", description=UPSCALE_HELP)
+    up.add_argument("inputs", nargs="+", metavar="IN", type=Path, help="image files or folders of images")
+    up.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder (or file)")
+    up.add_argument("--scale", type=int, choices=(2, 3, 4), default=4, help="upscale factor (default 4)")
+    up.add_argument("--format", choices=tuple(FORMAT_SUFFIX), help="output format (default: the input's)")
+    up.add_argument("--quality", type=quality_arg, default=95, help="JPG/WEBP quality 20-99 (default 95)")
+    up.add_argument("--model", metavar="ID", help="model id from `upscale-server models`")
+    add_compute_args(up)
+    up.set_defaults(handler=run_upscale)
+
+    serve = sub.add_parser("serve", help="run the Runware-compatible API server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--data-dir", type=Path, help="folder for stored images and the database (default ./data)")
+    serve.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accept this key (repeat)")
+    serve.add_argument("--log-format", choices=["plain", "json"], help="log line format (default plain)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
+    add_compute_args(serve)
+    serve.set_defaults(handler=run_serve)
+
+    models = sub.add_parser("models", help="list models, where their weights come from and if they are ready")
+    models.add_argument("--prepare", action="store_true", help="provision every model's weights now")
+    models.add_argument("--models-dir", type=Path, help="folder of weight files (default: the repo's models/)")
+    models.add_argument("--download", action="store_true", help="allow downloading official weights (with --prepare)")
+    models.set_defaults(handler=run_models)
+    return parser
+
+
+UPSCALE_HELP = (
+    "Upscale images with Real-ESRGAN. Outputs are named NAME_xSCALE.EXT inside OUT; a single input "
+    "may name an output file instead. Inputs are never overwritten."
+)
+
+
+def add_compute_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compute (defaults come from UPSCALE_* settings)")
+    group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="bf16 = CPU fast mode")
+    group.add_argument(
+        "--convolution",
+        dest="cpu_convolution",
+        choices=get_args(Convolution),
+        help="CPU fp32 convolutions (auto = winograd when its kernel builds)",
+    )
+    group.add_argument("--tile-size", type=int, metavar="PX", help="tile edge in input pixels (0 = auto)")
+    group.add_argument("--threads", type=int, metavar="N", help="CPU threads (0 = all cores)")
+    group.add_argument("--models-dir", type=Path, help="folder of weight files (default: the repo's models/)")
+    group.add_argument("--allow-download", action="store_true", help="allow fetching official weights")
+    group.add_argument(
+        "--engine",
+        choices=("realesrgan", "resize"),
+        help="resize = test-target mode: fast deterministic resize, no weights (docs/test-target.md)",
+    )
+
+
+def quality_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 20 <= value <= 99:
+        raise argparse.ArgumentTypeError(f"must be between 20 and 99, got {value}")
+    return value
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags the user gave."""
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "device",
+            "precision",
+            "cpu_convolution",
+            "tile_size",
+            "threads",
+            "models_dir",
+            "host",
+            "port",
+            "data_dir",
+            "api_keys",
+            "log_format",
+            "log_level",
+            "engine",
+        )
+        if getattr(args, name, None) is not None
+    }
+    if getattr(args, "allow_download", False) or getattr(args, "download", False):
+        overrides["allow_download"] = True
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CliError(f"invalid setting {where}: {first['msg']}") from None
+
+
+# --------------------------------------------------------------------------------------------- upscale
+
+
+def plan_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[str]]:
+    """Expand folders and pair every input with its destination; returns (jobs, one-line problems)."""
+    problems: list[str] = []
+    files: list[Path] = []
+    for given in inputs:
+        if given.is_dir():
+            found = sorted(p for p in given.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                problems.append(f"{given}: folder has no files")
+            files.extend(found)
+        elif given.is_file():
+            files.append(given)
+        elif given.exists():
+            problems.append(f"{given}: not a regular file")
+        else:
+            problems.append(f"{given}: no such file or folder")
+
+    single_file_target = len(inputs) == 1 and not inputs[0].is_dir() and output.suffix.lower() in IMAGE_SUFFIXES
+    if single_file_target:
+        return [Job(f, None, output) for f in files], problems
+    if output.exists() and not output.is_dir():
+        raise CliError(f"{output} exists and is not a folder")
+    return [Job(f, output, None) for f in files], problems
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def output_path(job: Job, fmt: str, scale: int) -> Path:
+    if job.target_file is not None:
+        return job.target_file
+    assert job.target_dir is not None
+    return job.target_dir / f"{job.source.stem}_x{scale}{FORMAT_SUFFIX[fmt]}"
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
+    from upscale_server.imaging import encode_image, read_image_file
+    from upscale_server.inference.pipeline import UpscalePipeline
+    from upscale_server.inference.registry import ModelRegistry
+
+    jobs, problems = plan_jobs(args.inputs, args.output)
+    for problem in problems:
+        report(stderr, problem)
+    registry = ModelRegistry(settings)
+    pipeline = UpscalePipeline(registry)
+    spec = registry.spec(args.model)  # unknown model: one line, before any work
+    sources = [job.source for job in jobs]
+    failures = len(problems)
+    written = 0
+    with make_progress() as progress:
+        files_task = progress.add_task("files", total=len(jobs))
+        tiles_task = progress.add_task("", total=None, visible=False)
+        for job in jobs:
+            name = job.source.name
+            try:
+                picture = read_image_file(job.source)
+                fmt = args.format or INPUT_FORMAT_TO_CLI.get(picture.source_format, "png")
+                target = output_path(job, fmt, args.scale)
+                if any(same_file(target, src) for src in sources):
+                    raise UpscaleError(f"refusing to overwrite the input {target}")
+                progress.update(tiles_task, description=f"  {name}", completed=0, total=None, visible=True)
+
+                def on_tile(done: int, total: int) -> None:
+                    progress.update(tiles_task, completed=done, total=total)
+
+                result = pipeline.upscale(picture, args.scale, spec.id, progress=on_tile)
+                data = encode_image(result, FORMAT_NAME[fmt], quality=args.quality)  # type: ignore[arg-type]
+                write_atomically(target, data)
+                written += 1
+            except UpscaleError as exc:
+                failures += 1
+                report(progress.console, f"{name}: {exc.message}")
+            except OSError as exc:
+                failures += 1
+                report(progress.console, f"{name}: {exc.strerror or exc}")
+            finally:
+                progress.update(tiles_task, visible=False)
+                progress.advance(files_task)
+    stderr.print(f"{written} written, {failures} failed", highlight=False)
+    return 1 if failures else 0
+
+
+def report(console: Console, problem: str) -> None:
+    """One line per problem, never wrapped, so scripts can grep it."""
+    console.print(f"{PROG}: error: {problem}", markup=False, highlight=False, soft_wrap=True)
+
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=False,
+    )
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+
+
+# --------------------------------------------------------------------------------------------- serve
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from upscale_server.app import create_app
+    from upscale_server.inference.registry import ComputeConfig
+    from upscale_server.observability.logs import configure_logging
+
+    ComputeConfig.from_settings(settings)  # an unusable device or kernel: one line here, not a failed start-up
+    configure_logging(settings.log_format, settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_frame_bytes,
+        log_config=None,  # keep configure_logging's handler: uvicorn's own config would replace it
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def run_models(args: argparse.Namespace, settings: Settings) -> int:
+    from upscale_server.inference.manifest import load_manifest
+    from upscale_server.inference.provision import WeightStore
+
+    manifest = load_manifest()
+    store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
+    failures = 0
+    if args.prepare:
+        for spec in manifest.models:
+            try:
+                store.ensure(spec)
+            except UpscaleError as exc:
+                failures += 1 if spec.ncnn is not None else 0  # optional models may stay absent
+                stderr.print(f"{spec.id}: {exc.message}", markup=False)
+    table = Table(title=f"models in {settings.resolved_models_dir()}")
+    for column in ("id", "name", "arch", "scale", "ready"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("source", overflow="fold")
+    for spec in manifest.models:
+        status = store.status(spec)
+        table.add_row(spec.id, spec.name, spec.arch, f"x{spec.scale}", "yes" if status.ready else "no", status.detail)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    return 1 if failures else 0

@@ -1,0 +1,276 @@
+"""Settings: the one place for every tunable, read from ``UPSCALE_*`` environment variables.
+
+Entry points build a :class:`Settings` and pass it down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The checkout this package runs from, if any: ``<checkout>/server/upscale_server/config.py``.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def default_models_dir() -> Path:
+    """Where weights are dropped, converted and downloaded when ``UPSCALE_MODELS_DIR`` is unset.
+
+    A checkout keeps them in its own ``models/`` (git-ignored); an installed wheel has no such folder
+    (``site-packages`` is no place for 67 MB files a user manages), so it uses the per-user data folder.
+    """
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "models").is_dir():
+        return _CHECKOUT / "models"
+    return platformdirs.user_data_path("upscale-server", appauthor=False) / "models"
+
+
+#: The factors the pipeline produces exactly (a native model, or x4 then a Lanczos downscale).
+UPSCALE_FACTORS: tuple[int, ...] = (2, 3, 4)
+
+Device = str  # "auto", "cpu", "cuda" or "cuda:N"
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Convolution = Literal["auto", "winograd", "direct"]
+
+
+class UnusableSettingError(ValueError):
+    """A well-formed setting this machine cannot honour (a CUDA device without CUDA, say): start-up stops
+    with its message, which names the setting and what to use instead."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the server and the CLI. Field docs are the configuration reference."""
+
+    model_config = SettingsConfigDict(env_prefix="UPSCALE_", extra="forbid")
+
+    models_dir: Path = Field(
+        default_factory=default_models_dir,
+        description="Folder holding the model manifest's weight files (dropped in, converted or downloaded).",
+    )
+    allow_download: bool = Field(
+        default=False,
+        description="Allow fetching official weights from their release URLs when no offline source exists.",
+    )
+    default_model: str = Field(default="runware:504@1", description="Model used when a request names none.")
+    device: Device = Field(
+        default="auto",
+        description="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="Compute precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 (CUDA only) or bf16 "
+        "(the CPU fast mode; costs a little accuracy).",
+    )
+    tile_size: int = Field(
+        default=0,
+        ge=0,
+        description="Tile edge in input pixels; 0 picks it from the memory available on the device.",
+    )
+    tile_overlap: int | None = Field(
+        default=None,
+        ge=0,
+        le=256,
+        description="Context pixels around each tile, blended across seams; unset picks what keeps a tiled "
+        "result within 1 level of the untiled one (64 for RRDBNet, 32 for SRVGGNetCompact).",
+    )
+    threads: int = Field(default=0, ge=0, description="CPU threads for inference; 0 uses every core.")
+    cpu_convolution: Convolution = Field(
+        default="auto",
+        description="3x3 convolutions of the CPU exact (fp32) mode: winograd (F(4x4,3x3), about 1.6x faster than "
+        "direct for x4plus, within 0.01 levels of it; needs a C compiler on first use), direct (oneDNN), or auto "
+        "(winograd when its kernel builds, else direct).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Compile each network with torch.compile on first use: faster passes (mostly on a GPU) for a "
+        "slow first request per model and input shape.",
+    )
+    batch_window_ms: float = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Milliseconds a tile waits for tiles of other requests to share one network pass (at most "
+        "`UPSCALE_MAX_BATCH`); 0 turns cross-request batching off, right on a CPU, where one image already uses "
+        "every core. 2-5 ms suits a GPU, together with `UPSCALE_WORKER_CONCURRENCY` > 1.",
+    )
+    max_batch: int = Field(
+        default=8, ge=1, le=256, description="Most tiles in one batched network pass (with `UPSCALE_BATCH_WINDOW_MS`)."
+    )
+    worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Upscale jobs the inference worker runs at once. More than 1 only helps with cross-request "
+        "batching (`UPSCALE_BATCH_WINDOW_MS`) on a GPU; on a CPU concurrent jobs just share the cores.",
+    )
+    encode_workers: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Threads that decode inputs and encode and store outputs, apart from the inference worker so "
+        "the device never waits for a PNG; 0 uses one per CPU core.",
+    )
+    max_output_side: int = Field(
+        default=4096,
+        ge=64,
+        description="Largest output width or height; bigger requests resize the input first (aspect kept).",
+    )
+
+    engine: Literal["realesrgan", "resize"] = Field(
+        default="realesrgan",
+        description="realesrgan runs the models; resize is test-target mode: a fast deterministic Lanczos resize "
+        "behind the same API (same sizes, formats and errors), no weights needed (docs/test-target.md).",
+    )
+
+    # ------------------------------------------------------------------ server
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    data_dir: Path = Field(default=Path("data"), description="Folder for stored images and the SQLite database.")
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL put in imageURL fields (e.g. https://upscale.example.com); default: the URL the "
+        "client used to reach the server.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (JSON list in the environment). None configured and no key file: open "
+        "local mode, any key is accepted.",
+    )
+    api_keys_file: Path | None = Field(default=None, description="File with one accepted API key per line.")
+    image_retention_days: float = Field(
+        default=30, gt=0, description="Stored uploads and outputs unused for this long are deleted."
+    )
+    result_ttl_seconds: int = Field(
+        default=3600, ge=1, description="How long finished task results stay pollable with getResponse."
+    )
+    sweep_interval_seconds: float = Field(
+        default=600, gt=0, description="How often the background sweeper deletes expired images and results."
+    )
+    upload_max_side: int = Field(
+        default=2048,
+        ge=16,
+        description="imageUpload stores images at most this many pixels on the long side.",
+    )
+    max_input_pixels: int = Field(
+        default=64 * 2**20,
+        ge=1,
+        description="Largest decoded input image (width x height), checked from the header before decoding.",
+    )
+    # ------------------------------------------------------------------ outbound requests
+    outbound_allow: list[str] = Field(
+        default_factory=list,
+        description="Host names and networks that input URLs, webhooks and upload endpoints may reach although "
+        'they are not public (JSON list, e.g. ["localhost", "10.0.0.0/8"]); everything else must resolve only to '
+        "public addresses.",
+    )
+    outbound_max_redirects: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Redirects followed per outbound request; each hop is checked like the first.",
+    )
+    outbound_connect_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to connect to an input URL, webhook or upload endpoint."
+    )
+    outbound_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds for one whole outbound request (resolution, redirects, body)."
+    )
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, le=50, description="Attempts per webhook (retried on network errors, 408, 429 and 5xx)."
+    )
+    webhook_give_up_after: float = Field(
+        default=300.0, gt=0, description="Seconds after a webhook's first attempt past which it is not retried."
+    )
+
+    preload_default_model: bool = Field(
+        default=True, description="Load the default model in the background at start-up, so no request waits for it."
+    )
+    max_fetch_bytes: int = Field(default=50 * 2**20, ge=1024, description="Largest image downloaded from an input URL.")
+    max_queue: int = Field(
+        default=64, ge=1, description="Upscale tasks accepted and not yet finished; one more is refused with 429."
+    )
+    max_tasks: int = Field(default=64, ge=1, description="Tasks in one REST request or WebSocket frame (413 beyond).")
+    max_body_bytes: int = Field(
+        default=100 * 2**20, ge=1024, description="Largest REST request body (413 beyond): base64 adds a third."
+    )
+    max_frame_bytes: int = Field(
+        default=100 * 2**20,
+        ge=1024,
+        description="Largest WebSocket frame; a bigger one closes the connection with code 1009 (message too big).",
+    )
+    session_resume_seconds: float = Field(
+        default=120,
+        ge=0,
+        description="How long a WebSocket session outlives its connection: a reconnect with its "
+        "connectionSessionUUID receives the results that finished meanwhile.",
+    )
+    log_format: Literal["plain", "json"] = Field(
+        default="plain",
+        description="Log lines as plain text or as one JSON object per line (time, level, logger, message, "
+        "taskUUID, exc_info); both carry the taskUUID of the task being run.",
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Least severe log level written (uvicorn's access lines are info)."
+    )
+    cost_per_megapixel: float = Field(
+        default=0.0, ge=0, description="Price reported in `cost` (includeCost) per output megapixel."
+    )
+
+    @field_validator("outbound_allow")
+    @classmethod
+    def _check_outbound_allow(cls, value: list[str]) -> list[str]:
+        from upscale_server.outbound import OutboundPolicy
+
+        OutboundPolicy.parse(value)  # ValueError naming the bad entry
+        return value
+
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir.expanduser().resolve()
+
+    def resolved_encode_workers(self) -> int:
+        """``encode_workers``, with 0 meaning one per CPU core this process may use."""
+        if self.encode_workers:
+            return self.encode_workers
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+
+
+def settings_reference() -> str:
+    """The configuration reference (docs/configuration.md), generated from the fields above.
+
+    ``python -m upscale_server.config > docs/configuration.md`` rewrites it; a test fails when it drifts.
+    """
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is read from an environment variable with the `UPSCALE_` prefix; most also have a",
+        "command-line flag (`upscale-server serve --help`, `upscale-server upscale --help`). Lists are JSON,",
+        'e.g. `UPSCALE_API_KEYS=\'["key-1", "key-2"]\'`. This page is generated from',
+        "`server/upscale_server/config.py`.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        if name == "models_dir":
+            shown = "`models/` in a checkout, else the per-user data folder (`~/.local/share/upscale-server/models`)"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        elif default is None:
+            shown = "unset"
+        else:
+            shown = f"`{default}`"
+        lines.append(f"| `UPSCALE_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(settings_reference())

@@ -1,0 +1,603 @@
+"""The inference engine: one network, RGB float images in, upscaled RGB float images out.
+
+Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/anchors.md 1.2, 2.2, 2.3):
+
+* **Stateless calls.** Everything a call needs lives in locals, so one :class:`Upscaler` can serve
+  several threads at once (``RealESRGANer`` keeps per-call tensors on ``self`` and mixes up
+  concurrent images, Real-ESRGAN#658). The only shared mutable state is the lazily built fp32
+  fallback module and a "fallback already logged" flag, both behind a lock.
+* **The whole image never goes to the device.** Tiles are cut on the host; each window (tile plus
+  context) is copied to the device, run, and copied back (Real-ESRGAN#184: tiling after uploading
+  the whole image does not prevent out-of-memory).
+* **Tiled equals untiled.** Windows carry ``tile_overlap`` pixels of real context (64 for RRDB,
+  whose zero-padding effect reaches far inward) and seams are feather-blended
+  (:mod:`upscale_server.inference.tiling`), so the output matches an untiled run within 1 level on the
+  0..255 scale for the real models.
+* **Precision fallbacks.** fp16 on CUDA sometimes yields NaN or black output (Real-ESRGAN#632,
+  #330): such tiles are redone in fp32. CUDA out-of-memory halves the tile and retries; any other
+  failure is an :class:`~upscale_server.errors.InferenceError` with the traceback logged.
+* **The output is made at the size asked for.** With ``out_size`` below the native scale (x4 network,
+  factor 2) each window's output is Lanczos-resized to the target scale before blending, so the full
+  native-scale canvas (805 MB for 2048x2048 at x4) never exists. Windows keep their context through
+  the resize, so the result matches "upscale, then resize the whole image" within the tiling tolerance.
+* **The device is kept busy.** On CUDA windows are copied from pinned memory on a side stream while the
+  previous window computes; one-window 8-bit results are quantised on the device (a quarter of the
+  bytes to copy back); tiles of concurrent requests can share one pass through a
+  :class:`~upscale_server.inference.batching.DynamicBatcher`; ``torch.compile`` is opt-in.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, Protocol, get_args
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from upscale_server.config import Convolution
+from upscale_server.errors import InferenceError
+from upscale_server.imaging import resize_pixels
+from upscale_server.inference import winograd
+from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.devices import free_memory_bytes
+from upscale_server.inference.tiling import Tile, TilePlan, blend_into, max_feather, plan_tiles, tile_weights, trim_tile
+
+logger = logging.getLogger(__name__)
+
+FloatImage = npt.NDArray[np.float32]
+Progress = Callable[[int, int], None]
+
+#: Context pixels on each side of a tile, per architecture, when the caller gives none. Measured on
+#: the real weights (fp32 CPU, photo crops, max |window - untiled| on 0..255 at distance d from a
+#: window edge): x4plus 30 levels at d=16, 8.6 at 32, 3.5 at 48, 1.0 at 64 (RRDB's 350 stacked convs
+#: carry the zero padding far inward); animevideov3 is exact from d=18 (its receptive radius). With the
+#: quarter-overlap feather band the tiled result stays within 1 level of the untiled one.
+DEFAULT_TILE_OVERLAP: Final = {"RRDBNet": 64, "SRVGGNetCompact": 32}
+_FALLBACK_TILE_OVERLAP: Final = 64
+#: Smallest tile (input pixels per side, without context) the out-of-memory back-off goes down to.
+MIN_TILE: Final = 32
+#: Share of the device's free memory one tile may use when the tile size is chosen automatically.
+#: CUDA leaves room for cudnn workspaces and other models. On the CPU it is a trade: every split
+#: costs twice the context around each seam in recomputation (a 512x512 x4plus input cut into four
+#: 320x320 windows runs 1.56x the pixels) and seams are where a tiled result can differ from an
+#: untiled one, while bigger windows raise the peak memory of big images. A third keeps a 512x512
+#: x4plus input (6.4 GB by the estimate) whole on a 24 GB machine, and still cuts a 2048x2048
+#: animevideov3 input in four, which then peaks under 3 GB (docs/benchmarks.md).
+MEMORY_FRACTION: Final = {"cuda": 0.5, "cpu": 0.35}
+#: An output tile whose maximum is below this is "black" (every pixel rounds to 0 in 8 bits) ...
+_BLACK_OUTPUT: Final = 0.5 / 255
+#: ... which is suspicious only when the input tile has something visible in it.
+_VISIBLE_INPUT: Final = 4 / 255
+#: CPU exact-mode convolution algorithms (see :func:`_cpu_exact_module`).
+CONVOLUTIONS: Final = get_args(Convolution)
+#: Input-side multiple for RRDBNet variants that pixel-unshuffle (x2: by 2, x1: by 4).
+_UNSHUFFLE_MULTIPLE: Final = {2: 2, 1: 4}
+#: Support of Pillow's Lanczos filter, in pixels of the smaller of the two grids it maps between.
+_LANCZOS_SUPPORT: Final = 3
+
+
+class NetworkInfo(Protocol):
+    """What the engine needs to know about a network (``loading.ArchInfo`` satisfies it)."""
+
+    @property
+    def arch(self) -> str: ...
+
+    @property
+    def scale(self) -> int: ...
+
+
+class Network(Protocol):
+    """A loaded network (``loading.LoadedNetwork`` satisfies it): fp32 module on the CPU, in eval mode."""
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def info(self) -> NetworkInfo: ...
+
+
+class _OutOfMemoryError(Exception):
+    """Internal: a tile did not fit; the caller retries with smaller tiles."""
+
+
+def bytes_per_input_pixel(arch: str, scale: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation memory per input pixel of a window, in bytes (an estimate, not a bound).
+
+    RRDBNet's peak is at output resolution: about three live 64-channel tensors per output pixel
+    (upsampled features, conv output, the next conv's output), i.e. ``3 * 64 * scale**2`` values per
+    input pixel, plus about 1000 values at input resolution for the dense blocks' concatenations
+    (600 direct; the Winograd path keeps the concatenation transformed, 2.25x larger).
+    SRVGGNetCompact stays at input resolution (a few 64-channel tensors) until the final pixel
+    shuffle. A 1.5x margin covers allocator rounding and temporaries; out-of-memory back-off covers
+    the rest.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    rrdb = 3 * 64 * scale * scale + 1000
+    values = rrdb if arch == "RRDBNet" else 4 * 64 + 2 * 3 * scale * scale + 48
+    return int(values * element * 1.5)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises ``torch.OutOfMemoryError``; older paths and the CPU allocator raise RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "not enough memory" in message)
+
+
+def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move ``module`` (in place) to ``device``/``dtype`` with 4-D weights in ``channels_last``.
+
+    channels_last lets oneDNN (CPU) and cudnn (CUDA) skip layout conversions around every conv;
+    measured about 25% faster for x4plus fp32 on the CPU (docs weights.md).
+    """
+    module.to(device=device, dtype=dtype)
+    for param in module.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def _cpu_exact_module(module: nn.Module, convolution: str) -> nn.Module:
+    """The module that runs CPU fp32 passes: the Winograd form (same weights) unless told otherwise.
+
+    Winograd needs 4x fewer multiplications for the 3x3 convolutions that make up these networks and
+    stays within 0.01 levels of the direct result (docs/benchmarks.md); "auto" keeps the direct
+    path where the kernel cannot be built (no C compiler).
+    """
+    if convolution == "direct":
+        return module
+    fast = winograd.winograd_module(module)
+    if fast is not None:
+        return fast
+    if convolution == "winograd":
+        raise ValueError(
+            "Winograd convolutions are not available here (no C compiler, or an architecture without a Winograd "
+            "form); use convolution 'direct' or 'auto'"
+        )
+    return module
+
+
+def validate_rgb(rgb: object) -> FloatImage:
+    """Check the engine's input contract; ValueError (a caller's bug, not a user error) if broken."""
+    if not isinstance(rgb, np.ndarray):
+        raise ValueError(f"expected a numpy array, got {type(rgb).__name__}")
+    if rgb.dtype != np.float32:
+        raise ValueError(f"expected float32 pixels, got {rgb.dtype}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 RGB array, got shape {rgb.shape}")
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ValueError(f"expected a non-empty image, got shape {rgb.shape}")
+    lo, hi = float(rgb.min()), float(rgb.max())
+    if not (lo >= 0.0 and hi <= 1.0):  # also false for NaN
+        raise ValueError(f"expected values in [0, 1], got min {lo} max {hi}")
+    return rgb
+
+
+class Upscaler:
+    """Runs one network over RGB images.
+
+    Contract: input float32 numpy H x W x 3, RGB, values in [0, 1], on the host; output float32 numpy
+    (H*scale) x (W*scale) x 3 in [0, 1] (clamped), on the host, or the ``out_size`` asked for.
+    Thread-safe: calls keep their state in locals, and the module is only read. Broken inputs raise
+    ValueError; a network failure that the fallbacks (smaller tiles, fp32) cannot fix raises
+    :class:`~upscale_server.errors.InferenceError`.
+
+    Precision modes, by ``(device, dtype)``:
+
+    * CPU fp32 (exact): Winograd F(4x4, 3x3) convolutions (:mod:`upscale_server.inference.winograd`) where the
+      kernel builds, else oneDNN's direct ones with the module in ``channels_last``.
+    * CPU bf16 (fast, a few levels off): ``torch.autocast("cpu", bfloat16)`` over the fp32 module.
+    * CUDA fp16/bf16: a reduced-precision copy of the module on the device; a tile that comes out
+      NaN/Inf, or black from a visible input, is redone with an fp32 copy made on first need.
+    * CUDA fp32: an fp32 copy on the device.
+
+    The Upscaler takes over ``network.module``: on the CPU it is converted to ``channels_last`` in
+    place (no second copy of the weights); on CUDA it stays the untouched fp32 host master from
+    which device copies are made.
+
+    Models that pixel-unshuffle (RRDBNet at scale 2 or 1) need input sides divisible by 2 or 4: the
+    image is padded at its bottom/right by reflection to the next multiple, run, and the output is
+    cropped, so callers can pass any size. Tile windows then start and end on that grid too, so a
+    tiled run sees the same unshuffle phase as an untiled one.
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        tile_size: int = 0,
+        tile_overlap: int | None = None,
+        feather: int | None = None,
+        batcher: DynamicBatcher | None = None,
+        compile_module: bool = False,
+        convolution: str = "auto",
+    ) -> None:
+        """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
+        the context in input pixels on each side of a tile (None: :data:`DEFAULT_TILE_OVERLAP` for the
+        architecture); ``feather`` the half-width of the seam blend band (default a quarter of the
+        overlap, so every pixel with weight keeps at least 3/4 of the context; reduced where a
+        plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
+        upscalers) that send same-shaped windows; ``compile_module`` runs the network through
+        ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails.
+        ``convolution`` picks the CPU exact mode's 3x3 convolutions: ``"winograd"``
+        (:mod:`upscale_server.inference.winograd`, ValueError when its kernel cannot be built), ``"direct"``
+        (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
+        if tile_overlap is None:
+            tile_overlap = DEFAULT_TILE_OVERLAP.get(network.info.arch, _FALLBACK_TILE_OVERLAP)
+        if tile_size < 0 or tile_overlap < 0 or (feather is not None and feather < 0):
+            raise ValueError("tile_size, tile_overlap and feather must be >= 0")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported dtype {dtype}: use float32, float16 or bfloat16")
+        if device.type == "cpu" and dtype == torch.float16:
+            raise ValueError("float16 is a CUDA mode (see devices.resolve_dtype); on the CPU use float32 or bfloat16")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"unsupported device {device}")
+        if convolution not in CONVOLUTIONS:
+            raise ValueError(f"convolution must be one of {', '.join(CONVOLUTIONS)}, got {convolution!r}")
+        self.device = device
+        self.dtype = dtype
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.feather = tile_overlap // 4 if feather is None else min(feather, tile_overlap)
+        self.arch = network.info.arch
+        self.scale: int = network.info.scale
+        self.multiple = _UNSHUFFLE_MULTIPLE.get(self.scale, 1) if self.arch == "RRDBNet" else 1
+        self.batcher = batcher
+        self.compile_module = compile_module
+
+        master = network.module.eval()
+        self._lock = threading.Lock()
+        self._fallback_logged = False
+        self._master: nn.Module | None
+        self._fp32_module: nn.Module | None
+        # Compiled wrappers by id() of the eager module they wrap; empty and unused after a failure.
+        self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._compile_failed = False
+        if device.type == "cpu":
+            # bf16 on the CPU is autocast over the fp32 weights, so one module serves both modes.
+            self._module = _placed(master, device, torch.float32)
+            self._fp32_module = _cpu_exact_module(self._module, convolution)
+            self._master = None
+        else:
+            self._master = master
+            self._module = _placed(copy.deepcopy(master), device, dtype)
+            self._fp32_module = self._module if dtype == torch.float32 else None
+        self._exact = dtype == torch.float32
+
+    # ------------------------------------------------------------------ public API
+
+    def tile_size_for(self, height: int, width: int) -> int:
+        """The tile edge (input pixels, without context) used for a ``height`` x ``width`` image.
+
+        An explicit ``tile_size`` wins. Otherwise a window of ``tile + 2 * overlap`` per side must
+        need at most :data:`MEMORY_FRACTION` of the device's free memory, by the per-architecture
+        estimate :func:`bytes_per_input_pixel`; an image that fits in that budget whole is not tiled
+        (the result is then ``max(height, width)``). Never below :data:`MIN_TILE`.
+
+        Within the budget the image is split evenly: windows never shrink at the image edge, so the
+        largest tile that fits can waste most of a window (a 2048 side in 1528-pixel tiles runs two
+        1592-pixel windows, 2.4x the pixels and memory of two 1056-pixel ones for the same count).
+        """
+        if self.tile_size:
+            return self.tile_size
+        per_pixel = bytes_per_input_pixel(self.arch, self.scale, self.dtype)
+        budget = free_memory_bytes(self.device) * MEMORY_FRACTION[self.device.type]
+        if height * width * per_pixel <= budget:
+            return max(height, width)
+        side = math.isqrt(int(budget // per_pixel)) - 2 * self.tile_overlap
+        largest = max(MIN_TILE, side // 8 * 8)
+        candidates = {largest, *(self._even_tile(length, largest) for length in (height, width))}
+        return min(candidates, key=lambda tile: (self._window_pixels(height, width, tile), -tile))
+
+    def _even_tile(self, length: int, largest: int) -> int:
+        """The smallest tile (a multiple of 8, at most ``largest``) that cuts ``length`` into as few
+        tiles as ``largest`` does."""
+        inner = max(1, length - 2 * self.tile_overlap)
+        count = -(-inner // largest)
+        even = -(-inner // count)
+        return max(MIN_TILE, min(largest, -(-even // 8) * 8))
+
+    def _window_pixels(self, height: int, width: int, tile: int) -> int:
+        """Input pixels the network runs over (context included) with ``tile``: its cost in time."""
+        window = tile + 2 * self.tile_overlap
+
+        def along(length: int) -> int:
+            return length if length <= window else -(-(length - 2 * self.tile_overlap) // tile) * window
+
+        return along(height) * along(width)
+
+    def upscale(
+        self,
+        rgb: np.ndarray,
+        *,
+        progress: Progress | None = None,
+        out_size: tuple[int, int] | None = None,
+        quantize_8bit: bool = False,
+    ) -> FloatImage:
+        """Upscale ``rgb`` (see the class contract); ``progress(done_tiles, total_tiles)`` after each tile.
+
+        ``out_size`` (width, height) asks for another output size than the native scale, as a Lanczos
+        resize (:func:`~upscale_server.imaging.resize_pixels`) of the native output would give it. When it is
+        an integer multiple of the input each window is resized on its own, so the native-scale image
+        is never held in memory; other sizes resize the whole native output.
+
+        ``quantize_8bit`` tells the engine the caller stores the result in 8 bits: a one-window result
+        at the native scale is then quantised on the device (rounding half up, like the encoders) and
+        comes back as the exact floats ``k / 255``, which quantise to the same ``k`` again. Other
+        results are returned unquantised.
+
+        After an out-of-memory retry with smaller tiles, progress restarts from 0 with the new total.
+        An exception raised by ``progress`` aborts the call and propagates unchanged (a way to cancel).
+        """
+        image = validate_rgb(rgb)
+        height, width = image.shape[:2]
+        native = (width * self.scale, height * self.scale)
+        out_w, out_h = native if out_size is None else out_size
+        if out_w < 1 or out_h < 1:
+            raise ValueError(f"out_size must be positive, got {out_w}x{out_h}")
+        padded = self._pad_to_multiple(image)
+        # Per-window resizing needs every window edge on the target grid, no padding to crop away, and
+        # room in the context for the filter beyond the blend band.
+        target = out_w // width
+        per_window = (
+            (out_w, out_h) == (width * target, height * target)
+            and padded is image
+            and self.feather + self._resize_margin(target) <= self.tile_overlap
+        )
+        if not per_window:
+            target = self.scale
+        tile = min(self.tile_size_for(*padded.shape[:2]), max(padded.shape[:2]))
+        while True:
+            try:
+                out = self._run(padded, tile, progress, target, quantize_8bit and (out_w, out_h) == native)
+                break
+            except _OutOfMemoryError as exc:
+                self._release_memory()
+                smaller = tile // 2
+                if smaller < MIN_TILE:
+                    raise InferenceError(
+                        f"out of memory on {self.device} even with {tile}px tiles; free memory on the "
+                        "device or use a smaller image"
+                    ) from (exc.__cause__ or exc)
+                logger.warning("out of memory on %s with %dpx tiles; retrying with %dpx", self.device, tile, smaller)
+                tile = smaller
+        out = out[: height * target, : width * target]
+        if out.dtype == np.uint8:
+            # The floats an 8-bit decoder produces: each quantises back to the same k.
+            floats: FloatImage = np.multiply(out, np.float32(1.0 / 255.0), dtype=np.float32)
+            return floats
+        np.clip(out, 0.0, 1.0, out=out)
+        if (out.shape[1], out.shape[0]) != (out_w, out_h):
+            return resize_pixels(out, out_w, out_h)
+        return np.ascontiguousarray(out)
+
+    # ------------------------------------------------------------------ internals
+
+    def _pad_to_multiple(self, image: FloatImage) -> FloatImage:
+        pad_h = -image.shape[0] % self.multiple
+        pad_w = -image.shape[1] % self.multiple
+        if not (pad_h or pad_w):
+            return image
+        # Reflection, not zeros: a black band would bleed into the real border through the convs.
+        return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+
+    def _run(self, image: FloatImage, tile: int, progress: Progress | None, target: int, quantize: bool) -> np.ndarray:
+        """The output at ``target`` x the input (the native scale, or a per-window resize to it);
+        uint8 when ``quantize`` and the image is one window at the native scale, else float32."""
+        height, width = image.shape[:2]
+        plan: TilePlan = plan_tiles(height, width, tile, self.tile_overlap, self.multiple)
+        total = len(plan)
+        if total == 1:
+            ((_, x),) = self._uploads(image, plan.tiles)
+            out = self._run_window(x, quantize=quantize and target == self.scale)
+            if target != self.scale:
+                np.clip(out, 0.0, 1.0, out=out)
+                out = resize_pixels(out, width * target, height * target)
+            if progress is not None:
+                progress(1, 1)
+            return out
+        feather = min(self.feather, max_feather(plan))
+        margin = self._resize_margin(target)
+        out = np.zeros((height * target, width * target, 3), dtype=np.float32)
+        for done, (tile_spec, x) in enumerate(self._uploads(image, plan.tiles), start=1):
+            result = self._run_window(x, quantize=False)
+            blended = tile_spec
+            if target != self.scale:
+                blended = trim_tile(plan, tile_spec, feather, margin)
+                result = self._resize_window(result, tile_spec, blended, target)
+            blend_into(out, result, blended, tile_weights(plan, blended, target, feather), target)
+            del result
+            if progress is not None:
+                progress(done, total)
+        return out
+
+    def _resize_margin(self, target: int) -> int:
+        """How far (input pixels) a Lanczos resize from the native scale to ``target`` reads around a
+        pixel: Pillow's support is 3 pixels of the coarser grid, plus one for its rounding."""
+        return -(-_LANCZOS_SUPPORT // min(target, self.scale)) + 1
+
+    def _resize_window(self, result: FloatImage, tile: Tile, trimmed: Tile, target: int) -> FloatImage:
+        """The ``trimmed`` part of a window's native output (``result``, for ``tile``), clamped, then
+        Lanczos-resized from the native scale to ``target`` (clamped first, as the whole native output
+        would be before a whole-image resize)."""
+        r0 = (trimmed.rows.win_start - tile.rows.win_start) * self.scale
+        c0 = (trimmed.cols.win_start - tile.cols.win_start) * self.scale
+        part = result[r0 : r0 + trimmed.rows.win_size * self.scale, c0 : c0 + trimmed.cols.win_size * self.scale]
+        np.clip(part, 0.0, 1.0, out=part)
+        return resize_pixels(part, trimmed.cols.win_size * target, trimmed.rows.win_size * target)
+
+    def _uploads(self, image: FloatImage, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """Each tile with its window as a 1 x 3 x H x W tensor on the device, ready to use.
+
+        On CUDA the windows go through pinned memory and a side stream, and the next window is already
+        being copied while the caller computes the current one. On the CPU a window is a zero-copy view
+        of a contiguous host copy, as before.
+        """
+        if self.device.type == "cpu":
+            for tile in tiles:
+                # A contiguous HWC copy viewed as NCHW is already channels_last: no layout copy needed.
+                yield tile, torch.from_numpy(np.ascontiguousarray(image[tile.window])).permute(2, 0, 1).unsqueeze(0)
+            return
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        pending = self._upload_async(image[tiles[0].window], stream)
+        for i, tile in enumerate(tiles):
+            x, copied = pending
+            if i + 1 < len(tiles):
+                pending = self._upload_async(image[tiles[i + 1].window], stream)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)
+            x.record_stream(current)  # allocated on the side stream, used on this one
+            yield tile, x.permute(2, 0, 1).unsqueeze(0)
+
+    def _upload_async(self, window: FloatImage, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start copying ``window`` (HWC) to the device on ``stream``; the event marks its arrival."""
+        pinned = torch.empty(window.shape, dtype=torch.float32, pin_memory=True)
+        np.copyto(pinned.numpy(), window)
+        with torch.cuda.stream(stream):
+            x = pinned.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record(stream)
+        return x, copied
+
+    def _run_window(self, x: torch.Tensor, *, quantize: bool) -> np.ndarray:
+        """Run one window (1 x 3 x H x W on the device) and return its output on the host: unclamped
+        float32 HWC, or uint8 HWC quantised on the device when ``quantize``."""
+        h, w = x.shape[2], x.shape[3]
+        y = self._infer(x, exact=self._exact)
+        if not self._exact:
+            problem = self._suspicious(x, y)
+            if problem is not None:
+                self._log_fallback(problem)
+                y = self._infer(x, exact=True)
+        if not bool(torch.isfinite(y).all()):
+            raise InferenceError("the network produced non-finite values in full precision")
+        expected = (1, 3, h * self.scale, w * self.scale)
+        if tuple(y.shape) != expected:
+            raise InferenceError(f"the network returned shape {tuple(y.shape)} for a {h}x{w} tile, expected {expected}")
+        if quantize:
+            # floor(clamp(y) * 255 + 0.5) in float32, as the host encoders round: the same k for every pixel.
+            y = (y.clamp(0.0, 1.0) * 255.0 + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
+        # channels_last output makes this permute a contiguous HWC view.
+        out: np.ndarray = y[0].permute(1, 2, 0).cpu().numpy()
+        return out
+
+    def _infer(self, x: torch.Tensor, *, exact: bool) -> torch.Tensor:
+        """:meth:`_forward`, through the batcher when there is one (same network, precision and shape)."""
+        batcher = self.batcher
+        if batcher is None:
+            return self._forward(x, exact=exact)
+        try:
+            return batcher.run((id(self), exact, tuple(x.shape)), x, lambda b: self._forward(b, exact=exact))
+        except BatcherClosedError as exc:
+            raise InferenceError("inference was stopped: the server is shutting down") from exc
+
+    def _forward(self, x: torch.Tensor, *, exact: bool) -> torch.Tensor:
+        """One network pass; float32 result on the device. Maps failures to the engine's errors."""
+        try:
+            with torch.inference_mode():
+                if exact:
+                    y = self._call(self._exact_module(), x)
+                elif self.device.type == "cpu":
+                    with torch.autocast("cpu", dtype=self.dtype):
+                        y = self._call(self._module, x)
+                else:
+                    y = self._call(self._module, x.to(self.dtype))
+                result: torch.Tensor = y.float()
+                return result
+        except InferenceError:
+            raise
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise _OutOfMemoryError(str(exc)) from exc
+            logger.exception("network %s failed on a %s tile", self.arch, tuple(x.shape))
+            raise InferenceError(f"the {self.arch} network failed on a {x.shape[2]}x{x.shape[3]} tile: {exc}") from exc
+
+    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)``, compiled when asked for; a compiled call that fails (other than out of
+        memory) turns compilation off for this upscaler and is redone eagerly."""
+        compiled = self._compiled_for(module)
+        if compiled is not None:
+            try:
+                return compiled(x)
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    raise
+                with self._lock:
+                    first = not self._compile_failed
+                    self._compile_failed = True
+                    self._compiled.clear()
+                if first:
+                    logger.warning(
+                        "torch.compile of %s failed (%s: %s); running it eagerly",
+                        self.arch,
+                        type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "",
+                    )
+        out: torch.Tensor = module(x)
+        return out
+
+    def _compiled_for(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The compiled wrapper of ``module`` (made on first need; compilation itself happens on its
+        first call), or None when compilation is off or has failed."""
+        if not self.compile_module or self._compile_failed:
+            return None
+        found = self._compiled.get(id(module))
+        if found is not None:
+            return found
+        with self._lock:
+            if self._compile_failed:
+                return None
+            found = self._compiled.get(id(module))
+            if found is None:
+                try:
+                    found = torch.compile(module)
+                except Exception as exc:  # e.g. an unsupported platform: refused before any call
+                    self._compile_failed = True
+                    logger.warning("torch.compile is unavailable (%s); running %s eagerly", exc, self.arch)
+                    return None
+                self._compiled[id(module)] = found
+            return found
+
+    def _exact_module(self) -> nn.Module:
+        """The fp32 module on the device, copied from the host master on first need (under the lock)."""
+        module = self._fp32_module
+        if module is not None:
+            return module
+        with self._lock:
+            if self._fp32_module is None:
+                assert self._master is not None  # only CUDA reduced precision starts without one
+                self._fp32_module = _placed(copy.deepcopy(self._master), self.device, torch.float32)
+            return self._fp32_module
+
+    @staticmethod
+    def _suspicious(x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """Why a reduced-precision tile must be redone in fp32, or None when it looks sane."""
+        if not bool(torch.isfinite(y).all()):
+            return "NaN/Inf values"
+        if float(y.amax()) < _BLACK_OUTPUT and float(x.amax()) > _VISIBLE_INPUT:
+            return "an all-black tile from a visible input"
+        return None
+
+    def _log_fallback(self, problem: str) -> None:
+        with self._lock:
+            first = not self._fallback_logged
+            self._fallback_logged = True
+        if first:
+            logger.warning(
+                "%s %s produced %s; redoing such tiles in fp32 (logged once)", self.arch, self.dtype, problem
+            )
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

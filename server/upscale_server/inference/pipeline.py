@@ -1,0 +1,139 @@
+"""Image-level upscaling: the size rules, model choice and pixel-format handling around the network.
+
+The network only ever sees RGB float arrays. This module turns any :class:`~upscale_server.imaging.Picture`
+(gray, alpha, 16-bit) into that form and back, picks the model that produces the requested factor,
+and enforces the output-size rule, so the CLI and the API give identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from upscale_server.config import UPSCALE_FACTORS
+from upscale_server.errors import InvalidUpscaleFactorError
+from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
+from upscale_server.inference.engine import Upscaler
+from upscale_server.inference.manifest import ModelSpec
+from upscale_server.inference.registry import ModelRegistry
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class UpscalePlan:
+    """What will run for one request: decided before any pixel is touched."""
+
+    factor: int
+    model: ModelSpec  # the network that runs (a native-scale sibling when one is ready)
+    source_size: tuple[int, int]  # (width, height) of the picture as given
+    input_size: tuple[int, int]  # fed to the network, after any shrink for the output cap
+    output_size: tuple[int, int]  # exactly factor x input_size
+
+    @property
+    def shrinks_input(self) -> bool:
+        return self.input_size != self.source_size
+
+    @property
+    def resizes_output(self) -> bool:
+        """True when the network's native scale differs from the factor (x4 then a Lanczos resize)."""
+        return self.model.scale != self.factor
+
+
+def fit_input_size(width: int, height: int, factor: int, max_side: int) -> tuple[int, int]:
+    """The largest input size, aspect kept, whose ``factor`` x output fits in ``max_side`` squared."""
+    if width * factor <= max_side and height * factor <= max_side:
+        return width, height
+    ratio = min(max_side / (width * factor), max_side / (height * factor))
+    return max(1, math.floor(width * ratio)), max(1, math.floor(height * ratio))
+
+
+class UpscalePipeline:
+    """Runs upscale requests on pictures. Stateless apart from the shared registry; thread-safe."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def plan(self, width: int, height: int, factor: int, model_id: str | None = None) -> UpscalePlan:
+        if factor not in UPSCALE_FACTORS:
+            raise InvalidUpscaleFactorError(
+                f"upscaleFactor must be one of {', '.join(map(str, UPSCALE_FACTORS))}, got {factor}",
+                parameter="upscaleFactor",
+            )
+        spec = self.registry.spec(model_id)
+        chosen = spec
+        if spec.scale != factor and factor in spec.native_scales:
+            native = self.registry.spec(spec.native_scales[factor])
+            if self.registry.status(native).ready:
+                chosen = native
+        in_w, in_h = fit_input_size(width, height, factor, self.registry.settings.max_output_side)
+        return UpscalePlan(
+            factor=factor,
+            model=chosen,
+            source_size=(width, height),
+            input_size=(in_w, in_h),
+            output_size=(in_w * factor, in_h * factor),
+        )
+
+    def upscale(
+        self,
+        picture: Picture,
+        factor: int,
+        model_id: str | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> Picture:
+        """Upscale ``picture`` by exactly ``factor``; gray stays gray, alpha and bit depth are kept."""
+        return self.run(picture, self.plan(picture.width, picture.height, factor, model_id), progress=progress)
+
+    def run(self, picture: Picture, plan: UpscalePlan, *, progress: Progress | None = None) -> Picture:
+        """Carry out a plan made by :meth:`plan` for this picture (callers that validate first plan once)."""
+        pixels = picture.pixels
+        if plan.shrinks_input:
+            pixels = resize_pixels(pixels, *plan.input_size)
+        upscaler = self.registry.upscaler(plan.model)
+
+        channels = pixels.shape[2]
+        color = pixels[..., : 3 if channels >= 3 else 1]
+        alpha = pixels[..., -1] if channels in (2, 4) else None
+        rgb = np.repeat(color, 3, axis=2) if color.shape[2] == 1 else color
+        if alpha is not None:
+            # Transparent pixels often hide black; the network would smear it into the visible edge.
+            rgb = bleed_transparent_colors(np.ascontiguousarray(rgb), alpha)
+
+        rgb = np.ascontiguousarray(rgb, dtype=np.float32)
+        out_w, out_h = plan.output_size
+        if isinstance(upscaler, Upscaler):
+            # The engine makes the output size itself (window by window), so the x4 image of a factor-2
+            # request never exists; 8-bit RGB results may come back quantised on the device (the
+            # encoders would round them to the same values).
+            eight_bit_rgb = picture.bit_depth == 8 and channels == 3
+            out = upscaler.upscale(rgb, progress=progress, out_size=(out_w, out_h), quantize_8bit=eight_bit_rgb)
+        else:
+            out = upscaler.upscale(rgb, progress=progress)
+            if (out.shape[1], out.shape[0]) != (out_w, out_h):
+                out = resize_pixels(out, out_w, out_h)
+        del rgb
+
+        # Every plane is float32 in [0, 1] already (the engine and resize_pixels clamp, a mean of
+        # clamped values stays in range): no clip or copy of the full-size result is needed.
+        if color.shape[2] == 1:
+            out = out.mean(axis=2, keepdims=True, dtype=np.float32)
+        if alpha is not None:
+            result = np.empty((out_h, out_w, out.shape[2] + 1), dtype=np.float32)
+            result[..., :-1] = out
+            del out
+            result[..., -1:] = self._upscale_alpha(alpha, out_w, out_h)
+            out = result
+        return replace(picture, pixels=out)
+
+    @staticmethod
+    def _upscale_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Alpha is resized with Lanczos: smooth edges at a fraction of a second network pass."""
+        lo, hi = float(alpha.min()), float(alpha.max())
+        if hi - lo < 1e-6:
+            return np.full((height, width, 1), lo, dtype=np.float32)
+        return resize_pixels(alpha[..., None].astype(np.float32), width, height)

@@ -1,0 +1,166 @@
+"""The model registry: manifest ids -> ready-to-run upscalers, loaded once and shared.
+
+Loading a network costs seconds (conversion on first use, then reading ~67 MB), so each model is
+loaded on first request and kept. A per-model lock lets two threads ask for the same model without
+loading it twice, while a slow load of one model does not block the others.
+
+In test-target mode (``engine = "resize"``) every model is served by a
+:class:`~upscale_server.inference.resize_engine.ResizeUpscaler` of the model's scale: ids are still checked
+against the manifest (so ``invalidModel`` is unchanged), but the weight store is never touched, so a
+server starts instantly with an empty models folder.
+
+With ``batch_window_ms`` set, every network shares one :class:`~upscale_server.inference.batching.DynamicBatcher`
+(it keeps items of different networks and shapes apart), so tiles of concurrent requests can share a
+pass; :meth:`ModelRegistry.close` stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from upscale_server.config import Settings, UnusableSettingError
+from upscale_server.inference import winograd
+from upscale_server.inference.batching import DynamicBatcher
+from upscale_server.inference.devices import configure_threads, resolve_device, resolve_dtype, tune_cpu_allocator
+from upscale_server.inference.engine import FloatImage, Upscaler
+from upscale_server.inference.loading import load_network
+from upscale_server.inference.manifest import Manifest, ModelSpec, load_manifest
+from upscale_server.inference.provision import WeightStatus, WeightStore
+from upscale_server.inference.resize_engine import ResizeUpscaler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where and how networks run; resolved once from settings so every model agrees."""
+
+    device: torch.device
+    dtype: torch.dtype
+    tile_size: int
+    tile_overlap: int | None
+    compile_module: bool = False
+    convolution: str = "auto"
+    batch_window_s: float = 0.0  # 0: no cross-request batching
+    max_batch: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ComputeConfig:
+        """Resolve the compute settings; UnusableSettingError when this machine cannot honour one."""
+        try:
+            device = resolve_device(settings.device)
+            dtype = resolve_dtype(settings.precision, device)
+        except ValueError as exc:
+            raise UnusableSettingError(str(exc)) from None
+        if device.type == "cpu" and settings.cpu_convolution == "winograd" and not winograd.available():
+            raise UnusableSettingError(
+                "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
+                "use 'auto' or 'direct'"
+            )
+        if device.type == "cpu":
+            tune_cpu_allocator()
+        configure_threads(settings.threads)
+        return cls(
+            device=device,
+            dtype=dtype,
+            tile_size=settings.tile_size,
+            tile_overlap=settings.tile_overlap,
+            compile_module=settings.compile,
+            convolution=settings.cpu_convolution,
+            batch_window_s=settings.batch_window_ms / 1000,
+            max_batch=settings.max_batch,
+        )
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        tiles = f"tile {self.tile_size or 'auto'}, overlap {'auto' if self.tile_overlap is None else self.tile_overlap}"
+        extras = f", {self.convolution} convolutions" if self.device.type == "cpu" else ""
+        extras += ", torch.compile" if self.compile_module else ""
+        if self.batch_window_s > 0:
+            extras += f", batches of up to {self.max_batch} tiles within {self.batch_window_s * 1000:g} ms"
+        return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads{extras}"
+
+
+class ImageUpscaler(Protocol):
+    """What the pipeline needs from an engine: :class:`Upscaler` (a network) or :class:`ResizeUpscaler`."""
+
+    @property
+    def scale(self) -> int: ...
+
+    def tile_size_for(self, height: int, width: int) -> int: ...
+
+    def upscale(self, rgb: np.ndarray, *, progress: Callable[[int, int], None] | None = None) -> FloatImage: ...
+
+
+class ModelRegistry:
+    """Owns the manifest, the weight store and the loaded upscalers."""
+
+    def __init__(self, settings: Settings, *, manifest: Manifest | None = None) -> None:
+        self.settings = settings
+        self.manifest = manifest or load_manifest()
+        self.store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
+        self.compute = ComputeConfig.from_settings(settings)
+        self.resize_engine = settings.engine == "resize"
+        self._upscalers: dict[str, ImageUpscaler] = {}
+        self._locks = {spec.id: threading.Lock() for spec in self.manifest.models}
+        #: One batcher for all networks, only when cross-request batching is configured (never for the
+        #: resize engine, which has no network to batch).
+        self.batcher: DynamicBatcher | None = None
+        if self.compute.batch_window_s > 0 and not self.resize_engine:
+            self.batcher = DynamicBatcher(window_s=self.compute.batch_window_s, max_batch=self.compute.max_batch)
+
+    def close(self) -> None:
+        """Stop the batcher (if any): items still waiting in it fail rather than hang. Idempotent."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def spec(self, model_id: str | None) -> ModelSpec:
+        """The manifest entry for ``model_id`` (the default model when None); InvalidModelError if unknown."""
+        return self.manifest.get(model_id or self.settings.default_model)
+
+    def status(self, spec: ModelSpec) -> WeightStatus:
+        """Whether ``spec`` can run now. The resize engine runs every model without weights: always ready."""
+        if self.resize_engine:
+            return WeightStatus(spec, True, None, None, "test-target mode: resize engine, no weights needed")
+        return self.store.status(spec)
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._upscalers
+
+    def upscaler(self, spec: ModelSpec) -> ImageUpscaler:
+        """The shared upscaler for ``spec``, provisioning and loading its weights on first use.
+
+        In test-target mode a :class:`ResizeUpscaler` of ``spec.scale``, without touching the weight store.
+        """
+        found = self._upscalers.get(spec.id)
+        if found is not None:
+            return found
+        with self._locks[spec.id]:
+            found = self._upscalers.get(spec.id)
+            if found is None and self.resize_engine:
+                found = ResizeUpscaler(spec.scale)
+                log.info("serving %s (%s) with the resize engine (test-target mode)", spec.id, spec.name)
+                self._upscalers[spec.id] = found
+            elif found is None:
+                path = self.store.ensure(spec)
+                network = load_network(path)
+                found = Upscaler(
+                    network,
+                    device=self.compute.device,
+                    dtype=self.compute.dtype,
+                    tile_size=self.compute.tile_size,
+                    tile_overlap=self.compute.tile_overlap,
+                    batcher=self.batcher,
+                    compile_module=self.compute.compile_module,
+                    convolution=self.compute.convolution,
+                )
+                log.info("loaded %s (%s) from %s on %s", spec.id, spec.name, path, self.compute.describe())
+                self._upscalers[spec.id] = found
+            return found

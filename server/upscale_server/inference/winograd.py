@@ -1,0 +1,463 @@
+"""Winograd F(4x4, 3x3) convolutions for the CPU exact mode.
+
+Why: on the CPU, oneDNN runs 3x3 convolutions directly (9 multiply-adds per tap per pixel), near the
+cores' FMA peak; the ncnn runtime beats that with Winograd, which needs 4x fewer multiplications.
+Real-ESRGAN's networks are almost entirely 3x3 stride-1 convolutions, so we do the same:
+
+* weights are transformed once (``U = G g G^T``, in float64, kept as ``[36, Cin, Cout]``);
+* inputs are gathered into 6x6 patches and transformed by a small C kernel (``winograd.c``), the
+  36 products are batched GEMMs in torch (MKL), and the inverse transform, bias, activation and
+  residual are fused in the same C kernel's second loop;
+* RRDB's dense blocks concatenate each new feature map onto the block input; in the transformed
+  domain that concatenation is free (each map is transformed once, straight into its channel slice,
+  and every later conv reads the slice), where the direct path copies the growing tensor five times.
+
+F(4x4, 3x3) in float32 differs from a direct convolution by about 1e-6 relative per layer; through
+x4plus's 350 layers that stays below 0.01 levels on the 0..255 scale (the engine's fidelity tests
+hold it to ncnn within 1 level max, 0.01 mean).
+
+The C kernel is compiled on first use with the system C compiler (``cc``, OpenMP) into a per-user
+cache; without a compiler, :func:`available` is False and the engine keeps oneDNN's direct path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upscale_server.inference.archs import LRELU_SLOPE, RESIDUAL_SCALE, RRDBNet, SRVGGNetCompact
+
+log = logging.getLogger(__name__)
+
+_SOURCE: Final = Path(__file__).with_name("winograd.c")
+_CFLAGS: Final = ("-O3", "-fno-tree-loop-distribute-patterns", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+#: Transformed positions per tile: 6x6 for F(4x4, 3x3).
+POSITIONS: Final = 36
+
+_G: Final = torch.tensor(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=torch.float64,
+)
+
+
+@dataclass
+class _KernelState:
+    """The process's one compiled kernel, or why there is none (remembered: a build is tried once)."""
+
+    lib: ctypes.CDLL | None = None
+    error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_kernel = _KernelState()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "upscale-server" / "kernels"
+
+
+def _isa_flags() -> tuple[str, ...]:
+    """AVX2+FMA code where the CPU has it (every x86-64 server since 2013), portable code elsewhere.
+
+    Not ``-march=native``: the flags, not the exact CPU, decide the build, so a kernel built into a
+    container image at build time is reused on any host with the same instruction sets.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    try:
+        flags = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+    except OSError:
+        return ()
+    return ("-mavx2", "-mfma") if {"avx2", "fma"} <= set(flags) else ()
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *_CFLAGS, *_isa_flags(), str(_SOURCE), "-o", str(built)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        built.replace(target)  # atomic: a concurrent process sees the old file or the whole new one
+
+
+def _load() -> ctypes.CDLL:
+    """The compiled kernel, built on first use; OSError when it cannot be built or loaded."""
+    lib = _kernel.lib  # every transform calls this: no lock once loaded
+    if lib is not None:
+        return lib
+    with _kernel.lock:
+        if _kernel.lib is not None:
+            return _kernel.lib
+        if _kernel.error is not None:
+            raise OSError(_kernel.error)
+        flags = " ".join((*_CFLAGS, *_isa_flags()))
+        key = hashlib.sha256(_SOURCE.read_bytes() + flags.encode()).hexdigest()
+        target = _cache_dir() / f"winograd-{platform.machine()}-{key[:16]}.so"
+        try:
+            if not target.exists():
+                _build(target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as exc:
+            _kernel.error = str(exc)
+            raise OSError(_kernel.error) from exc
+        f32p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        lib.wino_input.argtypes = [f32p, i32, i32, i32, i32, i32, i32, f32p, i32, i32, i32]
+        lib.wino_input.restype = None
+        lib.wino_output.argtypes = [
+            *(f32p, i32, i32, i32, i32, i32, i32),
+            *(f32p, i32, f32, f32p, f32),
+            *(f32p, i32, i32),
+            *(f32p, i32, i32, i32),
+        ]
+        lib.wino_output.restype = None
+        lib.wino_gemm.argtypes = [f32p, i32, f32p, i32, i32, f32p, i32, ctypes.c_int64, i32]
+        lib.wino_gemm.restype = i32
+        _kernel.lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the kernel is (or can be) compiled and loaded on this machine."""
+    try:
+        _load()
+    except OSError as exc:
+        log.info("Winograd kernel unavailable (%s); using direct convolutions", exc)
+        return False
+    return True
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[Cout, Cin, 3, 3]`` -> ``[36, Cin, Cout]`` float32 (``G g G^T``, computed in float64)."""
+    cout, cin = weight.shape[:2]
+    u = _G @ weight.detach().double().cpu() @ _G.T  # [Cout, Cin, 6, 6]
+    return u.permute(2, 3, 1, 0).reshape(POSITIONS, cin, cout).float().contiguous()
+
+
+def tiles(n: int, h: int, w: int) -> int:
+    return n * ((h + 3) // 4) * ((w + 3) // 4)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check_layout(transformed: torch.Tensor, *spatial: torch.Tensor | None) -> None:
+    """The kernel reads raw pointers: every operand must be contiguous float32 on the CPU."""
+    for t in (transformed, *spatial):
+        if t is not None and not (t.is_contiguous() and t.dtype == torch.float32 and t.device.type == "cpu"):
+            raise ValueError(f"Winograd operands must be contiguous CPU float32, got {t.dtype} {tuple(t.stride())}")
+
+
+@dataclass(frozen=True)
+class WinogradConv:
+    """A prepared 3x3 stride-1 padding-1 convolution."""
+
+    u: torch.Tensor  # [36, Cin, Cout]
+    bias: torch.Tensor | None  # [Cout]
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> WinogradConv:
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
+            raise ValueError("only 3x3 stride-1 padding-1 convolutions have a Winograd form here")
+        bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
+        return cls(transform_weight(conv.weight), bias)
+
+    @property
+    def cin(self) -> int:
+        return int(self.u.shape[1])
+
+    @property
+    def cout(self) -> int:
+        return int(self.u.shape[2])
+
+
+def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int) -> None:
+    """Transform NHWC ``x`` into the channels ``v[:, :, offset:offset + C]`` (``v`` is ``[36, T, ldc]``)."""
+    n, h, w, c = x.shape
+    _check_layout(v, x)
+    _load().wino_input(_ptr(x), n, h, w, c, c, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
+
+
+def transform_output(
+    m: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    slope: float | None = None,
+    slopes: torch.Tensor | None = None,
+    scale: float = 1.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = act(A^T m A + bias) * scale + residual`` into NHWC ``out``; act is leaky ReLU/PReLU or none."""
+    n, h, w, c = out.shape
+    _check_layout(m, out, residual)
+    activate = slope is not None or slopes is not None
+    _load().wino_output(
+        _ptr(m),
+        m.shape[2],
+        0,
+        n,
+        h,
+        w,
+        c,
+        None if bias is None else _ptr(bias),
+        int(activate),
+        0.0 if slope is None else slope,
+        None if slopes is None else _ptr(slopes),
+        scale,
+        None if residual is None else _ptr(residual),
+        0 if residual is None else residual.shape[3],
+        0,
+        _ptr(out),
+        c,
+        0,
+        torch.get_num_threads(),  # OpenMP's own default is per thread; follow torch's (UPSCALE_THREADS)
+    )
+    return out
+
+
+def products(v: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[p] = v[p] @ u[p]`` for the 36 positions: the kernel's AVX2 GEMM where it applies, else
+    ``torch.bmm``. ``v`` may be a channel slice ``[36, T, :K]`` of a wider contiguous buffer."""
+    if v.shape[0] != POSITIONS or not (
+        v.stride(2) == 1 and v.stride(0) == v.shape[1] * v.stride(1) and u.is_contiguous() and out.is_contiguous()
+    ):
+        raise ValueError("products() needs row-major operands (v may be a channel slice of a buffer)")
+    _, t, k = v.shape
+    n = u.shape[2]
+    done = _load().wino_gemm(_ptr(v), v.stride(1), _ptr(u), k, n, _ptr(out), n, t, torch.get_num_threads())
+    if not done:
+        torch.bmm(v, u, out=out)
+    return out
+
+
+#: Largest transformed buffer (bytes) a single :func:`conv` allocates; taller inputs run in bands of
+#: rows. Keeps the high-resolution layers of x4plus (1024x1024x64 for a 256x256 input) from needing
+#: 2.25x their activation size twice over, and keeps each band's buffers near the caches.
+BAND_BYTES: Final = 32 * 2**20
+
+
+def conv(
+    x: torch.Tensor,
+    layer: WinogradConv,
+    *,
+    slope: float | None = None,
+    slopes: torch.Tensor | None = None,
+    scale: float = 1.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One Winograd convolution of NHWC ``x``, with the layer's activation and residual fused in.
+
+    Inputs whose transformed form exceeds :data:`BAND_BYTES` are done in bands of whole tile rows,
+    each read with one row of real context above and below (a band's own zero padding lands only in
+    the context rows, which are dropped).
+    """
+    n, h, w, _ = x.shape
+    out = x.new_empty(n, h, w, layer.cout)
+    per_tile_row = n * ((w + 3) // 4) * POSITIONS * max(layer.cin, layer.cout) * 4
+    band = max(4, BAND_BYTES // max(per_tile_row, 1) * 4)
+    if band >= h:
+        return _conv_whole(x, layer, out, slope=slope, slopes=slopes, scale=scale, residual=residual)
+    for top in range(0, h, band):
+        bottom = min(top + band, h)
+        lo, hi = max(top - 1, 0), min(bottom + 1, h)
+        part = x.new_empty(n, hi - lo, w, layer.cout)
+        part = _conv_whole(x[:, lo:hi].contiguous(), layer, part, slope=slope, slopes=slopes, scale=scale)
+        rows = part[:, top - lo : top - lo + bottom - top]
+        if residual is not None:
+            rows = rows + residual[:, top:bottom]
+        out[:, top:bottom] = rows
+    return out
+
+
+def _conv_whole(
+    x: torch.Tensor,
+    layer: WinogradConv,
+    out: torch.Tensor,
+    *,
+    slope: float | None,
+    slopes: torch.Tensor | None,
+    scale: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    n, h, w, _ = x.shape
+    v = x.new_empty(POSITIONS, tiles(n, h, w), layer.cin)
+    transform_input(x, v, 0)
+    m = products(v, layer.u, x.new_empty(POSITIONS, v.shape[1], layer.cout))
+    del v
+    return transform_output(m, out, layer.bias, slope=slope, slopes=slopes, scale=scale, residual=residual)
+
+
+class _DenseBlock:
+    """ResidualDenseBlock in the transformed domain: the concatenation is a slice of one buffer."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.convs = [WinogradConv.of(getattr(block, f"conv{k}")) for k in range(1, 6)]
+        self.feat = self.convs[0].cin
+        self.grow = self.convs[0].cout
+        self.width = self.convs[4].cin  # channels of the full concatenation
+
+    def __call__(self, x: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+        """``x``: NHWC block input; returns the block output (a new tensor)."""
+        v, grown = scratch.v, scratch.grown
+        transform_input(x, v, 0)
+        offset = self.feat
+        for layer in self.convs[:4]:
+            products(v[:, :, :offset], layer.u, scratch.m_grow)
+            transform_output(scratch.m_grow, grown, layer.bias, slope=LRELU_SLOPE)
+            transform_input(grown, v, offset)
+            offset += self.grow
+        last = self.convs[4]
+        products(v, last.u, scratch.m_feat)
+        return transform_output(scratch.m_feat, torch.empty_like(x), last.bias, scale=RESIDUAL_SCALE, residual=x)
+
+
+@dataclass
+class _Scratch:
+    """Buffers one forward pass reuses across all dense blocks (allocated once per call)."""
+
+    v: torch.Tensor  # [36, T, width]: the transformed concatenation
+    m_grow: torch.Tensor  # [36, T, grow]: products of conv1-4
+    m_feat: torch.Tensor  # [36, T, feat]: products of conv5
+    grown: torch.Tensor  # NHWC [N, H, W, grow]: conv1-4 output before its transform
+
+    @classmethod
+    def for_input(cls, x: torch.Tensor, block: _DenseBlock) -> _Scratch:
+        n, h, w, _ = x.shape
+        t = tiles(n, h, w)
+        return cls(
+            v=x.new_empty(POSITIONS, t, block.width),
+            m_grow=x.new_empty(POSITIONS, t, block.grow),
+            m_feat=x.new_empty(POSITIONS, t, block.feat),
+            grown=x.new_empty(n, h, w, block.grow),
+        )
+
+
+class WinogradRRDBNet(nn.Module):
+    """RRDBNet's forward with Winograd convolutions; same inputs, outputs and weights (shared, read-only)."""
+
+    def __init__(self, net: RRDBNet) -> None:
+        super().__init__()
+        self.net = net
+        self.blocks = [[_DenseBlock(getattr(rrdb, f"rdb{k}")) for k in range(1, 4)] for rrdb in net.body]
+        self.conv_body = WinogradConv.of(net.conv_body)
+        self.conv_up1 = WinogradConv.of(net.conv_up1)
+        self.conv_up2 = WinogradConv.of(net.conv_up2)
+        self.conv_hr = WinogradConv.of(net.conv_hr)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        unshuffle = net._unshuffle
+        feat = F.pixel_unshuffle(x, unshuffle) if unshuffle > 1 else x
+        feat = net.conv_first(feat.contiguous(memory_format=torch.channels_last))
+        trunk = _nhwc(feat)
+        scratch = _Scratch.for_input(trunk, self.blocks[0][0])
+        body = trunk
+        for rrdb in self.blocks:
+            inner = body
+            for block in rrdb:
+                inner = block(inner, scratch)
+            body = torch.add(body, inner, alpha=RESIDUAL_SCALE)
+        del scratch
+        feat_nhwc = conv(body, self.conv_body, residual=trunk)
+        up = _nhwc_upsample(feat_nhwc)
+        up = conv(up, self.conv_up1, slope=LRELU_SLOPE)
+        up = conv(_nhwc_upsample(up), self.conv_up2, slope=LRELU_SLOPE)
+        up = conv(up, self.conv_hr, slope=LRELU_SLOPE)
+        out: torch.Tensor = net.conv_last(_nchw(up))
+        return out
+
+
+class WinogradSRVGGNet(nn.Module):
+    """SRVGGNetCompact's forward with Winograd convolutions and fused activations."""
+
+    def __init__(self, net: SRVGGNetCompact) -> None:
+        super().__init__()
+        self.net = net
+        layers = list(net.body)
+        self.convs = [WinogradConv.of(layer) for layer in layers[0::2] if isinstance(layer, nn.Conv2d)]
+        self.acts = [_activation_args(layer) for layer in layers[1::2]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        out = _nhwc(x.contiguous(memory_format=torch.channels_last))
+        for layer, act in zip(self.convs[:-1], self.acts, strict=True):
+            out = conv(out, layer, **act)  # type: ignore[arg-type]
+        res = net.upsampler(_nchw(conv(out, self.convs[-1])))
+        base = F.interpolate(x, scale_factor=float(net.upscale), mode="nearest")
+        result: torch.Tensor = res + base
+        return result
+
+
+def _activation_args(layer: nn.Module) -> dict[str, object]:
+    if isinstance(layer, nn.PReLU):
+        return {"slopes": layer.weight.detach().float().contiguous()}
+    if isinstance(layer, nn.LeakyReLU):
+        return {"slope": float(layer.negative_slope)}
+    if isinstance(layer, nn.ReLU):
+        return {"slope": 0.0}
+    raise ValueError(f"no fused form for activation {type(layer).__name__}")
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """NCHW channels_last -> its NHWC view (contiguous, no copy)."""
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """NHWC contiguous -> the NCHW channels_last view of it (no copy)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc_upsample(x: torch.Tensor) -> torch.Tensor:
+    """Nearest x2 upsampling of NHWC ``x`` (what ``F.interpolate(..., 2, "nearest")`` does)."""
+    n, h, w, c = x.shape
+    return x[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
+
+
+def winograd_module(module: nn.Module) -> nn.Module | None:
+    """The Winograd form of a network, or None when it has none (or the kernel is unavailable)."""
+    if not isinstance(module, RRDBNet | SRVGGNetCompact) or not available():
+        return None
+    if isinstance(module, RRDBNet):
+        return WinogradRRDBNet(module)
+    return WinogradSRVGGNet(module)

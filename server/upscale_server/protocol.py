@@ -1,0 +1,575 @@
+"""Runware wire format: task models, request parsing and reply builders.
+
+This module holds only the external format (docs/runware-protocol.md): what the official SDKs send
+and what they need back. It knows nothing about storage, models or HTTP frameworks.
+
+Parsing is done by hand rather than by ``model_validate`` so that every violation becomes exactly
+one typed :class:`~upscale_server.errors.UpscaleError` with the Runware parameter name, code and limits
+(``invalidUpscaleFactor``, ``min``/``max``/``allowedValues``/``type``), and never pydantic's text.
+The pydantic models are the typed, frozen result (Python names inside, camelCase aliases for
+``model_dump(by_alias=True)``); build them with :func:`parse_task`.
+
+Decisions where the sources leave room (see the protocol doc, §4.3/§4.4):
+
+* both ``imageUpscale`` and ``upscale``, image in ``inputImage`` or ``inputs.image`` (exactly one);
+* ``upscaleFactor`` defaults to 4: the seeds mark it required, but the model schema does not, and
+  SDKs send only what the caller set. Integral floats (``2.0``) are accepted because the ``runware``
+  SDK types the factor as ``float``; ``2.5``, ``"2"`` and booleans are refused;
+* ``outputType``, ``outputFormat`` and ``deliveryMethod`` match case-insensitively and are normalised
+  (one doc page shows ``"jpg"``); ``JPEG`` means ``JPG``;
+* JSON ``null`` means "absent" for every field (JS callers forward ``null`` for unset options);
+* booleans must be JSON booleans, strings JSON strings: a client that sends ``"true"`` is wrong and
+  is told so;
+* unknown keys are ignored (``settings``, ``providerSettings``, ``safety``, ``targetMegapixels``,
+  ``routing``, ``numberResults``...): the SDKs forward whatever the caller set;
+* ``taskUUID`` must be a hyphenated UUID of any version (v4 and v7 both occur) and is echoed exactly
+  as sent, never normalised: clients match replies by string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Literal, TypeAlias, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from upscale_server.config import UPSCALE_FACTORS
+from upscale_server.errors import (
+    InvalidApiKeyError,
+    InvalidParameterError,
+    InvalidRequestError,
+    InvalidUpscaleFactorError,
+    MissingApiKeyError,
+    MissingParameterError,
+    TooManyTasksError,
+    UnknownTaskTypeError,
+)
+
+# --------------------------------------------------------------------------- vocabulary
+
+UpscaleTaskType = Literal["imageUpscale", "upscale"]
+OutputType = Literal["URL", "base64Data", "dataURI"]
+OutputFormat = Literal["JPG", "PNG", "WEBP"]
+DeliveryMethod = Literal["sync", "async"]
+ImageParameter = Literal["inputImage", "inputs.image"]
+TaskStatus = Literal["processing", "success", "error"]
+
+#: Every task type this server runs, in the order they are listed in errors.
+TASK_TYPES: tuple[str, ...] = (
+    "authentication",
+    "ping",
+    "imageUpload",
+    "imageUpscale",
+    "upscale",
+    "getResponse",
+)
+UPSCALE_TASK_TYPES: tuple[UpscaleTaskType, ...] = ("imageUpscale", "upscale")
+
+DEFAULT_UPSCALE_FACTOR = 4
+OUTPUT_QUALITY_MIN, OUTPUT_QUALITY_MAX, DEFAULT_OUTPUT_QUALITY = 20, 99, 95
+TTL_MIN = 60
+
+#: Lower-cased spelling -> canonical value. The tuple order is the order shown in ``allowedValues``.
+_OUTPUT_TYPES: dict[str, OutputType] = {"url": "URL", "base64data": "base64Data", "datauri": "dataURI"}
+_OUTPUT_FORMATS: dict[str, OutputFormat] = {"jpg": "JPG", "jpeg": "JPG", "png": "PNG", "webp": "WEBP"}
+_DELIVERY_METHODS: dict[str, DeliveryMethod] = {"sync": "sync", "async": "async"}
+
+#: The output field each ``outputType`` fills in a result item.
+OUTPUT_FIELDS: dict[OutputType, str] = {
+    "URL": "imageURL",
+    "base64Data": "imageBase64Data",
+    "dataURI": "imageDataURI",
+}
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+#: Strings echoed by :func:`task_identity` are capped: an identity is a UUID or a short name, and an
+#: error reply must not repeat a megabyte the client sent in the wrong field.
+_MAX_ECHO = 128
+
+
+def is_uuid(value: str) -> bool:
+    """True for a hyphenated 8-4-4-4-12 hex UUID of any version or case."""
+    return _UUID.fullmatch(value) is not None
+
+
+def is_http_url(value: str) -> bool:
+    """True for an absolute ``http``/``https`` URL with a host (what webhooks and inputs may use)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an invalid IPv6 literal
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in value)
+
+
+# --------------------------------------------------------------------------- task models
+
+
+#: Wire names that plain camelCase does not produce.
+_WIRE_NAMES = {
+    "task_uuid": "taskUUID",
+    "connection_session_uuid": "connectionSessionUUID",
+    "webhook_url": "webhookURL",
+}
+
+
+def wire_name(python_name: str) -> str:
+    """The Runware (camelCase) name of a model field: ``upscale_factor`` -> ``upscaleFactor``."""
+    return _WIRE_NAMES.get(python_name) or to_camel(python_name)
+
+
+class WireModel(BaseModel):
+    """Base of the task models: immutable, strict, built by Python name, dumped by wire name.
+
+    Aliases come from an alias generator rather than ``Field(alias=...)`` so that type checkers see the
+    Python names in ``__init__``. ``model_dump(by_alias=True)`` gives camelCase names (for logs or
+    storage) with normalised values and defaults filled in; it is not the request exactly as sent.
+    """
+
+    model_config = ConfigDict(
+        frozen=True,
+        strict=True,
+        extra="forbid",
+        alias_generator=wire_name,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+
+class AuthenticationTask(WireModel):
+    """``authentication``: the key, and the session to resume when the client names a known one."""
+
+    task_type: Literal["authentication"] = "authentication"
+    api_key: str = Field(repr=False)
+    connection_session_uuid: str | None = None
+
+
+class PingTask(WireModel):
+    """``ping`` keep-alive; the CLI also sends a ``taskUUID`` over REST."""
+
+    task_type: Literal["ping"] = "ping"
+    ping: bool = True
+    task_uuid: str | None = None
+
+
+class ImageUploadTask(WireModel):
+    """``imageUpload``: ``image`` is still the raw wire string (UUID, URL, data URI or base64)."""
+
+    task_type: Literal["imageUpload"] = "imageUpload"
+    task_uuid: str
+    image: str = Field(repr=False)
+
+
+class GetResponseTask(WireModel):
+    """``getResponse``: poll the task with this UUID."""
+
+    task_type: Literal["getResponse"] = "getResponse"
+    task_uuid: str
+
+
+class UpscaleTask(WireModel):
+    """``imageUpscale`` or ``upscale`` (one model: the SDKs mix names and image fields freely).
+
+    ``image`` is the raw wire string and ``image_parameter`` the field it came from, so later errors
+    about the image (not found, not decodable) name the parameter the client actually used.
+    """
+
+    task_type: UpscaleTaskType
+    task_uuid: str
+    image: str = Field(repr=False)
+    image_parameter: ImageParameter
+    model: str | None = None
+    upscale_factor: int = DEFAULT_UPSCALE_FACTOR
+    output_type: OutputType = "URL"
+    output_format: OutputFormat = "JPG"
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
+    include_cost: bool = False
+    delivery_method: DeliveryMethod = "sync"
+    webhook_url: str | None = None
+    upload_endpoint: str | None = None
+    ttl: int | None = None
+
+
+Task: TypeAlias = AuthenticationTask | PingTask | ImageUploadTask | GetResponseTask | UpscaleTask
+
+
+# --------------------------------------------------------------------------- field readers
+
+_T = TypeVar("_T")
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a Python value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _shown(value: object) -> str:
+    """A short rendering of a received value: scalars verbatim (truncated), containers by type."""
+    if isinstance(value, str):
+        text = json.dumps(value if len(value) <= 40 else value[:40] + "...")
+        return f"got {text}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return "got a very large number"  # also: str() of a huge int raises past 4300 digits
+    if value is None or isinstance(value, bool | int | float):
+        return f"got {json.dumps(value)}"
+    return f"got an {_json_type(value)}"
+
+
+def _invalid(parameter: str, rule: str, value: object) -> str:
+    return f"Invalid value for '{parameter}' parameter. It must be {rule}; {_shown(value)}."
+
+
+def _get(raw: Mapping[str, object], key: str) -> object:
+    """The value of ``key``; ``None`` for both an absent key and JSON null."""
+    return raw.get(key)
+
+
+def _uuid_field(raw: Mapping[str, object], key: str, *, required: bool) -> str | None:
+    value = _get(raw, key)
+    if value is None:
+        if required:
+            raise MissingParameterError(parameter=key)
+        return None
+    if not isinstance(value, str) or not is_uuid(value):
+        raise InvalidParameterError(
+            _invalid(key, "a UUID string such as 'a770f077-f413-47de-9dac-be0b26a35da6'", value),
+            parameter=key,
+            type="string",
+        )
+    return value
+
+
+def _string_field(value: object, parameter: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidParameterError(
+            _invalid(parameter, "a non-empty string", value), parameter=parameter, type="string"
+        )
+    return value
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int when it is a JSON integer (``2.0`` included), else None. Booleans are not."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _integer_field(raw: Mapping[str, object], key: str, *, default: _T, min: int, max: int | None = None) -> int | _T:
+    value = _get(raw, key)
+    if value is None:
+        return default
+    number = _integer(value)
+    if number is None or number < min or (max is not None and number > max):
+        rule = f"an integer between {min} and {max}" if max is not None else f"an integer of at least {min}"
+        raise InvalidParameterError(_invalid(key, rule, value), parameter=key, min=min, max=max, type="integer")
+    return number
+
+
+def _boolean_field(raw: Mapping[str, object], key: str, *, default: bool) -> bool:
+    value = _get(raw, key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidParameterError(_invalid(key, "true or false", value), parameter=key, type="boolean")
+    return value
+
+
+def _choice_field(raw: Mapping[str, object], key: str, table: Mapping[str, _T], *, default: _T) -> _T:
+    """A case-insensitive enum: the canonical spelling of ``raw[key]`` per ``table``."""
+    value = _get(raw, key)
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().lower() in table:
+        return table[value.strip().lower()]
+    allowed = list(dict.fromkeys(table.values()))
+    rule = "one of " + ", ".join(str(choice) for choice in allowed)
+    raise InvalidParameterError(_invalid(key, rule, value), parameter=key, allowed_values=allowed, type="string")
+
+
+def _url_field(raw: Mapping[str, object], key: str) -> str | None:
+    value = _get(raw, key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_http_url(value):
+        raise InvalidParameterError(_invalid(key, "an http or https URL", value), parameter=key, type="string")
+    return value
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def task_identity(raw: object) -> tuple[str | None, str | None]:
+    """``(taskType, taskUUID)`` of a raw task, best effort, so an error can echo them even when the
+    task does not parse. Only short strings are echoed. An authentication task has no taskUUID on the
+    wire (SDK-JS matches auth replies by ``taskType`` only), so none is returned for it.
+    """
+    if not isinstance(raw, dict):
+        return None, None
+    task_type = raw.get("taskType")
+    task_uuid = raw.get("taskUUID")
+    echo_type = task_type if isinstance(task_type, str) and len(task_type) <= _MAX_ECHO else None
+    echo_uuid = task_uuid if isinstance(task_uuid, str) and len(task_uuid) <= _MAX_ECHO else None
+    if echo_type == "authentication":
+        echo_uuid = None
+    return echo_type, echo_uuid
+
+
+def parse_request_body(body: bytes | str, *, max_tasks: int | None = None) -> list[object]:
+    """The task list of a REST body or WebSocket frame; elements are checked by :func:`parse_task`.
+
+    Runware requires an array, but a lone task object is wrapped into one: it is unambiguous, and a
+    raw-API user who forgets the brackets gets an answer instead of an error. Malformed JSON (NaN and
+    Infinity included), any other top-level value, and an empty array raise ``InvalidRequestError``.
+    Elements are not checked here, so that one bad task fails alone and the others still run.
+    """
+    try:
+        parsed: object = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8 and huge ints are ValueErrors
+        raise InvalidRequestError("The request body is not valid JSON: send an array of task objects.") from exc
+    if isinstance(parsed, dict):
+        return [parsed]
+    if not isinstance(parsed, list):
+        raise InvalidRequestError(f"The request body must be a JSON array of task objects, not {_json_type(parsed)}.")
+    if not parsed:
+        raise InvalidRequestError("The request body is an empty array: send at least one task object.")
+    if max_tasks is not None and len(parsed) > max_tasks:
+        raise TooManyTasksError(
+            f"The request holds {len(parsed)} tasks; at most {max_tasks} are accepted in one request.",
+            max=max_tasks,
+        )
+    return parsed
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_task(raw: object) -> Task:
+    """One task of a request, validated. Raises an :class:`UpscaleError` subclass for any violation.
+
+    The first violation found is reported (``taskType``, then ``taskUUID``, then the fields in the
+    order of the Runware docs); a non-object raises ``InvalidRequestError``, an unknown ``taskType``
+    ``UnknownTaskTypeError``.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"Each task must be a JSON object, not {_json_type(raw)}.")
+    task_type = raw.get("taskType")
+    if task_type is None:
+        raise MissingParameterError(parameter="taskType")
+    if task_type == "authentication":
+        return _parse_authentication(raw)
+    if task_type == "ping":
+        return PingTask(
+            ping=_boolean_field(raw, "ping", default=True),
+            task_uuid=_uuid_field(raw, "taskUUID", required=False),
+        )
+    if task_type == "imageUpload":
+        task_uuid = _require_uuid(raw)
+        image = _get(raw, "image")
+        if image is None:
+            raise MissingParameterError(parameter="image")
+        return ImageUploadTask(task_uuid=task_uuid, image=_string_field(image, "image"))
+    if task_type == "getResponse":
+        return GetResponseTask(task_uuid=_require_uuid(raw))
+    if task_type in UPSCALE_TASK_TYPES:
+        return _parse_upscale(raw, task_type)
+    raise UnknownTaskTypeError(
+        _invalid("taskType", "one of " + ", ".join(TASK_TYPES), task_type),
+        allowed_values=TASK_TYPES,
+        type="string",
+    )
+
+
+def _require_uuid(raw: Mapping[str, object]) -> str:
+    task_uuid = _uuid_field(raw, "taskUUID", required=True)
+    assert task_uuid is not None  # required=True raises instead of returning None
+    return task_uuid
+
+
+def _parse_authentication(raw: Mapping[str, object]) -> AuthenticationTask:
+    """An empty key is missing; a non-string key is invalid (401 either way, as Runware answers).
+
+    A ``connectionSessionUUID`` that is not a UUID string cannot name a session this server issued,
+    so it is dropped rather than refused: the client gets a fresh session instead of a failed login.
+    """
+    api_key = raw.get("apiKey")
+    if api_key is None or (isinstance(api_key, str) and not api_key.strip()):
+        raise MissingApiKeyError()
+    if not isinstance(api_key, str):
+        raise InvalidApiKeyError()
+    session = raw.get("connectionSessionUUID")
+    return AuthenticationTask(
+        api_key=api_key,
+        connection_session_uuid=session if isinstance(session, str) and is_uuid(session) else None,
+    )
+
+
+def _parse_upscale(raw: Mapping[str, object], task_type: UpscaleTaskType) -> UpscaleTask:
+    task_uuid = _require_uuid(raw)
+    image, image_parameter = _upscale_image(raw)
+    model = _get(raw, "model")
+    factor = _get(raw, "upscaleFactor")
+    upscale_factor = DEFAULT_UPSCALE_FACTOR if factor is None else _integer(factor)
+    if upscale_factor is None or upscale_factor not in UPSCALE_FACTORS:
+        raise InvalidUpscaleFactorError(_invalid("upscaleFactor", "an integer: 2, 3 or 4", factor))
+    return UpscaleTask(
+        task_type=task_type,
+        task_uuid=task_uuid,
+        image=image,
+        image_parameter=image_parameter,
+        model=None if model is None else _string_field(model, "model"),
+        upscale_factor=upscale_factor,
+        output_type=_choice_field(raw, "outputType", _OUTPUT_TYPES, default="URL"),
+        output_format=_choice_field(raw, "outputFormat", _OUTPUT_FORMATS, default="JPG"),
+        output_quality=_integer_field(
+            raw,
+            "outputQuality",
+            default=DEFAULT_OUTPUT_QUALITY,
+            min=OUTPUT_QUALITY_MIN,
+            max=OUTPUT_QUALITY_MAX,
+        ),
+        include_cost=_boolean_field(raw, "includeCost", default=False),
+        delivery_method=_choice_field(raw, "deliveryMethod", _DELIVERY_METHODS, default="sync"),
+        webhook_url=_url_field(raw, "webhookURL"),
+        upload_endpoint=_url_field(raw, "uploadEndpoint"),
+        ttl=_integer_field(raw, "ttl", default=None, min=TTL_MIN),
+    )
+
+
+def _upscale_image(raw: Mapping[str, object]) -> tuple[str, ImageParameter]:
+    """The image string and the field it came from: ``inputImage`` or ``inputs.image``, exactly one."""
+    inputs = _get(raw, "inputs")
+    nested: object = None
+    if inputs is not None:
+        if not isinstance(inputs, dict):
+            raise InvalidParameterError(
+                _invalid("inputs", 'an object such as {"image": "..."}', inputs),
+                parameter="inputs",
+                type="object",
+            )
+        nested = inputs.get("image")
+    top = _get(raw, "inputImage")
+    if top is not None and nested is not None:
+        raise InvalidParameterError(
+            "Send the image in either 'inputImage' or 'inputs.image', not both.",
+            parameter="inputImage",
+            code="incompatibleParameters",
+        )
+    if top is not None:
+        return _string_field(top, "inputImage"), "inputImage"
+    if nested is not None:
+        return _string_field(nested, "inputs.image"), "inputs.image"
+    raise MissingParameterError(
+        "Missing required parameter 'inputImage' (or 'inputs.image'): the image to upscale, as an uploaded "
+        "image UUID, a URL, a data URI or base64.",
+        parameter="inputs.image" if inputs is not None else "inputImage",
+    )
+
+
+# --------------------------------------------------------------------------- replies
+
+WireItem: TypeAlias = dict[str, object]
+
+
+def envelope_data(items: Iterable[WireItem]) -> dict[str, list[WireItem]]:
+    """``{"data": [...]}``, also when empty (an in-body auth task alone answers ``{"data": []}``)."""
+    return {"data": list(items)}
+
+
+def envelope_errors(items: Iterable[WireItem]) -> dict[str, list[WireItem]]:
+    """``{"errors": [...]}``. Never add ``data`` beside it on WebSocket: runware-sdk ignores it."""
+    return {"errors": list(items)}
+
+
+def envelope(data: Iterable[WireItem] = (), errors: Iterable[WireItem] = ()) -> dict[str, list[WireItem]]:
+    """A REST reply: each key only when it has items (runware-sdk fails on any ``errors`` key, even
+    ``[]``), and ``{"data": []}`` when both are empty."""
+    data_items, error_items = list(data), list(errors)
+    reply: dict[str, list[WireItem]] = {}
+    if data_items or not error_items:
+        reply["data"] = data_items
+    if error_items:
+        reply["errors"] = error_items
+    return reply
+
+
+def ack_item(task_type: str, task_uuid: str) -> WireItem:
+    """The immediate answer to an async task: echo only, nothing an SDK could take for a result."""
+    return {"taskType": task_type, "taskUUID": task_uuid}
+
+
+def auth_item(session_uuid: str) -> WireItem:
+    """Successful authentication. No ``taskUUID``: SDK-JS matches ``taskUUID || taskType``."""
+    return {"taskType": "authentication", "connectionSessionUUID": session_uuid}
+
+
+def pong_item(task_uuid: str | None = None) -> WireItem:
+    """Answer to ``ping``; ``taskUUID`` is echoed only when the ping had one (the CLI over REST)."""
+    item: WireItem = {"taskType": "ping", "pong": True}
+    if task_uuid is not None:
+        item["taskUUID"] = task_uuid
+    return item
+
+
+def upload_item(task_uuid: str, image_uuid: str, image_url: str) -> WireItem:
+    """``imageUpload`` result. ``imageURL`` is required: the ``runware`` SDK indexes it directly."""
+    return {"taskType": "imageUpload", "taskUUID": task_uuid, "imageUUID": image_uuid, "imageURL": image_url}
+
+
+def image_output(output_type: OutputType, value: str) -> WireItem:
+    """The one output field for ``output_type``: ``{"imageURL": ...}``, ``{"imageBase64Data": ...}``
+    (raw base64, no prefix) or ``{"imageDataURI": ...}``."""
+    return {OUTPUT_FIELDS[output_type]: value}
+
+
+def upscale_item(  # noqa: PLR0917 (positional like the other builders; callers pass all six)
+    task_type: str,
+    task_uuid: str,
+    image_uuid: str,
+    input_image_uuid: str | None,
+    output: Mapping[str, object],
+    cost: float | None,
+) -> WireItem:
+    """An upscale result, keys in the order of the Runware docs' example.
+
+    ``output`` must hold exactly one of ``imageURL``/``imageBase64Data``/``imageDataURI`` (see
+    :func:`image_output`); ``cost`` is sent only when not None (i.e. when ``includeCost`` was set).
+    """
+    if len(output) != 1 or not set(output) <= set(OUTPUT_FIELDS.values()):
+        raise ValueError(f"output must hold exactly one of {sorted(OUTPUT_FIELDS.values())}, got {sorted(output)}")
+    item: WireItem = {"taskType": task_type, "taskUUID": task_uuid, "imageUUID": image_uuid}
+    if input_image_uuid is not None:
+        item["inputImageUUID"] = input_image_uuid
+    item.update(output)
+    if cost is not None:
+        item["cost"] = cost
+    return item
+
+
+def processing_item(task_type: str, task_uuid: str) -> WireItem:
+    """``getResponse`` answer for a task still running. It must carry no key ending in ``URL``,
+    ``Base64Data`` or ``DataURI``: runware-sdk would take it for a finished result."""
+    return {"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}
+
+
+def with_status(item: Mapping[str, object], status: TaskStatus) -> WireItem:
+    """A copy of ``item`` with ``status`` (``success`` result or ``error`` item from ``getResponse``)."""
+    return {**item, "status": status}
