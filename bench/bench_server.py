@@ -49,8 +49,8 @@ from bench.bench_engine import MODELS, REPO, cpu_model, test_input
 from tests.e2e.conftest import LiveServer, start_server, stop_server
 from upscale_server.config import Settings
 from upscale_server.imaging import encode_image
-from upscale_server.inference.pipeline import UpscalePipeline
-from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.registry import ComputeConfig, tune_process
+from upscale_server.inference.service import InferenceService
 from upscale_server.protocol import DEFAULT_OUTPUT_QUALITY
 from upscale_server.tasks.media import OUTPUT_FORMATS, decode_input
 
@@ -106,21 +106,23 @@ def megabytes(n_bytes: float) -> float:
 def engine_baseline(
     names: list[str], png: bytes, formats: list[str], repeats: int, threads: int
 ) -> tuple[list[dict[str, Any]], int]:
-    """Median of ``repeats`` ``pipeline.upscale(picture, 4, model_id)`` per model, after one warm-up,
+    """Median of ``repeats`` ``inference.upscale(picture, 4, model_id)`` per model, after one warm-up,
     on the picture the server decodes from the same bytes; plus the median time to encode the result in
     each output format (part of the server's overhead, timed here to explain it). Returns the rows and
     the torch thread count used. Call it on a thread of its own, as the server runs its inference."""
     settings = Settings(device="cpu", threads=threads)
-    pipeline = UpscalePipeline(ModelRegistry(settings))
+    compute = ComputeConfig.from_settings(settings)
+    tune_process(settings, compute.device)
+    inference = InferenceService(settings, compute)
     picture = decode_input(png, max_pixels=settings.max_input_pixels, parameter="inputImage")
     rows: list[dict[str, Any]] = []
     for name in names:
         model_id = MODELS[name]
-        result = pipeline.upscale(picture, FACTOR, model_id)  # warm-up: loads weights, primes oneDNN
+        result = inference.upscale(picture, FACTOR, model_id)  # warm-up: loads weights, primes oneDNN
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
-            pipeline.upscale(picture, FACTOR, model_id)
+            inference.upscale(picture, FACTOR, model_id)
             runs.append(time.perf_counter() - start)
         encode_s: dict[str, float] = {}
         for fmt in formats:

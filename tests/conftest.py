@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from upscale_server.config import Settings
 from upscale_server.inference.loading import LoadedNetwork, load_network
 from upscale_server.inference.manifest import Manifest, load_manifest
 from upscale_server.inference.provision import WeightStore
+from upscale_server.inference.registry import ComputeConfig, ModelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -17,6 +19,11 @@ PHOTO = DATA / "photo_grace_hopper.jpg"
 CLIPART_RGBA = DATA / "clipart_rgba.png"
 #: The checkout's models folder: where a server run from this checkout keeps its weights.
 MODELS = REPO / "models"
+
+
+def make_registry(settings: Settings) -> ModelRegistry:
+    """A model registry on the compute ``settings`` resolve to, as the app builds it."""
+    return ModelRegistry(settings, ComputeConfig.from_settings(settings))
 
 
 @pytest.fixture(scope="session")

@@ -685,7 +685,7 @@ def test_adler32_combine_matches_zlib() -> None:
 def test_striped_png_is_one_valid_stream_with_the_same_pixels(
     monkeypatch: pytest.MonkeyPatch, channels: int, bit_depth: int
 ) -> None:
-    monkeypatch.setattr(imaging, "_usable_cores", lambda: 5)  # several stripes on any machine
+    monkeypatch.setattr(imaging, "usable_cores", lambda: 5)  # several stripes on any machine
     monkeypatch.setattr(imaging, "_PNG_STRIPE_MIN_BYTES", 64)
     monkeypatch.setattr(imaging, "_BLOCK_SAMPLES", 100)  # several blocks per stripe, too
     pixels = RNG.random((37, 23, channels), dtype=np.float32)
@@ -712,7 +712,7 @@ def test_png_of_a_real_output_matches_pillow_pixels_and_size(photo_path: Path) -
 
 def test_striping_inside_the_pool_it_uses_cannot_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
     """The codec pool encodes on its own threads: stripes that find no idle thread run on the caller."""
-    monkeypatch.setattr(imaging, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(imaging, "usable_cores", lambda: 4)
     monkeypatch.setattr(imaging, "_PNG_STRIPE_MIN_BYTES", 64)
     picture = Picture(RNG.random((40, 30, 3), dtype=np.float32))
     expected = decode_image(encode_image(picture, "PNG")).pixels

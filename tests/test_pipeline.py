@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MODELS
+from tests.conftest import MODELS, make_registry
 from upscale_server.config import Settings
 from upscale_server.errors import InvalidModelError, InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, read_image_file, resize_pixels
 from upscale_server.inference.archs import RRDBNet
 from upscale_server.inference.pipeline import UpscalePipeline, fit_input_size
-from upscale_server.inference.registry import ModelRegistry
 
 ANIME = "local:realesr-animevideov3@1"
 X4PLUS = "runware:504@1"
@@ -22,7 +21,7 @@ X4PLUS = "runware:504@1"
 
 @pytest.fixture(scope="module")
 def pipeline() -> UpscalePipeline:
-    return UpscalePipeline(ModelRegistry(Settings(device="cpu", precision="fp32")))
+    return UpscalePipeline(make_registry(Settings(device="cpu", precision="fp32")))
 
 
 def picture(pixels: np.ndarray, bit_depth: int = 8) -> Picture:
@@ -66,11 +65,11 @@ def test_native_x2_model_is_used_when_its_weights_are_present(tmp_path: Path) ->
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp_path / "RealESRGAN_x2plus.safetensors")
-    with_x2 = UpscalePipeline(ModelRegistry(Settings(device="cpu", models_dir=tmp_path)))
+    with_x2 = UpscalePipeline(make_registry(Settings(device="cpu", models_dir=tmp_path)))
     assert with_x2.plan(40, 30, 2).model.id == "local:realesrgan-x2plus@1"
     assert with_x2.plan(40, 30, 3).model.id == X4PLUS
     assert with_x2.plan(40, 30, 4).model.id == X4PLUS
-    without = UpscalePipeline(ModelRegistry(Settings(device="cpu", models_dir=tmp_path / "empty")))
+    without = UpscalePipeline(make_registry(Settings(device="cpu", models_dir=tmp_path / "empty")))
     assert without.plan(40, 30, 2).model.id == X4PLUS
 
 
@@ -91,7 +90,7 @@ def test_fit_input_size_keeps_aspect_and_fits(size, factor, expected) -> None:
 
 
 def test_oversized_output_shrinks_the_input_first(photo_crop: Picture) -> None:
-    capped = UpscalePipeline(ModelRegistry(Settings(device="cpu", max_output_side=64)))
+    capped = UpscalePipeline(make_registry(Settings(device="cpu", max_output_side=64)))
     plan = capped.plan(37, 23, 4, ANIME)
     assert plan.input_size == (16, 9)
     out = capped.upscale(photo_crop, 4, ANIME)
@@ -143,7 +142,7 @@ def test_bad_factor_and_model_are_refused_before_any_work(pipeline: UpscalePipel
 
 
 def test_registry_shares_one_upscaler_per_model() -> None:
-    registry = ModelRegistry(Settings(device="cpu", models_dir=MODELS))
+    registry = make_registry(Settings(device="cpu", models_dir=MODELS))
     spec = registry.spec(ANIME)
     assert registry.upscaler(spec) is registry.upscaler(spec)
     assert registry.compute.device == torch.device("cpu")

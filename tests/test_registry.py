@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import make_registry
 from upscale_server.config import Settings
 from upscale_server.imaging import Picture
 from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
 from upscale_server.inference.engine import Upscaler
 from upscale_server.inference.pipeline import UpscalePipeline
-from upscale_server.inference.registry import ModelRegistry
 
 ANIME = "local:realesr-animevideov3@1"
 
 
 def test_no_batcher_by_default(provisioned_models_dir: Path) -> None:
-    registry = ModelRegistry(Settings(device="cpu", models_dir=provisioned_models_dir))
+    registry = make_registry(Settings(device="cpu", models_dir=provisioned_models_dir))
     assert registry.batcher is None
     assert registry.compute.batch_window_s == 0 and not registry.compute.compile_module
     upscaler = registry.upscaler(registry.spec(ANIME))
@@ -30,7 +30,7 @@ def test_no_batcher_by_default(provisioned_models_dir: Path) -> None:
 
 def test_batch_window_builds_one_batcher_shared_by_every_network(provisioned_models_dir: Path) -> None:
     settings = Settings(device="cpu", models_dir=provisioned_models_dir, batch_window_ms=3, max_batch=4)
-    registry = ModelRegistry(settings)
+    registry = make_registry(settings)
     batcher = registry.batcher
     assert isinstance(batcher, DynamicBatcher)
     assert (batcher.window_s, batcher.max_batch) == (0.003, 4)
@@ -49,12 +49,12 @@ def test_batch_window_builds_one_batcher_shared_by_every_network(provisioned_mod
 
 
 def test_compile_setting_reaches_the_engine(provisioned_models_dir: Path) -> None:
-    registry = ModelRegistry(Settings(device="cpu", models_dir=provisioned_models_dir, compile=True))
+    registry = make_registry(Settings(device="cpu", models_dir=provisioned_models_dir, compile=True))
     upscaler = registry.upscaler(registry.spec(ANIME))
     assert isinstance(upscaler, Upscaler) and upscaler.compile_module is True
     assert "torch.compile" in registry.compute.describe()
 
 
 def test_resize_engine_never_builds_a_batcher(tmp_path: Path) -> None:
-    registry = ModelRegistry(Settings(device="cpu", engine="resize", models_dir=tmp_path, batch_window_ms=3))
+    registry = make_registry(Settings(device="cpu", engine="resize", models_dir=tmp_path, batch_window_ms=3))
     assert registry.batcher is None

@@ -28,11 +28,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.api_helpers import data_uri, encode, photo_crop
-from tests.conftest import REPO
+from tests.conftest import REPO, make_registry
 from upscale_server.app import create_app
 from upscale_server.config import Settings
+from upscale_server.inference import resize_engine
 from upscale_server.inference.manifest import load_manifest
-from upscale_server.inference.registry import ModelRegistry
 from upscale_server.inference.resize_engine import ResizeUpscaler
 
 if TYPE_CHECKING:
@@ -69,6 +69,20 @@ def test_resize_engine_keeps_the_engine_contract() -> None:
     assert np.allclose(flat, 0.25, atol=1e-6)
 
 
+def test_resize_delay_holds_the_worker_thread_for_the_configured_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``UPSCALE_RESIZE_DELAY_SECONDS`` makes each upscale take a while, as a network would (no real sleep here)."""
+    slept: list[float] = []
+    monkeypatch.setattr(resize_engine.time, "sleep", slept.append)
+    rgb = np.zeros((4, 4, 3), dtype=np.float32)
+    assert ResizeUpscaler(2, delay_seconds=2.5).upscale(rgb).shape == (8, 8, 3)
+    assert ResizeUpscaler(2).upscale(rgb).shape == (8, 8, 3)
+    assert slept == [2.5]
+    with pytest.raises(ValueError, match="delay_seconds"):
+        ResizeUpscaler(2, delay_seconds=-1)
+    registry = make_registry(Settings(engine="resize", device="cpu", resize_delay_seconds=7))
+    assert registry.upscaler(registry.spec(None)).delay_seconds == 7  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -86,7 +100,7 @@ def test_resize_engine_rejects_what_the_real_engine_rejects(bad: np.ndarray) -> 
 def test_registry_in_resize_mode_never_touches_the_weight_store(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    registry = ModelRegistry(Settings(engine="resize", models_dir=models, device="cpu"))
+    registry = make_registry(Settings(engine="resize", models_dir=models, device="cpu"))
 
     def forbidden(*args: object, **kwargs: object) -> Any:
         raise AssertionError("the weight store was used in test-target mode")

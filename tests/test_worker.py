@@ -8,12 +8,12 @@ from collections.abc import Callable
 
 import pytest
 
-from upscale_server.errors import InternalError, QueueFullError, ServiceUnavailableError
+from upscale_server.errors import InternalError, ServiceUnavailableError
 from upscale_server.inference.worker import InferenceWorker, Job, WorkerState
 
 
 def test_runs_jobs_in_order_and_propagates_errors() -> None:
-    worker = InferenceWorker(max_queue=8)
+    worker = InferenceWorker()
     worker.start()
     order: list[int] = []
     futures = [worker.submit(lambda i=i: order.append(i) or i * 10, label=f"job{i}") for i in range(5)]
@@ -30,26 +30,8 @@ def test_runs_jobs_in_order_and_propagates_errors() -> None:
     assert worker.state is WorkerState.STOPPED
 
 
-def test_full_queue_is_refused_at_once() -> None:
-    worker = InferenceWorker(max_queue=2)
-    worker.start()
-    release = threading.Event()
-    running = worker.submit(release.wait, label="blocker")
-    while not worker.busy:
-        time.sleep(0.01)
-    queued = [worker.submit(lambda: 1, label="q") for _ in range(2)]
-    with pytest.raises(QueueFullError) as full:
-        worker.submit(lambda: 1, label="overflow")
-    assert full.value.http_status == 429
-    assert worker.queue_depth == 2
-    release.set()
-    assert running.result(timeout=10) is True
-    assert [q.result(timeout=10) for q in queued] == [1, 1]
-    worker.stop(5)
-
-
 def test_stop_lets_accepted_work_finish_then_refuses_new_work() -> None:
-    worker = InferenceWorker(max_queue=4)
+    worker = InferenceWorker()
     worker.start()
     slow = worker.submit(lambda: time.sleep(0.2) or "done", label="slow")
     queued = worker.submit(lambda: "queued", label="queued")
@@ -61,7 +43,7 @@ def test_stop_lets_accepted_work_finish_then_refuses_new_work() -> None:
 
 
 def test_jobs_left_after_the_grace_period_fail_instead_of_hanging() -> None:
-    worker = InferenceWorker(max_queue=4)
+    worker = InferenceWorker()
     worker.start()
     release = threading.Event()
     worker.submit(release.wait, label="stuck")
@@ -84,7 +66,7 @@ def blocker(started: threading.Event, release: threading.Event, value: str) -> C
 
 
 def test_concurrency_two_runs_two_jobs_at_once_and_queues_the_third() -> None:
-    worker = InferenceWorker(max_queue=4, concurrency=2)
+    worker = InferenceWorker(concurrency=2)
     worker.start()
     started = [threading.Event() for _ in range(3)]
     release = threading.Event()
@@ -99,7 +81,7 @@ def test_concurrency_two_runs_two_jobs_at_once_and_queues_the_third() -> None:
 
 
 def test_concurrency_one_never_overlaps_jobs() -> None:
-    worker = InferenceWorker(max_queue=4)
+    worker = InferenceWorker()
     worker.start()
     started = [threading.Event() for _ in range(2)]
     release = threading.Event()
@@ -112,25 +94,8 @@ def test_concurrency_one_never_overlaps_jobs() -> None:
     worker.stop(5)
 
 
-def test_queue_bound_counts_waiting_jobs_not_running_ones() -> None:
-    worker = InferenceWorker(max_queue=1, concurrency=2)
-    worker.start()
-    started = [threading.Event() for _ in range(2)]
-    release = threading.Event()
-    running = []
-    for i in range(2):  # one at a time: a second job submitted before the first is taken would be refused
-        running.append(worker.submit(blocker(started[i], release, "r"), label=f"r{i}"))
-        assert started[i].wait(10)
-    waiting = worker.submit(lambda: "w", label="w")
-    with pytest.raises(QueueFullError):
-        worker.submit(lambda: "x", label="x")
-    release.set()
-    assert [f.result(timeout=10) for f in [*running, waiting]] == ["r", "r", "w"]
-    worker.stop(5)
-
-
 def test_stop_with_concurrency_drains_then_fails_what_is_left_after_the_grace() -> None:
-    worker = InferenceWorker(max_queue=8, concurrency=2)
+    worker = InferenceWorker(concurrency=2)
     worker.start()
     started = [threading.Event() for _ in range(2)]
     release = threading.Event()
@@ -149,7 +114,7 @@ def test_stop_with_concurrency_drains_then_fails_what_is_left_after_the_grace() 
 
 
 def test_stop_runs_queued_jobs_on_every_thread_within_the_grace() -> None:
-    worker = InferenceWorker(max_queue=16, concurrency=3)
+    worker = InferenceWorker(concurrency=3)
     worker.start()
     futures = [worker.submit(lambda i=i: i, label=f"j{i}") for i in range(10)]
     worker.stop(grace_seconds=10)
@@ -157,7 +122,7 @@ def test_stop_runs_queued_jobs_on_every_thread_within_the_grace() -> None:
 
 
 def test_cancelled_job_is_skipped() -> None:
-    worker = InferenceWorker(max_queue=4)
+    worker = InferenceWorker()
     worker.start()
     started, release = threading.Event(), threading.Event()
     first = worker.submit(blocker(started, release, "a"), label="a")
@@ -175,7 +140,7 @@ def test_cancelled_job_is_skipped() -> None:
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_dead_worker_threads_fail_their_job_and_then_the_queue(monkeypatch, concurrency: int) -> None:
     """A bug in the loop kills a thread: its job fails at once; when the last thread is gone, so does the queue."""
-    worker = InferenceWorker(max_queue=8, concurrency=concurrency)
+    worker = InferenceWorker(concurrency=concurrency)
     entered = threading.Semaphore(0)
     release = threading.Event()
 
@@ -203,4 +168,4 @@ def test_dead_worker_threads_fail_their_job_and_then_the_queue(monkeypatch, conc
 
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="concurrency"):
-        InferenceWorker(max_queue=1, concurrency=0)
+        InferenceWorker(concurrency=0)

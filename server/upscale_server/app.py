@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,10 +25,8 @@ from upscale_server.api.sessions import SessionRegistry
 from upscale_server.api.state import ServerState
 from upscale_server.config import Settings
 from upscale_server.delivery import WebhookSender
-from upscale_server.errors import UpscaleError
-from upscale_server.inference.pipeline import UpscalePipeline
-from upscale_server.inference.registry import ModelRegistry
-from upscale_server.inference.worker import InferenceWorker
+from upscale_server.inference.registry import ComputeConfig
+from upscale_server.inference.service import InferenceService
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource
 from upscale_server.observability.metrics import Metrics
@@ -57,6 +54,9 @@ def interrupted_error(record: TaskRecord) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    """The app for ``settings``; UnusableSettingError when this machine cannot honour a compute setting."""
+    compute = ComputeConfig.from_settings(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = settings.data_dir.expanduser().resolve()
@@ -64,23 +64,19 @@ def create_app(settings: Settings) -> FastAPI:
         keys = ApiKeys.from_settings(settings)
         if keys.open_mode:
             log.warning("no API keys configured: open local mode, any API key is accepted")
-        registry = ModelRegistry(settings)
-        if registry.resize_engine:
-            log.warning(
-                "test-target mode (UPSCALE_ENGINE=resize): a plain resize replaces the models; not for production"
-            )
-        worker = start_worker(settings, registry)
         # Decoding and encoding get their own bounded pool: never the worker's threads (the device would
         # wait for PNG), and not the default executor that SQLite and file reads share.
         codec_threads = settings.resolved_encode_workers()
         codecs = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
-        device = registry.compute.device
+        device = compute.device
         metrics = Metrics(
-            queue_depth=lambda: worker.queue_depth,
+            queue_depth=lambda: inference.queue_depth,  # read at scrape time, after the service exists
             in_flight=lambda: dispatcher.in_flight,  # read at scrape time, after the dispatcher exists
             storage_stats=images.stats,
             cuda_device=device if device.type == "cuda" else None,
         )
+        inference = InferenceService(settings, compute, observer=metrics.inference_done)
+        inference.start()
         outbound = OutboundClient(
             OutboundPolicy.parse(
                 settings.outbound_allow,
@@ -99,16 +95,15 @@ def create_app(settings: Settings) -> FastAPI:
             settings=settings,
             images=images,
             results=results,
-            worker=worker,
-            pipeline=UpscalePipeline(registry),
+            inference=inference,
             outbound=outbound,
             webhooks=webhooks,
             metrics=metrics,
             codecs=codecs,
         )
         app.state.observability = HealthSource(
-            worker_state=lambda: worker.state.value,
-            model_loaded=lambda: registry.is_loaded(registry.spec(None).id),
+            worker_state=lambda: inference.worker_state,
+            model_loaded=inference.model_loaded,
             data_dir=data_dir,
             metrics=metrics,
             require_model=settings.preload_default_model,  # else nothing loads it until a request comes
@@ -119,23 +114,15 @@ def create_app(settings: Settings) -> FastAPI:
         )
         stop = asyncio.Event()
         sweeper = asyncio.create_task(sweep_forever([images, results], settings.sweep_interval_seconds, stop=stop))
-        warmup = threading.Thread(target=warm_default_model, args=(registry,), name="model-warmup", daemon=True)
-        if settings.preload_default_model:
-            warmup.start()
-        log.info(
-            "serving on %s; models on %s; %d codec threads", settings.host, registry.compute.describe(), codec_threads
-        )
+        log.info("serving on %s; models on %s; %d codec threads", settings.host, inference.describe(), codec_threads)
         try:
             yield
         finally:
             stop.set()
             await dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
-            await asyncio.to_thread(worker.stop, SHUTDOWN_GRACE_SECONDS)
-            registry.close()  # after the worker: only a job past the grace period can still be batching
+            await asyncio.to_thread(inference.stop, SHUTDOWN_GRACE_SECONDS)
             await asyncio.to_thread(codecs.shutdown, wait=True, cancel_futures=True)
             await sweeper
-            if warmup.is_alive():
-                await asyncio.to_thread(warmup.join)
             await webhooks.aclose(SHUTDOWN_GRACE_SECONDS)  # tasks that just finished may still be notifying
             await outbound.aclose()
             db.close()
@@ -158,24 +145,3 @@ def open_storage(settings: Settings, data_dir: Path) -> tuple[Database, ImageSto
     if interrupted:
         log.warning("%d task(s) were running when the server stopped; marked as failed", interrupted)
     return db, images, results
-
-
-def start_worker(settings: Settings, registry: ModelRegistry) -> InferenceWorker:
-    """The inference worker, started; concurrency without batching is allowed but only shares the device."""
-    if settings.worker_concurrency > 1 and registry.batcher is None:
-        log.warning(
-            "UPSCALE_WORKER_CONCURRENCY=%d without cross-request batching (UPSCALE_BATCH_WINDOW_MS): "
-            "concurrent jobs only share the device",
-            settings.worker_concurrency,
-        )
-    worker = InferenceWorker(max_queue=settings.max_queue, concurrency=settings.worker_concurrency)
-    worker.start()
-    return worker
-
-
-def warm_default_model(registry: ModelRegistry) -> None:
-    """Provision and load the default model in the background, so the first request is not the slow one."""
-    try:
-        registry.upscaler(registry.spec(None))
-    except UpscaleError as exc:
-        log.warning("default model not loaded at start-up: %s", exc.message)

@@ -22,6 +22,7 @@ from rich.table import Table
 from upscale_server import __version__
 from upscale_server.config import Convolution, Settings, UnusableSettingError
 from upscale_server.errors import UpscaleError
+from upscale_server.vocabulary import atomic_write
 
 PROG = "upscale-server"
 FORMAT_SUFFIX = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -213,15 +214,16 @@ def same_file(a: Path, b: Path) -> bool:
 
 def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
     from upscale_server.imaging import encode_image, read_image_file
-    from upscale_server.inference.pipeline import UpscalePipeline
-    from upscale_server.inference.registry import ModelRegistry
+    from upscale_server.inference.registry import ComputeConfig, tune_process
+    from upscale_server.inference.service import InferenceService
 
     jobs, problems = plan_jobs(args.inputs, args.output)
     for problem in problems:
         report(stderr, problem)
-    registry = ModelRegistry(settings)
-    pipeline = UpscalePipeline(registry)
-    spec = registry.spec(args.model)  # unknown model: one line, before any work
+    compute = ComputeConfig.from_settings(settings)
+    tune_process(settings, compute.device)
+    inference = InferenceService(settings, compute)
+    model = inference.check_model(args.model)  # unknown model: one line, before any work
     sources = [job.source for job in jobs]
     failures = len(problems)
     written = 0
@@ -241,9 +243,9 @@ def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
                 def on_tile(done: int, total: int) -> None:
                     progress.update(tiles_task, completed=done, total=total)
 
-                result = pipeline.upscale(picture, args.scale, spec.id, progress=on_tile)
+                result = inference.upscale(picture, args.scale, model, progress=on_tile)
                 data = encode_image(result, FORMAT_NAME[fmt], quality=args.quality)  # type: ignore[arg-type]
-                write_atomically(target, data)
+                atomic_write(target, data)
                 written += 1
             except UpscaleError as exc:
                 failures += 1
@@ -274,13 +276,6 @@ def make_progress() -> Progress:
     )
 
 
-def write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(target)
-
-
 # --------------------------------------------------------------------------------------------- serve
 
 
@@ -288,13 +283,14 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from upscale_server.app import create_app
-    from upscale_server.inference.registry import ComputeConfig
+    from upscale_server.inference.registry import ComputeConfig, tune_process
     from upscale_server.observability.logs import configure_logging
 
-    ComputeConfig.from_settings(settings)  # an unusable device or kernel: one line here, not a failed start-up
+    tune_process(settings, ComputeConfig.from_settings(settings).device)
     configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)  # an unusable device or kernel: one line here, not a failed start-up
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_frame_bytes,

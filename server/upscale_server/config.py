@@ -5,13 +5,14 @@ Entry points build a :class:`Settings` and pass it down; nothing reads the envir
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from upscale_server.vocabulary import usable_cores
 
 #: The checkout this package runs from, if any: ``<checkout>/server/upscale_server/config.py``.
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -27,9 +28,6 @@ def default_models_dir() -> Path:
         return _CHECKOUT / "models"
     return platformdirs.user_data_path("upscale-server", appauthor=False) / "models"
 
-
-#: The factors the pipeline produces exactly (a native model, or x4 then a Lanczos downscale).
-UPSCALE_FACTORS: tuple[int, ...] = (2, 3, 4)
 
 Device = str  # "auto", "cpu", "cuda" or "cuda:N"
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -123,6 +121,13 @@ class Settings(BaseSettings):
         default="realesrgan",
         description="realesrgan runs the models; resize is test-target mode: a fast deterministic Lanczos resize "
         "behind the same API (same sizes, formats and errors), no weights needed (docs/test-target.md).",
+    )
+    resize_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=3600,
+        description="Test-target mode only: each upscale takes at least this long, so a client's waiting, polling, "
+        "timeouts and restarts can be exercised against work in progress; 0 answers at once.",
     )
 
     # ------------------------------------------------------------------ server
@@ -232,12 +237,7 @@ class Settings(BaseSettings):
 
     def resolved_encode_workers(self) -> int:
         """``encode_workers``, with 0 meaning one per CPU core this process may use."""
-        if self.encode_workers:
-            return self.encode_workers
-        try:
-            return len(os.sched_getaffinity(0)) or 1
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return self.encode_workers or usable_cores()
 
 
 def settings_reference() -> str:

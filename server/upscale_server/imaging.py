@@ -19,7 +19,6 @@ import functools
 import io
 import itertools
 import logging
-import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ import png  # pypng: reads 16-bit RGB/RGBA/LA PNGs without losing bits (Pillow k
 from PIL import Image, ImageCms, UnidentifiedImageError
 
 from upscale_server.errors import ImageTooLargeError, InvalidImageError, UpscaleError
+from upscale_server.vocabulary import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -543,7 +543,7 @@ def _write_png(pixels: np.ndarray, bit_depth: int, icc: bytes | None, executor: 
     bpp = channels * bit_depth // 8  # bytes per pixel: the filter's "left" distance
     count = 1
     if executor is not None:
-        count = max(1, min(height, _usable_cores(), height * width * bpp // _PNG_STRIPE_MIN_BYTES))
+        count = max(1, min(height, usable_cores(), height * width * bpp // _PNG_STRIPE_MIN_BYTES))
     bounds = [height * i // count for i in range(count + 1)]
     jobs = [
         functools.partial(_deflate_stripe, pixels, start, stop, bit_depth, bpp, final=stop == height)
@@ -626,13 +626,6 @@ def _run_helped(jobs: Sequence[Callable[[], T]], executor: Executor | None) -> l
     finally:
         for future in futures:  # after a failure: drop what has not started
             future.cancel()
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _average_filter(raw: np.ndarray, previous: np.ndarray, bpp: int) -> np.ndarray:

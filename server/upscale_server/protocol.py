@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from upscale_server.config import UPSCALE_FACTORS
 from upscale_server.errors import (
     InvalidApiKeyError,
     InvalidParameterError,
@@ -48,6 +47,7 @@ from upscale_server.errors import (
     TooManyTasksError,
     UnknownTaskTypeError,
 )
+from upscale_server.vocabulary import UPSCALE_FACTORS
 
 # --------------------------------------------------------------------------- vocabulary
 

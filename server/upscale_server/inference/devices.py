@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from upscale_server.vocabulary import usable_cores
+
 logger = logging.getLogger(__name__)
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -109,15 +111,12 @@ def cpu_has_fast_bf16() -> bool:
 def configure_threads(n: int) -> int:
     """Set the intra-op thread count for CPU inference; 0 means every core we may run on.
 
-    Returns the count set. ``os.sched_getaffinity`` respects container CPU sets, unlike ``os.cpu_count``.
+    Returns the count set.
     """
     if n < 0:
         raise ValueError(f"threads must be >= 0, got {n}")
     if n == 0:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            n = os.cpu_count() or 1
+        n = usable_cores()
     torch.set_num_threads(n)
     return n
 

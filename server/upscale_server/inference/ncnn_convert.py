@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 from upscale_server.errors import ModelLoadError
 from upscale_server.inference.loading import ArchInfo, build_network
+from upscale_server.vocabulary import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -300,28 +299,8 @@ def reproducible_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping
     return data
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``: readers never see half a file.
-
-    The temp name ends in ``.partial`` so a crash leftover stays git-ignored like download leftovers.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.chmod(0o644)  # mkstemp creates 0600; weight files are ordinary shared data
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_reproducible(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> str:
     """Write ``state_dict`` to ``path`` as reproducible safetensors; returns the file's sha256 hex."""
     data = reproducible_bytes(state_dict, metadata)
-    write_atomic(path, data)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()

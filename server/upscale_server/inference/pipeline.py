@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from upscale_server.config import UPSCALE_FACTORS
 from upscale_server.errors import InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
 from upscale_server.inference.engine import Upscaler
 from upscale_server.inference.manifest import ModelSpec
 from upscale_server.inference.registry import ModelRegistry
+from upscale_server.vocabulary import UPSCALE_FACTORS
 
 Progress = Callable[[int, int], None]
 

@@ -28,8 +28,8 @@ from upscale_server.inference.ncnn_convert import (
     reproducible_bytes,
     sha256_file,
     source_metadata,
-    write_atomic,
 )
+from upscale_server.vocabulary import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class WeightStore:
             )
         if not source.sha256:
             logger.warning("%s: manifest pins no sha256; converted file hashes to %s", spec.id, digest)
-        write_atomic(target, data)
+        atomic_write(target, data)
         return target
 
     def _download(self, spec: ModelSpec, source: UrlSource) -> Path:

@@ -53,7 +53,9 @@ class ComputeConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ComputeConfig:
-        """Resolve the compute settings; UnusableSettingError when this machine cannot honour one."""
+        """Resolve the compute settings; UnusableSettingError when this machine cannot honour one.
+
+        Pure: process-wide tuning (threads, allocator) is the entry point's job (:func:`tune_process`)."""
         try:
             device = resolve_device(settings.device)
             dtype = resolve_dtype(settings.precision, device)
@@ -64,9 +66,6 @@ class ComputeConfig:
                 "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
                 "use 'auto' or 'direct'"
             )
-        if device.type == "cpu":
-            tune_cpu_allocator()
-        configure_threads(settings.threads)
         return cls(
             device=device,
             dtype=dtype,
@@ -88,6 +87,16 @@ class ComputeConfig:
         return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads{extras}"
 
 
+def tune_process(settings: Settings, device: torch.device) -> None:
+    """Process-wide tuning for inference: torch's thread count and, on the CPU, glibc's allocator.
+
+    Applied once, by the entry point that owns the process (``serve``, ``upscale``), never by a
+    constructor: tests and embedders build servers without changing their own process."""
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    configure_threads(settings.threads)
+
+
 class ImageUpscaler(Protocol):
     """What the pipeline needs from an engine: :class:`Upscaler` (a network) or :class:`ResizeUpscaler`."""
 
@@ -102,11 +111,11 @@ class ImageUpscaler(Protocol):
 class ModelRegistry:
     """Owns the manifest, the weight store and the loaded upscalers."""
 
-    def __init__(self, settings: Settings, *, manifest: Manifest | None = None) -> None:
+    def __init__(self, settings: Settings, compute: ComputeConfig, *, manifest: Manifest | None = None) -> None:
         self.settings = settings
         self.manifest = manifest or load_manifest()
         self.store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
-        self.compute = ComputeConfig.from_settings(settings)
+        self.compute = compute
         self.resize_engine = settings.engine == "resize"
         self._upscalers: dict[str, ImageUpscaler] = {}
         self._locks = {spec.id: threading.Lock() for spec in self.manifest.models}
@@ -145,7 +154,7 @@ class ModelRegistry:
         with self._locks[spec.id]:
             found = self._upscalers.get(spec.id)
             if found is None and self.resize_engine:
-                found = ResizeUpscaler(spec.scale)
+                found = ResizeUpscaler(spec.scale, delay_seconds=self.settings.resize_delay_seconds)
                 log.info("serving %s (%s) with the resize engine (test-target mode)", spec.id, spec.name)
                 self._upscalers[spec.id] = found
             elif found is None:

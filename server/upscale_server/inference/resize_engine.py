@@ -13,6 +13,7 @@ whose results could drift.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -33,10 +34,14 @@ class ResizeUpscaler:
     call and every machine with the same Pillow. Stateless, hence thread-safe.
     """
 
-    def __init__(self, scale: int) -> None:
+    def __init__(self, scale: int, *, delay_seconds: float = 0.0) -> None:
+        """``delay_seconds``: how long each call takes at least (``UPSCALE_RESIZE_DELAY_SECONDS``)."""
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
+        if delay_seconds < 0:
+            raise ValueError(f"delay_seconds must be >= 0, got {delay_seconds}")
         self.scale: int = scale
+        self.delay_seconds = delay_seconds
 
     def tile_size_for(self, height: int, width: int) -> int:
         """Never tiles: a resize needs no memory beyond its output, so the whole image is one tile."""
@@ -48,6 +53,8 @@ class ResizeUpscaler:
         An exception raised by ``progress`` propagates unchanged, as with the real engine.
         """
         image = validate_rgb(rgb)
+        if self.delay_seconds:
+            time.sleep(self.delay_seconds)  # stands in for a network's run time: the worker thread is busy
         height, width = image.shape[:2]
         out = resize_pixels(image, width * self.scale, height * self.scale)
         np.clip(out, 0.0, 1.0, out=out)

@@ -21,7 +21,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from upscale_server.errors import InternalError, QueueFullError, ServiceUnavailableError
+from upscale_server.errors import InternalError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ class Job(Generic[T]):
 
 
 class InferenceWorker:
-    """Runs submitted jobs on ``concurrency`` threads, oldest first, with a bounded queue in front.
+    """Runs submitted jobs on ``concurrency`` threads, oldest first.
 
-    ``max_queue`` bounds the jobs waiting, not those running. One condition guards the queue, the
-    state and the counters, so a job is either waiting, running or resolved, never lost between them.
+    The queue itself is unbounded: what may wait is decided once, by the task lifecycle's admission,
+    before a task is acknowledged. One condition guards the queue, the state and the counters, so a
+    job is either waiting, running or resolved, never lost between them.
     """
 
-    def __init__(self, *, max_queue: int, concurrency: int = 1, name: str = "inference-worker") -> None:
-        if max_queue < 1 or concurrency < 1:
-            raise ValueError(f"max_queue and concurrency must be >= 1, got {max_queue} and {concurrency}")
-        self.max_queue = max_queue
+    def __init__(self, *, concurrency: int = 1, name: str = "inference-worker") -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.concurrency = concurrency
         self._jobs: deque[Job[Any]] = deque()
         self._cond = threading.Condition()
@@ -93,13 +93,11 @@ class InferenceWorker:
             thread.start()
 
     def submit(self, run: Callable[[], T], *, label: str) -> Future[T]:
-        """Queue ``run``; QueueFullError at once when the queue is full (the caller answers 429)."""
+        """Queue ``run``; ServiceUnavailableError once the worker is stopping."""
         job: Job[T] = Job(run, label)
         with self._cond:
             if self._state is not WorkerState.RUNNING:
                 raise ServiceUnavailableError("the server is shutting down and takes no new work")
-            if len(self._jobs) >= self.max_queue:
-                raise QueueFullError(f"the upscale queue is full ({self.max_queue} jobs waiting); retry shortly")
             self._jobs.append(job)
             self._cond.notify()
         return job.future

@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,8 +29,7 @@ from upscale_server.errors import (
     http_status_of,
 )
 from upscale_server.imaging import Picture
-from upscale_server.inference.pipeline import UpscalePipeline
-from upscale_server.inference.worker import InferenceWorker
+from upscale_server.inference.service import InferenceService
 from upscale_server.observability.logs import task_context
 from upscale_server.observability.metrics import Metrics
 from upscale_server.outbound import OutboundClient
@@ -96,8 +94,7 @@ class TaskDispatcher:
         settings: Settings,
         images: ImageStore,
         results: TaskStore,
-        worker: InferenceWorker,
-        pipeline: UpscalePipeline,
+        inference: InferenceService,
         outbound: OutboundClient,
         webhooks: WebhookSender,
         metrics: Metrics | None = None,
@@ -108,8 +105,7 @@ class TaskDispatcher:
         self.settings = settings
         self.images = images
         self.results = results
-        self.worker = worker
-        self.pipeline = pipeline
+        self.inference = inference
         self.outbound = outbound
         self.webhooks = webhooks
         self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
@@ -288,26 +284,21 @@ class TaskDispatcher:
         return upload_item(task.task_uuid, stored.uuid, image_url(base_url, stored.uuid, stored.extension))
 
     async def _upscale(self, task: UpscaleTask, base_url: str) -> dict[str, Any]:
-        self.pipeline.registry.spec(task.model)  # an unknown model fails before any I/O
+        self.inference.check_model(task.model)  # an unknown model fails before any I/O
         data, input_uuid = await self._input_bytes(task.image, task.image_parameter)
         picture = await self._in_codecs(
             decode_input, data, max_pixels=self.settings.max_input_pixels, parameter=task.image_parameter
         )
-        plan = self.pipeline.plan(picture.width, picture.height, task.upscale_factor, task.model)
-
-        def run() -> Picture:  # on the worker thread: times the network, not the wait in the queue
-            started = time.perf_counter()
-            result = self.pipeline.run(picture, plan)
-            self.metrics.inference_done(time.perf_counter() - started, result.width * result.height)
-            return result
-
-        future = self.worker.submit(run, label=task.task_uuid)
+        plan = await asyncio.to_thread(
+            self.inference.plan, picture.width, picture.height, task.upscale_factor, task.model
+        )
+        inferring = asyncio.ensure_future(self.inference.run(picture, plan, label=task.task_uuid))
         # An inline input is stored while the network runs: only the reply needs its UUID.
         storing = None
         if input_uuid is None:
             storing = asyncio.ensure_future(self._in_codecs(store_input, self.images, data, picture))
         try:
-            result = await asyncio.wrap_future(future)
+            result = await inferring
             output, url, fields = await self._in_codecs(self._store_result, result, task, base_url)
         except BaseException:
             if storing is not None:  # the task failed: its input's UUID is never reported

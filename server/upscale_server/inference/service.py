@@ -1,0 +1,160 @@
+"""The one face of inference: the rest of the server plans, submits, runs and times upscales here.
+
+Tasks, the app and the CLI never reach into the model registry, the pipeline's internals or the
+worker; they hold an :class:`InferenceService` and ask it. Everything behind it (architectures,
+weights, the engine, the runtime) can then change without touching a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from upscale_server.config import Settings
+from upscale_server.errors import UpscaleError
+from upscale_server.imaging import Picture
+from upscale_server.inference.pipeline import Progress, UpscalePipeline, UpscalePlan
+from upscale_server.inference.registry import ComputeConfig, ModelRegistry
+from upscale_server.inference.worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+#: Called on the worker thread after each network run: (seconds, output pixels). Must not raise.
+InferenceObserver = Callable[[float, int], None]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client may know about a model: the manifest's id, name and description."""
+
+    id: str
+    name: str
+    description: str
+
+
+class InferenceService:
+    """Upscales pictures on one device for the whole process.
+
+    Two ways in: :meth:`run` (async) queues the work on the inference worker, whose threads own the
+    device, so a burst of requests waits there instead of fighting over memory; :meth:`upscale`
+    (blocking) runs in the caller's thread, for the CLI, which upscales one file at a time and has
+    no worker. Call :meth:`start` before :meth:`run` and :meth:`stop` at the end.
+    """
+
+    def __init__(
+        self, settings: Settings, compute: ComputeConfig, *, observer: InferenceObserver | None = None
+    ) -> None:
+        self._settings = settings
+        self._registry = ModelRegistry(settings, compute)
+        self._pipeline = UpscalePipeline(self._registry)
+        self._observer = observer
+        self._worker = InferenceWorker(concurrency=settings.worker_concurrency)
+        self._warmup: threading.Thread | None = None
+        if self._registry.resize_engine:
+            log.warning(
+                "test-target mode (UPSCALE_ENGINE=resize): a plain resize replaces the models; not for production"
+            )
+        if settings.worker_concurrency > 1 and self._registry.batcher is None:
+            log.warning(
+                "UPSCALE_WORKER_CONCURRENCY=%d without cross-request batching (UPSCALE_BATCH_WINDOW_MS): "
+                "concurrent jobs only share the device",
+                settings.worker_concurrency,
+            )
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Start the worker and, when configured, load the default model in the background."""
+        self._worker.start()
+        if self._settings.preload_default_model:
+            self._warmup = threading.Thread(target=self._warm_default_model, name="model-warmup", daemon=True)
+            self._warmup.start()
+
+    def stop(self, grace_seconds: float) -> None:
+        """Let queued and running work finish for up to ``grace_seconds``, fail the rest, release the device."""
+        self._worker.stop(grace_seconds)
+        self._registry.close()  # after the worker: only a job past the grace period can still be batching
+        if self._warmup is not None:
+            self._warmup.join()
+
+    def _warm_default_model(self) -> None:
+        try:
+            self._registry.upscaler(self._registry.spec(None))
+        except UpscaleError as exc:
+            log.warning("default model not loaded at start-up: %s", exc.message)
+
+    # ------------------------------------------------------------------ models
+
+    def check_model(self, model_id: str | None) -> str:
+        """The id that ``model_id`` names (the default model for None); InvalidModelError if unknown.
+
+        Reads nothing from disk: safe on the event loop, so an unknown model fails before any I/O.
+        """
+        return self._registry.spec(model_id).id
+
+    def models(self) -> tuple[ModelInfo, ...]:
+        return tuple(ModelInfo(spec.id, spec.name, spec.description) for spec in self._registry.manifest.models)
+
+    @property
+    def default_model(self) -> str:
+        return self._settings.default_model
+
+    def model_loaded(self) -> bool:
+        """Whether the default model is loaded (readiness)."""
+        return self._registry.is_loaded(self._registry.spec(None).id)
+
+    # ------------------------------------------------------------------ upscaling
+
+    def plan(self, width: int, height: int, factor: int, model_id: str | None) -> UpscalePlan:
+        """Decide what will run for a ``width`` x ``height`` picture. Blocking (it may look at weight
+        files to pick a native-scale model): call it from a thread."""
+        return self._pipeline.plan(width, height, factor, model_id)
+
+    def submit(self, picture: Picture, plan: UpscalePlan, *, label: str) -> Future[Picture]:
+        """Queue ``plan`` on the worker; the future resolves with the upscaled picture or its error."""
+        return self._worker.submit(lambda: self._timed(picture, plan), label=label)
+
+    async def run(self, picture: Picture, plan: UpscalePlan, *, label: str) -> Picture:
+        """:meth:`submit` and wait, without blocking the event loop."""
+        return await asyncio.wrap_future(self.submit(picture, plan, label=label))
+
+    def upscale(
+        self, picture: Picture, factor: int, model_id: str | None = None, *, progress: Progress | None = None
+    ) -> Picture:
+        """Plan and run in the calling thread (the CLI): exactly ``factor`` x, gray, alpha and depth kept."""
+        plan = self._pipeline.plan(picture.width, picture.height, factor, model_id)
+        return self._pipeline.run(picture, plan, progress=progress)
+
+    def _timed(self, picture: Picture, plan: UpscalePlan) -> Picture:
+        """Run on the worker thread: times the network, not the wait in the queue."""
+        started = time.perf_counter()
+        result = self._pipeline.run(picture, plan)
+        if self._observer is not None:
+            self._observer(time.perf_counter() - started, result.width * result.height)
+        return result
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def worker_state(self) -> str:
+        """ "starting", "running", "stopping" or "stopped"."""
+        return self._worker.state.value
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the worker."""
+        return self._worker.queue_depth
+
+    @property
+    def device(self) -> torch.device:
+        return self._registry.compute.device
+
+    def describe(self) -> str:
+        return self._registry.compute.describe()

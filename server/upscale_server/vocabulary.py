@@ -1,0 +1,138 @@
+"""The project's one vocabulary: image formats, factors, the quality range, UUIDs, cores, atomic writes.
+
+Each of these used to be spelled out in several modules (the wire parser, the stores, the encoders,
+the CLI); a change to one of them now happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+# --------------------------------------------------------------------------- image formats
+
+
+class ImageFormat(enum.Enum):
+    """An output (and stored) image format, with every name the code needs for it."""
+
+    JPG = ("JPG", "JPEG", "jpg", "image/jpeg", False)
+    PNG = ("PNG", "PNG", "png", "image/png", True)
+    WEBP = ("WEBP", "WEBP", "webp", "image/webp", True)
+
+    def __init__(self, wire: str, pillow: str, extension: str, media_type: str, alpha: bool) -> None:
+        self.wire = wire  # Runware's ``outputFormat`` value
+        self.pillow = pillow  # Pillow's format name (also what the decoder reports)
+        self.extension = extension  # file extension, without the dot
+        self.media_type = media_type
+        self.alpha = alpha  # whether it can hold an alpha channel
+
+    @classmethod
+    def from_wire(cls, text: str) -> ImageFormat | None:
+        """``outputFormat`` as clients spell it (any case; ``JPEG`` means ``JPG``), or None."""
+        return _BY_WIRE_SPELLING.get(text.strip().lower())
+
+    @classmethod
+    def from_extension(cls, extension: str) -> ImageFormat | None:
+        return _BY_EXTENSION.get(extension.lower().lstrip("."))
+
+    @classmethod
+    def from_pillow(cls, name: str) -> ImageFormat | None:
+        """The format Pillow decoded a file as, when it is one we also write (JPEG, PNG, WEBP)."""
+        return _BY_PILLOW.get(name)
+
+
+_BY_WIRE_SPELLING: Final = {fmt.wire.lower(): fmt for fmt in ImageFormat} | {"jpeg": ImageFormat.JPG}
+_BY_EXTENSION: Final = {fmt.extension: fmt for fmt in ImageFormat} | {"jpeg": ImageFormat.JPG}
+_BY_PILLOW: Final = {fmt.pillow: fmt for fmt in ImageFormat}
+
+# --------------------------------------------------------------------------- upscaling
+
+
+#: The factors the pipeline produces exactly (a native model, or x4 then a Lanczos downscale).
+UPSCALE_FACTORS: Final[tuple[int, ...]] = (2, 3, 4)
+DEFAULT_UPSCALE_FACTOR: Final = 4
+
+
+@dataclass(frozen=True)
+class QualityRange:
+    """JPG/WEBP quality: the range Runware accepts and its default."""
+
+    min: int
+    max: int
+    default: int
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and self.min <= value <= self.max
+
+
+OUTPUT_QUALITY: Final = QualityRange(min=20, max=99, default=95)
+
+# --------------------------------------------------------------------------- identifiers
+
+_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
+
+def is_uuid(value: object) -> bool:
+    """True for a hyphenated 8-4-4-4-12 hex UUID of any version or case.
+
+    Braces, URNs and bare hex are refused on purpose: a bare 32-hex string might as well be base64.
+    """
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
+
+
+def canonical_uuid(value: object) -> str | None:
+    """The lower-case form of a UUID string (what the stores issue and key by), or None."""
+    return value.lower() if isinstance(value, str) and is_uuid(value) else None
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (``sched_getaffinity`` respects container CPU sets)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def staged_file(path: Path, data: bytes, *, suffix: str = ".partial", mode: int = 0o644) -> Iterator[Path]:
+    """Write ``data`` to a hidden temp file beside ``path`` (fsynced), yield it, then rename it into place.
+
+    Readers never see half a file: the rename is atomic on one file system. The body of the ``with``
+    runs between the write and the rename (the image store commits its row there); an exception
+    anywhere deletes the temp file and leaves ``path`` as it was. ``suffix`` lets a sweeper or a
+    ``.gitignore`` recognise leftovers of a crash.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            # Without fsync a power cut after the rename can leave an empty file under the final name.
+            os.fsync(handle.fileno())
+        temp.chmod(mode)  # mkstemp creates 0600
+        yield temp
+        temp.replace(path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, data: bytes, *, suffix: str = ".partial") -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    with staged_file(path, data, suffix=suffix):
+        pass
