@@ -1,15 +1,20 @@
-"""Small builders shared by the API tests: images as the wire carries them, and task dicts."""
+"""Shared by the API tests: images as the wire carries them, task dicts, resize-engine settings and a job gate."""
 
 from __future__ import annotations
 
 import base64
 import io
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from tests.conftest import PHOTO
+from upscale_server.config import Settings
+from upscale_server.inference.resize_engine import ResizeUpscaler
 
 
 def photo_crop(width: int = 24, height: int = 16, *, left: int = 220, top: int = 200) -> Image.Image:
@@ -51,3 +56,55 @@ def upscale_task(image: str, **fields: Any) -> dict[str, Any]:
     }
     task.update(fields)
     return {key: value for key, value in task.items() if value is not None}
+
+
+def resize_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for an in-process app whose protocol is under test, not its pixels: the resize engine
+    (deterministic, milliseconds, no weights), on the CPU, with nothing loaded at start-up."""
+    fields: dict[str, Any] = {"device": "cpu", "engine": "resize", "preload_default_model": False, **overrides}
+    return Settings(data_dir=data_dir, **fields)
+
+
+#: A gated job gives up after this long, so a test that never opens its gate fails instead of hanging.
+GATE_TIMEOUT = 60.0
+
+
+class JobGate:
+    """Holds every resize-engine upscale on the inference worker until :meth:`open`.
+
+    A task held here is provably in progress (claimed, queued, running), which is what protocol tests
+    used a slow real network for. Use it inside the app's ``with`` block so it opens before the app
+    waits for its running tasks at shutdown::
+
+        with TestClient(create_app(settings)) as client, JobGate(monkeypatch) as gate:
+            ...
+            gate.wait_held()  # a job reached the engine
+            gate.open()
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._opened = threading.Event()
+        self._held = threading.Semaphore(0)
+        original = ResizeUpscaler.upscale
+
+        def held(engine: ResizeUpscaler, rgb: Any, **kwargs: Any) -> Any:
+            self._held.release()
+            if not self._opened.wait(GATE_TIMEOUT):
+                raise TimeoutError("the test never opened its job gate")
+            return original(engine, rgb, **kwargs)
+
+        monkeypatch.setattr(ResizeUpscaler, "upscale", held)
+
+    def wait_held(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Block until ``count`` more jobs are being held."""
+        for _ in range(count):
+            assert self._held.acquire(timeout=timeout), "no job reached the engine"
+
+    def open(self) -> None:
+        self._opened.set()
+
+    def __enter__(self) -> JobGate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.open()

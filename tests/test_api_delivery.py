@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+from tests.api_helpers import data_uri, encode, photo_crop, resize_settings, upscale_task
 from upscale_server.app import create_app
-from upscale_server.config import Settings
 
 KEY = "delivery-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,6 +29,12 @@ class Receiver:
     status_after: int = 200
     requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
     url: str = ""
+    #: While cleared, the first request is held (unanswered) until the test sets it.
+    release_first: threading.Event = field(default_factory=threading.Event)
+    first_arrived: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.release_first.set()
 
     def serve(self) -> ThreadingHTTPServer:
         receiver = self
@@ -38,6 +43,9 @@ class Receiver:
             def handle_any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.requests.append((self.command, self.path, dict(self.headers), body))
+                if len(receiver.requests) == 1:
+                    receiver.first_arrived.set()
+                    receiver.release_first.wait(30)
                 status = 500 if len(receiver.requests) <= receiver.failures else receiver.status_after
                 self.send_response(status)
                 self.send_header("content-length", "0")
@@ -63,7 +71,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def make_client(tmp_path: Path, **overrides: Any) -> TestClient:
-    settings = Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False, **overrides)
+    settings = resize_settings(tmp_path, api_keys=[KEY], **overrides)
     return TestClient(create_app(settings))
 
 
@@ -129,17 +137,16 @@ def test_input_urls_on_allowed_hosts_are_fetched(tmp_path: Path, receiver: Recei
 
 def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path: Path, receiver: Receiver) -> None:
     receiver.failures = 2  # the first two attempts get HTTP 500
+    receiver.release_first.clear()  # and the first is not even answered until the reply is in
     with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(data_uri(encode(photo_crop())), webhookURL=f"{receiver.url}/hook?token=abc")
-        started = time.monotonic()
         response = client.post("/v1", json=[task], headers=AUTH)
-        replied_after = time.monotonic() - started
-        assert response.status_code == 200
-        deadline = time.monotonic() + 30
-        while len(receiver.requests) < 3:
-            assert time.monotonic() < deadline, receiver.requests
+        assert response.status_code == 200  # the reply did not wait for the webhook, still held at its first attempt
+        assert receiver.first_arrived.wait(30)
+        assert len(receiver.requests) == 1
+        receiver.release_first.set()
+        while len(receiver.requests) < 3:  # the retries (about 1.5 s of backoff; bounded by the test timeout)
             time.sleep(0.05)
-    assert replied_after < 5  # the reply did not wait for the retries (about 1.5 s of backoff)
     methods = {(method, path) for method, path, _, _ in receiver.requests}
     assert methods == {("POST", "/hook?token=abc")}
     delivered = json.loads(receiver.requests[-1][3])
@@ -152,10 +159,7 @@ def test_webhook_receives_task_errors_too(tmp_path: Path, receiver: Receiver) ->
             "6b1d5bd8-0c7b-4bd4-9f93-7f7b07a6d6a1", webhookURL=f"{receiver.url}/hook", deliveryMethod="async"
         )
         assert client.post("/v1", json=[task], headers=AUTH).status_code == 200
-        deadline = time.monotonic() + 30
-        while not receiver.requests:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert receiver.first_arrived.wait(30)
     error = json.loads(receiver.requests[0][3])["errors"][0]
     assert error["code"] == "imageNotFound" and error["taskUUID"] == task["taskUUID"]
 

@@ -14,17 +14,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import b64, data_uri, encode, photo_crop, upscale_task
+from tests.api_helpers import JobGate, b64, data_uri, encode, photo_crop, resize_settings, upscale_task
 from upscale_server.app import create_app
-from upscale_server.config import Settings
 
 KEY = "limits-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def make_client(tmp_path: Path, **overrides: Any) -> TestClient:
-    settings = Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False, **overrides)
-    return TestClient(create_app(settings))
+    return TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY], **overrides)))
 
 
 @pytest.fixture
@@ -73,8 +71,8 @@ def test_decompression_bomb_is_refused_from_its_header(client: TestClient) -> No
     assert error["taskUUID"] == task["taskUUID"]
 
 
-def test_full_queue_is_429_and_accepted_tasks_still_finish(tmp_path: Path) -> None:
-    with make_client(tmp_path, max_queue=1) as client:
+def test_full_queue_is_429_and_accepted_tasks_still_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with make_client(tmp_path, max_queue=1) as client, JobGate(monkeypatch) as gate:
         slow = upscale_task(data_uri(encode(photo_crop(128, 128))), deliveryMethod="async", model=None, upscaleFactor=4)
         assert client.post("/v1", json=[slow], headers=AUTH).status_code == 200
         refused = upscale_task(data_uri(encode(photo_crop())), deliveryMethod="async")
@@ -82,11 +80,11 @@ def test_full_queue_is_429_and_accepted_tasks_still_finish(tmp_path: Path) -> No
         assert response.status_code == 429
         assert response.json()["errors"][0]["code"] == "rateLimitExceeded"
         poll = [{"taskType": "getResponse", "taskUUID": slow["taskUUID"]}]
-        for _ in range(600):
-            item = client.post("/v1", json=poll, headers=AUTH).json()["data"][0]
-            if item["status"] != "processing":
-                break
-            time.sleep(0.2)
+        gate.wait_held()
+        assert client.post("/v1", json=poll, headers=AUTH).json()["data"][0]["status"] == "processing"
+        gate.open()
+        while (item := client.post("/v1", json=poll, headers=AUTH).json()["data"][0])["status"] == "processing":
+            time.sleep(0.01)
         assert item["status"] == "success"
         # the refused task was never claimed: its UUID can be sent again now that there is room
         assert client.post("/v1", json=[{**refused, "deliveryMethod": "sync"}], headers=AUTH).status_code == 200

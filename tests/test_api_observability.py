@@ -10,16 +10,13 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
+from tests.api_helpers import data_uri, encode, photo_crop, resize_settings, upscale_task
 from upscale_server.app import create_app
-from upscale_server.config import Settings
 from upscale_server.observability.logs import JsonFormatter, TaskContextFilter
 
 
-def test_wired_app(tmp_path: Path, provisioned_models_dir: Path) -> None:
-    settings = Settings(
-        data_dir=tmp_path, device="cpu", models_dir=provisioned_models_dir, default_model="local:realesr-animevideov3@1"
-    )
+def test_wired_app(tmp_path: Path) -> None:
+    settings = resize_settings(tmp_path, preload_default_model=True)  # ready once the default model loaded
     records: list[str] = []
 
     class Collect(logging.Handler):

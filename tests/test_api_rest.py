@@ -12,7 +12,17 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.api_helpers import b64, data_uri, decode, encode, new_uuid, photo_crop, upscale_task
+from tests.api_helpers import (
+    JobGate,
+    b64,
+    data_uri,
+    decode,
+    encode,
+    new_uuid,
+    photo_crop,
+    resize_settings,
+    upscale_task,
+)
 from upscale_server.app import create_app
 from upscale_server.config import Settings
 
@@ -21,7 +31,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    return Settings(data_dir=data_dir, device="cpu", api_keys=[KEY], preload_default_model=False, **overrides)
+    return resize_settings(data_dir, api_keys=[KEY], **overrides)
 
 
 @pytest.fixture
@@ -64,7 +74,7 @@ def test_ping_and_keys(client: TestClient) -> None:
 
 
 def test_open_mode_accepts_any_key(tmp_path: Path) -> None:
-    with TestClient(create_app(Settings(data_dir=tmp_path, device="cpu", preload_default_model=False))) as open_client:
+    with TestClient(create_app(resize_settings(tmp_path))) as open_client:
         status, _ = post(open_client, [{"taskType": "ping", "ping": True}], headers={"Authorization": "Bearer any"})
         assert status == 200
 
@@ -160,28 +170,34 @@ def test_transparency_survives_png_and_webp_and_is_flattened_in_jpg(client: Test
             assert image.getextrema()[3][0] == 0  # fully transparent pixels remain
 
 
-def test_async_delivery_and_get_response(client: TestClient) -> None:
+def test_async_delivery_and_get_response(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     task = upscale_task(data_uri(encode(photo_crop(96, 96))), deliveryMethod="async", model=None, upscaleFactor=4)
-    status, body = post(client, [task])
-    assert status == 200
-    assert body == {"data": [{"taskType": "imageUpscale", "taskUUID": task["taskUUID"]}]}
     poll = [{"taskType": "getResponse", "taskUUID": task["taskUUID"]}]
-    seen_processing = False
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    with JobGate(monkeypatch) as gate:
+        status, body = post(client, [task])
+        assert status == 200
+        assert body == {"data": [{"taskType": "imageUpscale", "taskUUID": task["taskUUID"]}]}
+        gate.wait_held()
         status, body = post(client, poll)
         assert status == 200, body
         item = body["data"][0]
-        if item["status"] == "processing":
-            seen_processing = True
-            assert not any(k.endswith(("URL", "Base64Data", "DataURI")) for k in item)
-            time.sleep(0.2)
-            continue
-        break
-    assert seen_processing
+        assert item == {"taskType": "imageUpscale", "taskUUID": task["taskUUID"], "status": "processing"}
+        assert not any(k.endswith(("URL", "Base64Data", "DataURI")) for k in item)
+    item = wait_finished(client, task["taskUUID"])
     assert item["status"] == "success" and item["taskType"] == "imageUpscale"
     image, _ = fetch_image(client, item["imageURL"])
     assert image.size == (384, 384)
+
+
+def wait_finished(client: TestClient, task_uuid: str) -> dict[str, Any]:
+    """Poll until the task is no longer processing (its job was released; bounded by the test timeout)."""
+    while True:
+        status, body = post(client, [{"taskType": "getResponse", "taskUUID": task_uuid}])
+        assert status == 200, body
+        item: dict[str, Any] = body["data"][0] if "data" in body else body["errors"][0]
+        if item.get("status") != "processing":
+            return item
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("output_type", ["URL", "base64Data", "dataURI"])
@@ -280,7 +296,7 @@ def test_url_outputs_honour_ttl(client: TestClient) -> None:
     before = time.time()
     task = upscale_task(data_uri(encode(photo_crop())), outputType="URL", ttl=60)
     item = post(client, [task])[1]["data"][0]
-    stored = client.app.state.server.images.get(item["imageUUID"], touch=False)  # type: ignore[attr-defined]
+    stored = client.app.state.context.images.get(item["imageUUID"], touch=False)  # type: ignore[attr-defined]
     assert stored is not None and stored.expires_at is not None
     assert before + 60 <= stored.expires_at <= time.time() + 60
     status, body = post(client, [upscale_task(data_uri(encode(photo_crop())), ttl=30)])

@@ -12,19 +12,24 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import data_uri, encode, photo_crop, upscale_task
-from upscale_server.api.sessions import SessionRegistry
+from tests.api_helpers import JobGate, data_uri, encode, photo_crop, resize_settings, upscale_task
 from upscale_server.app import create_app
-from upscale_server.config import Settings
+from upscale_server.sessions.local import LocalSessionStore
 
 KEY = "session-key"
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False)
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY]))) as test_client:
         yield test_client
+
+
+def wait_finished(client: TestClient, task_uuid: str) -> dict[str, Any]:
+    """Poll until the task's released job has finished (bounded by the test's timeout)."""
+    while (item := poll(client, task_uuid)).get("status") == "processing":
+        time.sleep(0.01)
+    return item
 
 
 def auth(ws: Any, session: str | None = None) -> str:
@@ -43,43 +48,46 @@ def poll(client: TestClient, task_uuid: str) -> dict[str, Any]:
     return item
 
 
-def test_results_that_finish_while_away_are_delivered_on_reconnect(client: TestClient) -> None:
+def test_results_that_finish_while_away_are_delivered_on_reconnect(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task = upscale_task(data_uri(encode(photo_crop(96, 96))), model=None, upscaleFactor=4)
-    with client.websocket_connect("/v1") as ws:
-        session = auth(ws)
-        ws.send_text(json.dumps([task]))
-        deadline = time.monotonic() + 60
-        while poll(client, task["taskUUID"]).get("status") != "processing":  # claimed, then we leave
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    while poll(client, task["taskUUID"]).get("status") == "processing":
-        assert time.monotonic() < deadline + 120
-        time.sleep(0.1)
+    with JobGate(monkeypatch) as gate:
+        with client.websocket_connect("/v1") as ws:
+            session = auth(ws)
+            ws.send_text(json.dumps([task]))
+            gate.wait_held()  # claimed and running: now the client leaves
+            assert poll(client, task["taskUUID"])["status"] == "processing"
+        gate.open()  # the result arrives while nobody is attached
+        assert wait_finished(client, task["taskUUID"])["status"] == "success"
     with client.websocket_connect("/v1") as ws:
         assert auth(ws, session) == session
         frame = json.loads(ws.receive_text())
         assert frame["data"][0]["taskUUID"] == task["taskUUID"] and "imageURL" in frame["data"][0]
 
 
-def test_resent_in_flight_async_task_is_a_conflict_and_still_pollable(client: TestClient) -> None:
+def test_resent_in_flight_async_task_is_a_conflict_and_still_pollable(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task = upscale_task(data_uri(encode(photo_crop(64, 64))), deliveryMethod="async", model=None)
-    with client.websocket_connect("/v1") as ws:
-        auth(ws)
-        ws.send_text(json.dumps([task]))
-        assert json.loads(ws.receive_text()) == {"data": [{"taskType": "imageUpscale", "taskUUID": task["taskUUID"]}]}
-        ws.send_text(json.dumps([task]))
-        error = json.loads(ws.receive_text())["errors"][0]
-        assert error["code"] == "conflictTaskUUID" and error["taskUUID"] == task["taskUUID"]
-    deadline = time.monotonic() + 120
-    while (item := poll(client, task["taskUUID"]))["status"] == "processing":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert item["status"] == "success"
+    with JobGate(monkeypatch) as gate:
+        with client.websocket_connect("/v1") as ws:
+            auth(ws)
+            ws.send_text(json.dumps([task]))
+            ack = {"data": [{"taskType": "imageUpscale", "taskUUID": task["taskUUID"]}]}
+            assert json.loads(ws.receive_text()) == ack
+            gate.wait_held()  # provably still in flight when it is sent again
+            ws.send_text(json.dumps([task]))
+            error = json.loads(ws.receive_text())["errors"][0]
+            assert error["code"] == "conflictTaskUUID" and error["taskUUID"] == task["taskUUID"]
+            assert poll(client, task["taskUUID"])["status"] == "processing"
+        gate.open()
+        assert wait_finished(client, task["taskUUID"])["status"] == "success"
 
 
 def test_detached_sessions_expire_after_the_resume_window() -> None:
     now = [0.0]
-    registry = SessionRegistry(resume_seconds=120, clock=lambda: now[0])
+    registry = LocalSessionStore(resume_seconds=120, clock=lambda: now[0])
     session = registry.open(None)
 
     async def sender(frame: str) -> None:

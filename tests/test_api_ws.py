@@ -11,18 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
-from tests.api_helpers import data_uri, encode, new_uuid, photo_crop, upscale_task
+from tests.api_helpers import data_uri, encode, new_uuid, photo_crop, resize_settings, upscale_task
 from upscale_server.app import create_app
-from upscale_server.config import Settings
 
 KEY = "ws-key"
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(
-        create_app(Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False))
-    ) as test_client:
+    with TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY]))) as test_client:
         yield test_client
 
 

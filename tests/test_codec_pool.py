@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import b64, decode, encode, new_uuid, photo_crop, upscale_task
+from tests.api_helpers import b64, decode, encode, new_uuid, photo_crop, resize_settings, upscale_task
+from upscale_server import app as app_module
 from upscale_server import imaging
 from upscale_server.app import create_app
-from upscale_server.config import Settings
 from upscale_server.inference.pipeline import UpscalePipeline
-from upscale_server.tasks import media
+from upscale_server.tasks import images
 
 KEY = "codec-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -36,17 +36,22 @@ def test_codecs_run_in_the_pool_and_inference_on_the_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_format: str
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(media, "decode_image", recording(calls, "decode", media.decode_image))
-    monkeypatch.setattr(media, "encode_image", recording(calls, "encode", media.encode_image))
+    monkeypatch.setattr(images, "decode_image", recording(calls, "decode", images.decode_image))
+    monkeypatch.setattr(images, "encode_image", recording(calls, "encode", images.encode_image))
     monkeypatch.setattr(imaging, "_write_png", recording(calls, "png", imaging._write_png))
     monkeypatch.setattr(UpscalePipeline, "run", recording(calls, "inference", UpscalePipeline.run))
-    settings = Settings(
-        data_dir=tmp_path, engine="resize", api_keys=[KEY], preload_default_model=False, encode_workers=2
-    )
-    app = create_app(settings)
+    pools: list[ThreadPoolExecutor] = []
+
+    class RecordedPool(ThreadPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(app_module, "ThreadPoolExecutor", RecordedPool)
+    app = create_app(resize_settings(tmp_path, api_keys=[KEY], encode_workers=2))
     with TestClient(app) as client:
-        codecs = app.state.server.dispatcher.codecs
-        assert isinstance(codecs, ThreadPoolExecutor) and codecs._max_workers == 2
+        [codecs] = pools
+        assert codecs._max_workers == 2
         gif = encode(photo_crop(12, 8), "GIF")  # not kept as sent: the stored input is encoded to PNG
         task = upscale_task(b64(gif), outputType="base64Data", outputFormat=output_format)
         response = client.post("/v1", json=[task], headers=AUTH)
@@ -66,10 +71,9 @@ def test_codecs_run_in_the_pool_and_inference_on_the_worker(
 
 def test_upload_decodes_and_encodes_in_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(media, "decode_image", recording(calls, "decode", media.decode_image))
-    monkeypatch.setattr(media, "encode_image", recording(calls, "encode", media.encode_image))
-    settings = Settings(data_dir=tmp_path, engine="resize", api_keys=[KEY], preload_default_model=False)
-    with TestClient(create_app(settings)) as client:
+    monkeypatch.setattr(images, "decode_image", recording(calls, "decode", images.decode_image))
+    monkeypatch.setattr(images, "encode_image", recording(calls, "encode", images.encode_image))
+    with TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY]))) as client:
         image = "data:image/png;base64," + b64(encode(photo_crop(8, 8)))
         response = client.post(
             "/v1", json=[{"taskType": "imageUpload", "taskUUID": new_uuid(), "image": image}], headers=AUTH
@@ -86,8 +90,7 @@ def test_a_failed_inference_fails_only_its_task(tmp_path: Path, monkeypatch: pyt
         raise RuntimeError("network exploded")
 
     monkeypatch.setattr(UpscalePipeline, "run", broken)
-    settings = Settings(data_dir=tmp_path, engine="resize", api_keys=[KEY], preload_default_model=False)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY]))) as client:
         response = client.post("/v1", json=[upscale_task(b64(encode(photo_crop(8, 8))))], headers=AUTH)
         errors = response.json()["errors"]
         assert len(errors) == 1 and errors[0]["taskType"] == "imageUpscale"

@@ -120,7 +120,7 @@ def test_invalid_upscale_factor_is_an_invalid_parameter_with_limits() -> None:
 
 
 def test_auth_failure_matches_the_runware_docs_byte_for_byte() -> None:
-    """Runware docs, platform/errors (protocol doc §1.2 and §3.2): no taskUUID, taskType authentication."""
+    """As Runware answers a bad key: no taskUUID, taskType authentication."""
     golden = (
         '{"errors":[{"code":"invalidApiKey","message":"Invalid API key. Get one at https://my.runware.ai/signup",'
         '"parameter":"apiKey","taskType":"authentication"}]}'

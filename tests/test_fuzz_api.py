@@ -5,7 +5,7 @@ objects whose fields mix valid values with wrong types, out-of-range numbers, em
 unknown task types, missing fields and nested junk, and image strings that are garbage base64,
 truncated or bit-flipped PNG/JPEG bytes, non-image data URIs or UUIDs that were never uploaded.
 
-Whatever arrives, the server must answer in the Runware envelope (docs/runware-protocol.md §3.4, §6):
+Whatever arrives, the server must answer in the Runware envelope:
 
 * REST: never a 5xx (nor an ``internalServerError`` item inside a 200); the body is an object with only
   ``data`` and/or ``errors`` (never an empty ``errors``); each error has a string ``code`` and
@@ -16,9 +16,9 @@ Whatever arrives, the server must answer in the Runware envelope (docs/runware-p
   connection survives every frame (a ping afterwards still gets its pong), and every task of a frame
   gets its answer.
 
-Valid upscales that the fuzzer happens to build use a 16x16 input and the small
-``local:realesr-animevideov3@1`` model, so inference takes milliseconds; ``max_input_pixels`` is tiny so
-a mutated header cannot ask for a big decode. Input URLs point only at a closed loopback port.
+The app runs the resize engine (the protocol is under test, not the pixels): valid upscales that the
+fuzzer happens to build take milliseconds; ``max_input_pixels`` is tiny so a mutated header cannot ask
+for a big decode. Input URLs point only at a closed loopback port.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from starlette.testclient import WebSocketTestSession
 
-from tests.api_helpers import b64, data_uri, encode, photo_crop
+from tests.api_helpers import b64, data_uri, encode, photo_crop, resize_settings
 from upscale_server.app import create_app
-from upscale_server.config import Settings
 
 KEY = "fuzz-key"
 SMALL_MODEL = "local:realesr-animevideov3@1"
@@ -68,11 +67,9 @@ FUZZ_SETTINGS = settings(
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, dict[str, str]]]:
     """One app for the whole module, with an uploaded image, a finished task and a failed task to refer to."""
-    app_settings = Settings(
-        data_dir=tmp_path_factory.mktemp("fuzz"),
-        device="cpu",
+    app_settings = resize_settings(
+        tmp_path_factory.mktemp("fuzz"),
         api_keys=[KEY],
-        preload_default_model=False,
         max_tasks=MAX_TASKS,
         max_body_bytes=MAX_BODY,
         max_input_pixels=MAX_INPUT_PIXELS,
@@ -352,7 +349,7 @@ def _reject_constant(name: str) -> object:
 
 
 def parse_like_the_protocol(body: bytes) -> tuple[str | None, list[Any]]:
-    """What the body is per docs/runware-protocol.md §3.1: a request-level error code, or its task list."""
+    """What the body is: a request-level error code, or its task list."""
     try:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -587,7 +584,7 @@ SURROGATE = "\ud800"  # a lone surrogate: valid in JSON text as an escape, not e
 def test_rest_lone_surrogate_is_a_clear_error(tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
     """``POST /v1`` with ``[{"taskType": "\\ud800", "taskUUID": "<uuid>"}]`` (escaped, so valid JSON) once
     crashed while rendering the echo; now 400 ``invalidTaskType`` (``invalidTaskUUID`` / 401 ``invalidApiKey``)."""
-    app_settings = Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False)
+    app_settings = resize_settings(tmp_path, api_keys=[KEY])
     with TestClient(create_app(app_settings), raise_server_exceptions=False) as client:
         headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
         response = client.post("/v1", content=serialize(tasks), headers=headers)
@@ -598,7 +595,7 @@ def test_rest_lone_surrogate_is_a_clear_error(tmp_path: Path, tasks: list[dict[s
 def test_websocket_lone_surrogate_api_key_is_refused_not_fatal(tmp_path: Path) -> None:
     """WS frame ``[{"taskType":"authentication","apiKey":"\\ud800"}]`` once closed the connection; now an
     ``invalidApiKey`` error frame, and the connection still answers pings."""
-    app_settings = Settings(data_dir=tmp_path, device="cpu", api_keys=[KEY], preload_default_model=False)
+    app_settings = resize_settings(tmp_path, api_keys=[KEY])
     with TestClient(create_app(app_settings)) as client, client.websocket_connect("/v1") as ws:
         ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": SURROGATE}]))
         assert receive_frame(ws, timeout=5)["errors"][0]["code"] == "invalidApiKey"

@@ -30,6 +30,7 @@ from upscale_server.imaging import (
     read_image_file,
     resize_pixels,
 )
+from upscale_server.vocabulary import ImageFormat
 
 RNG = np.random.default_rng(1234)
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -299,7 +300,7 @@ def test_broken_exif_does_not_break_decoding() -> None:
 
 
 def encode_roundtrip_u8(picture: Picture) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(encode_image(picture, "PNG"))))
+    return np.asarray(Image.open(io.BytesIO(encode_image(picture, ImageFormat.PNG))))
 
 
 def to_u16(pixels: np.ndarray) -> np.ndarray:
@@ -324,7 +325,7 @@ def test_8bit_png_modes_round_trip_exactly(mode: str, channels: int) -> None:
     assert picture.has_alpha == (channels in (2, 4))
     assert picture.pixels.flags.c_contiguous
     np.testing.assert_array_equal(to_u8(picture.pixels), values)
-    out = Image.open(io.BytesIO(encode_image(picture, "PNG")))
+    out = Image.open(io.BytesIO(encode_image(picture, ImageFormat.PNG)))
     assert out.mode == mode
     np.testing.assert_array_equal(np.asarray(out).reshape(values.shape), values)
 
@@ -421,7 +422,7 @@ def test_16bit_png_round_trips_with_identical_values(channels: int) -> None:
     picture = decode_image(png16_bytes(values))
     assert (picture.channels, picture.bit_depth) == (channels, 16)
     np.testing.assert_array_equal(to_u16(picture.pixels), values)
-    encoded = encode_image(picture, "PNG")
+    encoded = encode_image(picture, ImageFormat.PNG)
     width, height, rows, info = png.Reader(bytes=encoded).read()
     assert (info["bitdepth"], info["planes"], width, height) == (16, channels, 9, 7)
     np.testing.assert_array_equal(np.array([list(r) for r in rows]).reshape(values.shape), values)
@@ -442,7 +443,7 @@ def test_16bit_interlaced_and_trns() -> None:
 def test_every_16bit_value_survives_float_and_back() -> None:
     values = np.arange(65536, dtype=np.uint16).reshape(256, 256, 1)
     picture = decode_image(pil_bytes(Image.fromarray(values[..., 0])))
-    out = Image.open(io.BytesIO(encode_image(picture, "PNG")))
+    out = Image.open(io.BytesIO(encode_image(picture, ImageFormat.PNG)))
     assert out.mode in ("I;16", "I")
     np.testing.assert_array_equal(np.asarray(out), values[..., 0])
 
@@ -457,7 +458,7 @@ def test_real_clipart_and_photo_round_trip_through_png(photo_path: Path, clipart
         assert picture.mode == mode
         reference = np.asarray(Image.open(path).convert(mode))
         np.testing.assert_array_equal(to_u8(picture.pixels), reference)
-        again = decode_image(encode_image(picture, "PNG"))
+        again = decode_image(encode_image(picture, ImageFormat.PNG))
         np.testing.assert_array_equal(again.pixels, picture.pixels)
 
 
@@ -468,8 +469,8 @@ def test_real_clipart_and_photo_round_trip_through_png(photo_path: Path, clipart
         ("PNG", 4, 16),
         ("PNG", 1, 16),
         ("PNG", 2, 8),
-        ("JPEG", 3, 8),
-        ("JPEG", 4, 16),
+        ("JPG", 3, 8),
+        ("JPG", 4, 16),
         ("WEBP", 4, 8),
     ],
 )
@@ -479,9 +480,9 @@ def test_icc_profile_is_carried(fmt: str, channels: int, bit_depth: int) -> None
     if gray:  # a GRAY profile: patch the colour-space field of a real profile, enough for carrying
         icc = icc[:16] + b"GRAY" + icc[20:]
     picture = Picture(RNG.random((6, 5, channels), dtype=np.float32), bit_depth, icc, "PNG")
-    out = Image.open(io.BytesIO(encode_image(picture, fmt)))  # type: ignore[arg-type]
+    out = Image.open(io.BytesIO(encode_image(picture, ImageFormat(fmt))))
     assert out.info.get("icc_profile") == icc
-    assert decode_image(encode_image(picture, fmt)).icc_profile == icc  # type: ignore[arg-type]
+    assert decode_image(encode_image(picture, ImageFormat(fmt))).icc_profile == icc
 
 
 def test_icc_profile_is_read_from_png_and_mismatched_ones_dropped() -> None:
@@ -498,34 +499,34 @@ def test_jpeg_flattens_alpha_onto_the_background_and_keeps_gray() -> None:
     pixels = np.zeros((16, 16, 4), dtype=np.float32)
     pixels[:, :8] = (1.0, 0.0, 0.0, 1.0)  # opaque red left, fully transparent black right
     picture = Picture(pixels)
-    white = np.asarray(Image.open(io.BytesIO(encode_image(picture, "JPEG")))) / 255
+    white = np.asarray(Image.open(io.BytesIO(encode_image(picture, ImageFormat.JPG)))) / 255
     np.testing.assert_allclose(white[8, 2], [1, 0, 0], atol=0.03)
     np.testing.assert_allclose(white[8, 13], [1, 1, 1], atol=0.03)
-    green = Image.open(io.BytesIO(encode_image(picture, "JPEG", background=(0.0, 1.0, 0.0))))
+    green = Image.open(io.BytesIO(encode_image(picture, ImageFormat.JPG, background=(0.0, 1.0, 0.0))))
     np.testing.assert_allclose(np.asarray(green)[8, 13] / 255, [0, 1, 0], atol=0.03)
     gray = Picture(np.full((8, 8, 2), 0.5, dtype=np.float32))
-    out = Image.open(io.BytesIO(encode_image(gray, "JPEG")))
+    out = Image.open(io.BytesIO(encode_image(gray, ImageFormat.JPG)))
     assert out.mode == "L"
     assert abs(np.asarray(out).mean() - 191) <= 1  # 0.5 over white: 0.75 -> 191
 
 
 def test_jpeg_subsampling_and_quality() -> None:
     picture = Picture(RNG.random((32, 32, 3), dtype=np.float32))
-    high = Image.open(io.BytesIO(encode_image(picture, "JPEG", quality=95)))
-    low = Image.open(io.BytesIO(encode_image(picture, "JPEG", quality=70)))
+    high = Image.open(io.BytesIO(encode_image(picture, ImageFormat.JPG, quality=95)))
+    low = Image.open(io.BytesIO(encode_image(picture, ImageFormat.JPG, quality=70)))
     assert isinstance(high, JpegImagePlugin.JpegImageFile)
     assert isinstance(low, JpegImagePlugin.JpegImageFile)
     assert JpegImagePlugin.get_sampling(high) == 0  # 4:4:4
     assert JpegImagePlugin.get_sampling(low) == 2  # 4:2:0
     with pytest.raises(ValueError):
-        encode_image(picture, "JPEG", quality=0)
+        encode_image(picture, ImageFormat.JPG, quality=0)
 
 
 def test_webp_keeps_alpha_and_widens_gray() -> None:
     pixels = np.zeros((8, 8, 4), dtype=np.float32)
     pixels[..., 3] = 1.0
     pixels[:4, :, 3] = 0.0
-    rgba = Image.open(io.BytesIO(encode_image(Picture(pixels), "WEBP")))
+    rgba = Image.open(io.BytesIO(encode_image(Picture(pixels), ImageFormat.WEBP)))
     assert rgba.mode == "RGBA"
     np.testing.assert_array_equal(np.asarray(rgba)[:, 0, 3], [0] * 4 + [255] * 4)
     gray = decode_image(encode_image(Picture(np.full((8, 8, 1), 0.25, dtype=np.float32)), "WEBP"))
@@ -536,15 +537,15 @@ def test_webp_keeps_alpha_and_widens_gray() -> None:
 def test_output_size_limits_are_clear_errors() -> None:
     wide = Picture(np.zeros((1, 16_384, 3), dtype=np.float32))
     with pytest.raises(ImageTooLargeError, match="WEBP") as info:
-        encode_image(wide, "WEBP")
+        encode_image(wide, ImageFormat.WEBP)
     assert info.value.parameter == "outputFormat"
-    assert len(encode_image(wide, "PNG")) > 0
+    assert len(encode_image(wide, ImageFormat.PNG)) > 0
 
 
 def test_quantisation_rounds_half_up_clips_and_survives_nan() -> None:
     values = np.array([0.49 / 255, 0.51 / 255, 254.5 / 255, -0.2, 1.7, np.nan], dtype=np.float32)
     picture = Picture(values.reshape(1, 6, 1))
-    out = np.asarray(Image.open(io.BytesIO(encode_image(picture, "PNG"))))
+    out = np.asarray(Image.open(io.BytesIO(encode_image(picture, ImageFormat.PNG))))
     np.testing.assert_array_equal(out[0], [0, 1, 255, 0, 255, 0])
 
 
@@ -692,8 +693,8 @@ def test_striped_png_is_one_valid_stream_with_the_same_pixels(
     pixels[0, 0, 0] = np.nan
     picture = Picture(pixels, bit_depth=bit_depth)
     with ThreadPoolExecutor(2) as pool:
-        striped = encode_image(picture, "PNG", executor=pool)
-    single = encode_image(picture, "PNG")
+        striped = encode_image(picture, ImageFormat.PNG, executor=pool)
+    single = encode_image(picture, ImageFormat.PNG)
     assert zlib.decompress(idat_stream(striped)) == zlib.decompress(idat_stream(single))  # same filtered rows
     np.testing.assert_array_equal(decode_image(striped).pixels, decode_image(single).pixels)
     if bit_depth == 8:
@@ -703,7 +704,7 @@ def test_striped_png_is_one_valid_stream_with_the_same_pixels(
 def test_png_of_a_real_output_matches_pillow_pixels_and_size(photo_path: Path) -> None:
     photo = read_image_file(photo_path)
     picture = Picture(resize_pixels(photo.pixels[:128, :128], 512, 512))  # smooth, like an upscaled output
-    ours = encode_image(picture, "PNG")
+    ours = encode_image(picture, ImageFormat.PNG)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ours))), pillow_png_values(picture))
     values = np.asarray(Image.open(io.BytesIO(ours)))
     pillow_level1 = pil_bytes(Image.fromarray(values), compress_level=1)
@@ -715,9 +716,9 @@ def test_striping_inside_the_pool_it_uses_cannot_deadlock(monkeypatch: pytest.Mo
     monkeypatch.setattr(imaging, "usable_cores", lambda: 4)
     monkeypatch.setattr(imaging, "_PNG_STRIPE_MIN_BYTES", 64)
     picture = Picture(RNG.random((40, 30, 3), dtype=np.float32))
-    expected = decode_image(encode_image(picture, "PNG")).pixels
+    expected = decode_image(encode_image(picture, ImageFormat.PNG)).pixels
     with ThreadPoolExecutor(1) as pool:  # its only thread is the one encoding
         data = pool.submit(encode_image, picture, "PNG", executor=pool).result(timeout=30)
     np.testing.assert_array_equal(decode_image(data).pixels, expected)
     pool.shutdown()
-    np.testing.assert_array_equal(decode_image(encode_image(picture, "PNG", executor=pool)).pixels, expected)
+    np.testing.assert_array_equal(decode_image(encode_image(picture, ImageFormat.PNG, executor=pool)).pixels, expected)

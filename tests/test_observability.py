@@ -48,7 +48,8 @@ class FakeServer:
 
 
 def make_app(fake: FakeServer, data_dir: Path, *, require_model: bool = True) -> tuple[FastAPI, Metrics]:
-    metrics = Metrics(
+    metrics = Metrics()
+    metrics.watch(
         queue_depth=lambda: fake.queue,
         in_flight=lambda: fake.in_flight,
         storage_stats=fake.storage_stats,
@@ -271,7 +272,8 @@ def test_a_failing_source_drops_only_its_own_series(
     def broken() -> tuple[int, int]:
         raise RuntimeError("database is locked")
 
-    metrics = Metrics(queue_depth=lambda: 4, storage_stats=broken, process_metrics=False)
+    metrics = Metrics(process_metrics=False)
+    metrics.watch(queue_depth=lambda: 4, storage_stats=broken)
     with caplog.at_level(logging.WARNING, logger="upscale_server.observability.metrics"):
         first = metrics.render()[0].decode()
         second = metrics.render()[0].decode()
@@ -329,7 +331,8 @@ def test_gpu_memory_series_when_a_cuda_device_is_given(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1024)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4096)
-    metrics = Metrics(cuda_device=torch.device("cuda:0"), process_metrics=False)
+    metrics = Metrics(process_metrics=False)
+    metrics.watch(cuda_device=torch.device("cuda:0"))
     text = metrics.render()[0].decode()
     assert 'upscale_gpu_memory_bytes{device="cuda:0",kind="allocated"} 1024.0' in text
     assert 'upscale_gpu_memory_bytes{device="cuda:0",kind="reserved"} 4096.0' in text

@@ -1,8 +1,9 @@
-"""The Runware wire format: golden envelopes from docs/runware-protocol.md, task parsing, and fuzzing."""
+"""The Runware wire format: golden envelopes as Runware documents them, task parsing, and fuzzing."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -30,8 +31,6 @@ from upscale_server.protocol import (
     ack_item,
     auth_item,
     envelope,
-    envelope_data,
-    envelope_errors,
     image_output,
     parse_request_body,
     parse_task,
@@ -40,7 +39,6 @@ from upscale_server.protocol import (
     task_identity,
     upload_item,
     upscale_item,
-    wire_name,
     with_status,
 )
 
@@ -75,19 +73,18 @@ def refused(raw: object) -> UpscaleError:
 
 
 def test_auth_success_is_the_documented_frame_without_task_uuid() -> None:
-    """§3.2: SDK-JS matches ``taskUUID || taskType``, so a taskUUID would hide the auth reply."""
+    """SDK-JS matches ``taskUUID || taskType``, so a taskUUID would hide the auth reply."""
     golden = '{"data":[{"taskType":"authentication","connectionSessionUUID":"f40c2aeb-f8a7-4af7-a1ab-7594c9bf778f"}]}'
-    assert compact(envelope_data([auth_item("f40c2aeb-f8a7-4af7-a1ab-7594c9bf778f")])) == golden
+    assert compact(envelope(data=[auth_item("f40c2aeb-f8a7-4af7-a1ab-7594c9bf778f")])) == golden
 
 
 def test_ping_reply() -> None:
-    """§3.3."""
-    assert compact(envelope_data([pong_item()])) == '{"data":[{"taskType":"ping","pong":true}]}'
-    assert pong_item(TASK) == {"taskType": "ping", "pong": True, "taskUUID": TASK}
+    """The keep-alive answer every SDK waits for: no taskUUID."""
+    assert compact(envelope(data=[pong_item()])) == '{"data":[{"taskType":"ping","pong":true}]}'
 
 
 def test_upscale_result_matches_the_docs_example() -> None:
-    """§4.3 response, key order included."""
+    """The response example of Runware's upscaling docs, key order included."""
     golden = (
         '{"data":[{"taskType":"imageUpscale","taskUUID":"19abad0d-6ec5-40a6-b7af-203775fa5b7f",'
         '"imageUUID":"e0b6ed2b-311d-4abc-aa01-8f3fdbdb8860","inputImageUUID":"fd613011-3872-4f37-b4aa-0d343c051a27",'
@@ -116,7 +113,7 @@ def test_upscale_result_output_fields_and_optional_keys() -> None:
 
 
 def test_upload_result_has_uuid_and_url() -> None:
-    """§4.2: the ``runware`` SDK indexes ``imageURL`` directly."""
+    """The ``runware`` SDK indexes ``imageURL`` directly."""
     golden = (
         '{"data":[{"taskType":"imageUpload","taskUUID":"50836053-a0ee-4cf5-b9d6-ae7c5d140ada",'
         '"imageUUID":"989ba605-1449-4e1e-b462-cd83ec9c1a67","imageURL":"http://h/image/989ba605-1449-4e1e-b462-cd83ec9c1a67.png"}]}'
@@ -126,13 +123,13 @@ def test_upload_result_has_uuid_and_url() -> None:
         "989ba605-1449-4e1e-b462-cd83ec9c1a67",
         "http://h/image/989ba605-1449-4e1e-b462-cd83ec9c1a67.png",
     )
-    assert compact(envelope_data([item])) == golden
+    assert compact(envelope(data=[item])) == golden
 
 
 def test_async_ack_processing_and_success() -> None:
-    """§4.5: the ACK and the processing answer carry nothing an SDK could take for a result."""
+    """The ACK and the processing answer carry nothing an SDK could take for a result."""
     uuid = "f8c76d6a-191f-4756-951e-8e72e7688774"
-    assert compact(envelope_data([ack_item("upscale", uuid)])) == (
+    assert compact(envelope(data=[ack_item("upscale", uuid)])) == (
         '{"data":[{"taskType":"upscale","taskUUID":"f8c76d6a-191f-4756-951e-8e72e7688774"}]}'
     )
     processing = processing_item("upscale", uuid)
@@ -155,12 +152,12 @@ def test_async_ack_processing_and_success() -> None:
 
 
 def test_task_errors_echo_type_and_uuid_and_carry_status_in_polls() -> None:
-    """§1.1/§4.5: runware-sdk delivers an error without taskUUID to every pending task."""
+    """runware-sdk delivers an error without taskUUID to every pending task."""
     item = error_item(InvalidUpscaleFactorError("bad factor"), task_type="upscale", task_uuid=TASK)
     assert (item["taskType"], item["taskUUID"]) == ("upscale", TASK)
     polled = with_status(item, "error")
     assert polled["status"] == "error" and polled["code"] == "invalidUpscaleFactor"
-    assert compact(envelope_errors([polled])).startswith('{"errors":[{"code":"invalidUpscaleFactor"')
+    assert compact(envelope(errors=[polled])).startswith('{"errors":[{"code":"invalidUpscaleFactor"')
 
 
 def test_envelope_omits_empty_keys() -> None:
@@ -170,7 +167,7 @@ def test_envelope_omits_empty_keys() -> None:
     assert envelope(errors=[bad]) == {"errors": [bad]}
     assert envelope(data=[ok], errors=[bad]) == {"data": [ok], "errors": [bad]}
     assert envelope() == {"data": []}
-    assert envelope_data([]) == {"data": []}
+    assert envelope(data=[]) == {"data": []}
 
 
 # --------------------------------------------------------------------------- parsing: accepted forms
@@ -209,7 +206,7 @@ def test_defaults() -> None:
 
 
 def test_captured_sdk_requests_parse() -> None:
-    """Bodies captured from the three SDKs (protocol doc §5), verbatim."""
+    """Bodies captured from the three SDKs verbatim."""
     bodies = [
         '[{"taskType": "imageUpscale", "taskUUID": "e0baf9b0-6f93-483f-afc9-7144a28923ad",'
         ' "deliveryMethod": "sync", "upscaleFactor": 2,'
@@ -324,12 +321,18 @@ def test_other_task_types() -> None:
     assert parse_task({"taskType": "getResponse", "taskUUID": TASK}) == GetResponseTask(task_uuid=TASK)
 
 
-def test_models_dump_wire_names() -> None:
-    task = parse_task(upscale(webhookURL="https://h/x"))
-    dumped = task.model_dump(by_alias=True)
-    assert dumped["taskUUID"] == TASK and dumped["webhookURL"] == "https://h/x" and dumped["upscaleFactor"] == 4
-    assert wire_name("connection_session_uuid") == "connectionSessionUUID"
-    assert wire_name("output_quality") == "outputQuality"
+def test_unknown_fields_are_logged_at_debug_with_the_task_uuid(caplog: pytest.LogCaptureFixture) -> None:
+    """A typo such as ``outputFromat`` is ignored like any field Runware's SDKs forward, but not silently."""
+    with caplog.at_level(logging.DEBUG, logger="upscale_server.protocol"):
+        task = parse_task(upscale(outputFromat="PNG", numberResults=1))
+    assert isinstance(task, UpscaleTask) and task.output_format == "JPG"
+    [record] = [r for r in caplog.records if "unknown" in r.getMessage()]
+    assert record.levelno == logging.DEBUG
+    assert TASK in record.getMessage() and "numberResults, outputFromat" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="upscale_server.protocol"):
+        parse_task(upscale(outputFormat="PNG"))
+    assert not caplog.records
 
 
 # --------------------------------------------------------------------------- parsing: refusals

@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from upscale_server.storage import (
-    Database,
-    DatabaseVersionError,
-    ImageStore,
-    TaskRecord,
-    TaskStore,
-    normalize_uuid,
-    open_database,
-    sweep_forever,
-)
-from upscale_server.storage.db import SCHEMA_VERSION
-from upscale_server.storage.images import ORPHAN_TEMP_AGE_SECONDS
+from upscale_server.storage import Claim, TaskRecord
+from upscale_server.storage.local_images import ORPHAN_TEMP_AGE_SECONDS, LocalImageStore
+from upscale_server.storage.sqlite import MIGRATIONS, SCHEMA_VERSION, Database, DatabaseVersionError, open_database
+from upscale_server.storage.sqlite_records import SqliteTaskRecords
+from upscale_server.storage.sweeper import sweep_forever
+from upscale_server.vocabulary import ImageFormat, canonical_uuid
 
 DAY = 86400.0
 RETENTION = 30 * DAY
@@ -62,13 +56,13 @@ def db(db_path: Path) -> Iterator[Database]:
 
 
 @pytest.fixture
-def images(db: Database, tmp_path: Path, clock: FakeClock) -> ImageStore:
-    return ImageStore(db, tmp_path / "data" / "images", retention_seconds=RETENTION, clock=clock)
+def images(db: Database, tmp_path: Path, clock: FakeClock) -> LocalImageStore:
+    return LocalImageStore(db, tmp_path / "data" / "images", retention_seconds=RETENTION, clock=clock)
 
 
 @pytest.fixture
-def tasks(db: Database, clock: FakeClock) -> TaskStore:
-    return TaskStore(db, result_ttl_seconds=TTL, clock=clock)
+def tasks(db: Database, clock: FakeClock) -> SqliteTaskRecords:
+    return SqliteTaskRecords(db, result_ttl_seconds=TTL, clock=clock)
 
 
 def interrupted(record: TaskRecord) -> dict[str, object]:
@@ -128,11 +122,11 @@ def test_nested_transaction_joins_the_outer_one(db: Database, clock: FakeClock) 
     ("extension", "content_type"),
     [("jpg", "image/jpeg"), ("png", "image/png"), ("webp", "image/webp")],
 )
-def test_put_get_round_trip(images: ImageStore, extension: str, content_type: str) -> None:
+def test_put_get_round_trip(images: LocalImageStore, extension: str, content_type: str) -> None:
     data = os.urandom(1000)
-    stored = images.put(data, extension=extension, kind="upload", width=10, height=20)  # type: ignore[arg-type]
+    stored = images.put(data, format=ImageFormat.from_extension(extension), kind="upload", width=10, height=20)  # type: ignore[arg-type]
     assert stored.content_type == content_type
-    assert stored.path == images.root / stored.uuid[:2] / f"{stored.uuid}.{extension}"
+    assert stored.local_path == images.root / stored.uuid[:2] / f"{stored.uuid}.{extension}"
     assert uuid.UUID(stored.uuid).version == 4
 
     got = images.get(stored.uuid)
@@ -146,33 +140,33 @@ def test_put_get_round_trip(images: ImageStore, extension: str, content_type: st
     assert (got.size_bytes, got.width, got.height, got.expires_at) == (1000, 10, 20, None)
     assert images.read_bytes(got) == data
     # No temp file left beside the image.
-    assert [p.name for p in stored.path.parent.iterdir()] == [stored.path.name]
+    assert [p.name for p in stored.local_path.parent.iterdir()] == [stored.local_path.name]
 
 
-def test_put_with_given_uuid_and_uppercase_lookup(images: ImageStore) -> None:
+def test_put_with_given_uuid_and_uppercase_lookup(images: LocalImageStore) -> None:
     given = "019C42A0-C3FF-7138-BE83-EE257ABC5331"  # a v7 UUID: Runware clients send those too
-    stored = images.put(b"png", extension="png", kind="output", image_uuid=given)
+    stored = images.put(b"png", format=ImageFormat.PNG, kind="output", image_uuid=given)
     assert stored.uuid == given.lower()
     assert images.get(given) is not None
     assert images.get(given.lower()) is not None
 
 
-def test_put_refuses_duplicate_uuid_without_touching_the_existing_file(images: ImageStore) -> None:
-    first = images.put(b"first", extension="png", kind="output")
+def test_put_refuses_duplicate_uuid_without_touching_the_existing_file(images: LocalImageStore) -> None:
+    first = images.put(b"first", format=ImageFormat.PNG, kind="output")
     with pytest.raises(ValueError, match="already exists"):
-        images.put(b"second", extension="png", kind="output", image_uuid=first.uuid)
-    assert first.path.read_bytes() == b"first"
-    assert list(first.path.parent.glob(".*.tmp")) == []
+        images.put(b"second", format=ImageFormat.PNG, kind="output", image_uuid=first.uuid)
+    assert first.local_path.read_bytes() == b"first"
+    assert list(first.local_path.parent.glob(".*.tmp")) == []
     assert images.stats() == (1, 5)
 
 
-def test_put_refuses_bad_arguments(images: ImageStore) -> None:
+def test_put_refuses_bad_arguments(images: LocalImageStore) -> None:
     with pytest.raises(ValueError):
-        images.put(b"x", extension="png", kind="upload", image_uuid="../../etc/passwd")
+        images.put(b"x", format=ImageFormat.PNG, kind="upload", image_uuid="../../etc/passwd")
     with pytest.raises(ValueError):
-        images.put(b"x", extension="../x", kind="upload")  # type: ignore[arg-type]
+        images.put(b"x", format="../x", kind="upload")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        images.put(b"x", extension="png", kind="upload", ttl_seconds=0)
+        images.put(b"x", format=ImageFormat.PNG, kind="upload", ttl_seconds=0)
     assert images.stats() == (0, 0)
 
 
@@ -191,27 +185,27 @@ def test_put_refuses_bad_arguments(images: ImageStore) -> None:
         str(uuid.uuid4()) + "\n",
     ],
 )
-def test_malformed_uuid_is_none(images: ImageStore, bad: str) -> None:
-    assert normalize_uuid(bad) is None
+def test_malformed_uuid_is_none(images: LocalImageStore, bad: str) -> None:
+    assert canonical_uuid(bad) is None
     assert images.get(bad) is None
 
 
-def test_path_derives_from_uuid_only(images: ImageStore, tmp_path: Path) -> None:
+def test_path_derives_from_uuid_only(images: LocalImageStore, tmp_path: Path) -> None:
     # Even a row planted with a hostile uuid cannot make get() look outside the root.
     (tmp_path / "secret.png").write_bytes(b"secret")
-    stored = images.put(b"ok", extension="png", kind="upload")
-    assert stored.path.resolve().is_relative_to(images.root)
+    stored = images.put(b"ok", format=ImageFormat.PNG, kind="upload")
+    assert stored.local_path.resolve().is_relative_to(images.root)
     assert images.get("../../secret") is None
     assert images.get(str(tmp_path / "secret.png")) is None
 
 
-def test_unknown_uuid_is_none(images: ImageStore) -> None:
+def test_unknown_uuid_is_none(images: LocalImageStore) -> None:
     assert images.get(str(uuid.uuid4())) is None
 
 
-def test_touch_extends_life_and_untouched_expires(images: ImageStore, clock: FakeClock) -> None:
-    used = images.put(b"used", extension="jpg", kind="upload")
-    unused = images.put(b"unused", extension="jpg", kind="upload")
+def test_touch_extends_life_and_untouched_expires(images: LocalImageStore, clock: FakeClock) -> None:
+    used = images.put(b"used", format=ImageFormat.JPG, kind="upload")
+    unused = images.put(b"unused", format=ImageFormat.JPG, kind="upload")
 
     clock.advance(RETENTION - DAY)
     touched = images.get(used.uuid)
@@ -228,8 +222,8 @@ def test_touch_extends_life_and_untouched_expires(images: ImageStore, clock: Fak
     assert images.get(used.uuid) is None
 
 
-def test_explicit_ttl_expires_earlier_even_when_used(images: ImageStore, clock: FakeClock) -> None:
-    stored = images.put(b"x", extension="webp", kind="output", ttl_seconds=120)
+def test_explicit_ttl_expires_earlier_even_when_used(images: LocalImageStore, clock: FakeClock) -> None:
+    stored = images.put(b"x", format=ImageFormat.WEBP, kind="output", ttl_seconds=120)
     assert stored.expires_at == clock.now + 120
     clock.advance(60)
     assert images.get(stored.uuid) is not None
@@ -237,51 +231,51 @@ def test_explicit_ttl_expires_earlier_even_when_used(images: ImageStore, clock: 
     assert images.get(stored.uuid) is None
 
 
-def test_missing_file_is_none(images: ImageStore) -> None:
-    stored = images.put(b"x", extension="png", kind="upload")
-    stored.path.unlink()
+def test_missing_file_is_none(images: LocalImageStore) -> None:
+    stored = images.put(b"x", format=ImageFormat.PNG, kind="upload")
+    stored.local_path.unlink()
     assert images.get(stored.uuid) is None
 
 
-def test_sweep_removes_file_and_row(images: ImageStore, db: Database, clock: FakeClock) -> None:
-    old = images.put(b"old", extension="png", kind="upload")
-    short = images.put(b"short", extension="png", kind="output", ttl_seconds=10)
+def test_sweep_removes_file_and_row(images: LocalImageStore, db: Database, clock: FakeClock) -> None:
+    old = images.put(b"old", format=ImageFormat.PNG, kind="upload")
+    short = images.put(b"short", format=ImageFormat.PNG, kind="output", ttl_seconds=10)
     clock.advance(DAY)
-    fresh = images.put(b"fresh", extension="png", kind="upload")
+    fresh = images.put(b"fresh", format=ImageFormat.PNG, kind="upload")
 
     assert images.sweep() == 1  # only the ttl one
-    assert not short.path.exists()
+    assert not short.local_path.exists()
     assert images.stats() == (2, len(b"old") + len(b"fresh"))
 
     clock.advance(RETENTION - DAY)
     assert images.sweep() == 1
-    assert not old.path.exists()
-    assert fresh.path.exists()
+    assert not old.local_path.exists()
+    assert fresh.local_path.exists()
     rows = [row["uuid"] for row in db.query("SELECT uuid FROM images")]
     assert rows == [fresh.uuid]
     assert images.sweep() == 0
 
 
-def test_sweep_tolerates_missing_file(images: ImageStore, clock: FakeClock) -> None:
-    stored = images.put(b"x", extension="jpg", kind="upload")
-    stored.path.unlink()
+def test_sweep_tolerates_missing_file(images: LocalImageStore, clock: FakeClock) -> None:
+    stored = images.put(b"x", format=ImageFormat.JPG, kind="upload")
+    stored.local_path.unlink()
     clock.advance(RETENTION)
     assert images.sweep() == 1
     assert images.stats() == (0, 0)
 
 
-def test_sweep_keeps_recently_touched(images: ImageStore, clock: FakeClock) -> None:
-    stored = images.put(b"x", extension="jpg", kind="upload")
+def test_sweep_keeps_recently_touched(images: LocalImageStore, clock: FakeClock) -> None:
+    stored = images.put(b"x", format=ImageFormat.JPG, kind="upload")
     clock.advance(RETENTION - 1)
     assert images.get(stored.uuid) is not None
     clock.advance(2)
     assert images.sweep() == 0
-    assert stored.path.exists()
+    assert stored.local_path.exists()
 
 
-def test_sweep_removes_stale_temp_files_only(images: ImageStore, clock: FakeClock) -> None:
-    stored = images.put(b"x", extension="png", kind="upload")
-    shard = stored.path.parent
+def test_sweep_removes_stale_temp_files_only(images: LocalImageStore, clock: FakeClock) -> None:
+    stored = images.put(b"x", format=ImageFormat.PNG, kind="upload")
+    shard = stored.local_path.parent
     stale = shard / f".{stored.uuid}.abc.tmp"
     recent = shard / f".{stored.uuid}.def.tmp"
     stale.write_bytes(b"partial")
@@ -296,28 +290,28 @@ def test_sweep_removes_stale_temp_files_only(images: ImageStore, clock: FakeCloc
     assert not stale.exists()
     assert recent.exists()
     assert unrelated.exists()
-    assert stored.path.exists()
+    assert stored.local_path.exists()
 
 
 def test_images_survive_restart(db_path: Path, tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "data" / "images"
     with open_database(db_path) as first:
-        stored = ImageStore(first, root, retention_seconds=RETENTION, clock=clock).put(
-            b"keep", extension="png", kind="upload"
+        stored = LocalImageStore(first, root, retention_seconds=RETENTION, clock=clock).put(
+            b"keep", format=ImageFormat.PNG, kind="upload"
         )
     with open_database(db_path) as second:
-        again = ImageStore(second, root, retention_seconds=RETENTION, clock=clock).get(stored.uuid)
+        again = LocalImageStore(second, root, retention_seconds=RETENTION, clock=clock).get(stored.uuid)
     assert again is not None
-    assert again.path.read_bytes() == b"keep"
+    assert again.local_path.read_bytes() == b"keep"
 
 
 # ----------------------------------------------------------------------------------------------- results
 
 
-def test_claim_conflict(tasks: TaskStore) -> None:
+def test_claim_conflict(tasks: SqliteTaskRecords) -> None:
     task = str(uuid.uuid4())
-    assert tasks.claim(task, "upscale", "async") is True
-    assert tasks.claim(task, "imageUpscale", "sync") is False
+    assert tasks.claim(task, "upscale", "async") is Claim.CLAIMED
+    assert tasks.claim(task, "imageUpscale", "sync") is Claim.TAKEN
     record = tasks.get(task)
     assert record is not None
     assert (record.status, record.task_type, record.delivery) == ("processing", "upscale", "async")
@@ -328,10 +322,10 @@ def test_concurrent_claims_exactly_one_wins(db_path: Path, clock: FakeClock) -> 
     # Two connections on one file as well as threads sharing one: atomic at the SQLite level, not only
     # under our lock.
     dbs = [open_database(db_path), open_database(db_path)]
-    stores = [TaskStore(d, result_ttl_seconds=TTL, clock=clock) for d in dbs]
+    stores = [SqliteTaskRecords(d, result_ttl_seconds=TTL, clock=clock) for d in dbs]
     task = str(uuid.uuid4())
     barrier = threading.Barrier(8)
-    results: list[bool] = []
+    results: list[Claim] = []
     lock = threading.Lock()
 
     def claim(index: int) -> None:
@@ -347,10 +341,68 @@ def test_concurrent_claims_exactly_one_wins(db_path: Path, clock: FakeClock) -> 
         thread.join()
     for d in dbs:
         d.close()
-    assert sorted(results) == [False] * 7 + [True]
+    assert (results.count(Claim.CLAIMED), results.count(Claim.TAKEN)) == (1, 7)
 
 
-def test_complete_and_get(tasks: TaskStore, clock: FakeClock) -> None:
+def test_capacity_counts_open_admitted_tasks_only(tasks: SqliteTaskRecords) -> None:
+    """Admission lives in the claim: a refused task leaves no trace, a finished one frees its place."""
+    first, second, refused, upload = (str(uuid.uuid4()) for _ in range(4))
+    assert tasks.claim(upload, "imageUpload", "sync") is Claim.CLAIMED  # not admitted: never counted
+    assert tasks.claim(first, "upscale", "async", capacity=2) is Claim.CLAIMED
+    assert tasks.claim(second, "upscale", "async", capacity=2) is Claim.CLAIMED
+    assert tasks.claim(refused, "upscale", "async", capacity=2) is Claim.FULL
+    assert tasks.get(refused) is None  # never claimed: the client may send it again
+    assert tasks.claim(first, "upscale", "sync", capacity=2) is Claim.FULL  # full wins over a conflict
+    assert tasks.claim(first, "upscale", "sync", capacity=3) is Claim.TAKEN
+    tasks.complete(first, {"imageUUID": "done"})
+    assert tasks.claim(refused, "upscale", "async", capacity=2) is Claim.CLAIMED
+    tasks.fail(second, {"code": "x"})
+    tasks.fail(refused, {"code": "x"})
+    assert tasks.claim(str(uuid.uuid4()), "upscale", "sync", capacity=1) is Claim.CLAIMED
+
+
+def test_concurrent_admission_never_exceeds_the_capacity(db_path: Path, clock: FakeClock) -> None:
+    dbs = [open_database(db_path), open_database(db_path)]
+    stores = [SqliteTaskRecords(d, result_ttl_seconds=TTL, clock=clock) for d in dbs]
+    barrier = threading.Barrier(8)
+    results: list[Claim] = []
+    lock = threading.Lock()
+
+    def claim(index: int) -> None:
+        barrier.wait()
+        outcome = stores[index % 2].claim(str(uuid.uuid4()), "upscale", "async", capacity=3)
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for d in dbs:
+        d.close()
+    assert (results.count(Claim.CLAIMED), results.count(Claim.FULL)) == (3, 5)
+
+
+def test_a_database_of_the_first_schema_is_migrated(db_path: Path) -> None:
+    """A database written before admission was counted in it: open tasks there are not admitted ones."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path)
+    for statement in MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute(
+        "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at) VALUES ('old', 'upscale', 'async',"
+        " 'processing', 0)"
+    )
+    raw.commit()
+    raw.close()
+    with open_database(db_path) as db:
+        assert db.schema_version == SCHEMA_VERSION == 2
+        assert db.query_one("SELECT admitted FROM tasks WHERE task_uuid = 'old'")[0] == 0  # type: ignore[index]
+
+
+def test_complete_and_get(tasks: SqliteTaskRecords, clock: FakeClock) -> None:
     task = str(uuid.uuid4())
     tasks.claim(task, "upscale", "async")
     clock.advance(5)
@@ -365,7 +417,7 @@ def test_complete_and_get(tasks: TaskStore, clock: FakeClock) -> None:
     assert record.expires_at == clock.now + TTL
 
 
-def test_fail_and_get(tasks: TaskStore) -> None:
+def test_fail_and_get(tasks: SqliteTaskRecords) -> None:
     task = str(uuid.uuid4())
     tasks.claim(task, "imageUpscale", "sync")
     error = {"code": "invalidImage", "message": "bad", "taskUUID": task, "taskType": "imageUpscale"}
@@ -375,7 +427,7 @@ def test_fail_and_get(tasks: TaskStore) -> None:
     assert (record.status, record.item, record.error) == ("error", None, error)
 
 
-def test_first_outcome_wins(tasks: TaskStore, caplog: pytest.LogCaptureFixture) -> None:
+def test_first_outcome_wins(tasks: SqliteTaskRecords, caplog: pytest.LogCaptureFixture) -> None:
     task = str(uuid.uuid4())
     tasks.claim(task, "upscale", "sync")
     tasks.complete(task, {"imageUUID": "a"})
@@ -386,7 +438,7 @@ def test_first_outcome_wins(tasks: TaskStore, caplog: pytest.LogCaptureFixture) 
     assert "not processing" in caplog.text
 
 
-def test_non_json_item_raises_and_leaves_task_failable(tasks: TaskStore) -> None:
+def test_non_json_item_raises_and_leaves_task_failable(tasks: SqliteTaskRecords) -> None:
     task = str(uuid.uuid4())
     tasks.claim(task, "upscale", "sync")
     with pytest.raises(TypeError):
@@ -396,21 +448,21 @@ def test_non_json_item_raises_and_leaves_task_failable(tasks: TaskStore) -> None
     assert record is not None and record.status == "error"
 
 
-def test_unknown_task_is_none(tasks: TaskStore) -> None:
+def test_unknown_task_is_none(tasks: SqliteTaskRecords) -> None:
     assert tasks.get(str(uuid.uuid4())) is None
 
 
-def test_expired_result_is_none_and_uuid_reusable(tasks: TaskStore, clock: FakeClock) -> None:
+def test_expired_result_is_none_and_uuid_reusable(tasks: SqliteTaskRecords, clock: FakeClock) -> None:
     task = str(uuid.uuid4())
     tasks.claim(task, "upscale", "sync")
     tasks.complete(task, {"imageUUID": "x"})
     clock.advance(TTL - 1)
     assert tasks.get(task) is not None
-    assert tasks.claim(task, "upscale", "sync") is False  # still pollable: still a conflict
+    assert tasks.claim(task, "upscale", "sync") is Claim.TAKEN  # still pollable: still a conflict
     clock.advance(1)
     assert tasks.get(task) is None
     # Expired but not swept yet: a new claim takes the UUID over with a clean record.
-    assert tasks.claim(task, "imageUpscale", "async") is True
+    assert tasks.claim(task, "imageUpscale", "async") is Claim.CLAIMED
     record = tasks.get(task)
     assert record is not None
     assert (record.status, record.task_type, record.item, record.expires_at) == (
@@ -421,7 +473,7 @@ def test_expired_result_is_none_and_uuid_reusable(tasks: TaskStore, clock: FakeC
     )
 
 
-def test_processing_never_expires(tasks: TaskStore, clock: FakeClock) -> None:
+def test_processing_never_expires(tasks: SqliteTaskRecords, clock: FakeClock) -> None:
     task = str(uuid.uuid4())
     tasks.claim(task, "upscale", "async")
     clock.advance(365 * DAY)
@@ -433,14 +485,14 @@ def test_processing_never_expires(tasks: TaskStore, clock: FakeClock) -> None:
 def test_results_survive_restart_and_unfinished_fail(db_path: Path, clock: FakeClock) -> None:
     done, running = str(uuid.uuid4()), str(uuid.uuid4())
     with open_database(db_path) as first:
-        store = TaskStore(first, result_ttl_seconds=TTL, clock=clock)
+        store = SqliteTaskRecords(first, result_ttl_seconds=TTL, clock=clock)
         store.claim(done, "upscale", "async")
         store.complete(done, {"taskUUID": done, "imageUUID": "img"})
         store.claim(running, "imageUpscale", "async")
 
     clock.advance(10)
     with open_database(db_path) as second:  # the restart
-        store = TaskStore(second, result_ttl_seconds=TTL, clock=clock)
+        store = SqliteTaskRecords(second, result_ttl_seconds=TTL, clock=clock)
         record = store.get(done)
         assert record is not None and record.item == {"taskUUID": done, "imageUUID": "img"}
 
@@ -458,7 +510,7 @@ def test_results_survive_restart_and_unfinished_fail(db_path: Path, clock: FakeC
         assert store.fail_unfinished(interrupted) == 0
 
 
-def test_task_sweep(tasks: TaskStore, db: Database, clock: FakeClock) -> None:
+def test_task_sweep(tasks: SqliteTaskRecords, db: Database, clock: FakeClock) -> None:
     old, new, running = (str(uuid.uuid4()) for _ in range(3))
     tasks.claim(old, "upscale", "sync")
     tasks.fail(old, {"code": "x"})
@@ -505,8 +557,8 @@ def test_sweep_forever_runs_survives_errors_and_stops(caplog: pytest.LogCaptureF
     assert "disk hiccup" in caplog.text
 
 
-def test_sweep_forever_sweeps_real_stores(images: ImageStore, tasks: TaskStore, clock: FakeClock) -> None:
-    stored = images.put(b"x", extension="png", kind="upload")
+def test_sweep_forever_sweeps_real_stores(images: LocalImageStore, tasks: SqliteTaskRecords, clock: FakeClock) -> None:
+    stored = images.put(b"x", format=ImageFormat.PNG, kind="upload")
     task = str(uuid.uuid4())
     tasks.claim(task, "upscale", "sync")
     tasks.complete(task, {"imageUUID": stored.uuid})
@@ -524,5 +576,5 @@ def test_sweep_forever_sweeps_real_stores(images: ImageStore, tasks: TaskStore, 
 
     asyncio.run(scenario())
     assert images.stats() == (0, 0)
-    assert not stored.path.exists()
+    assert not stored.local_path.exists()
     assert tasks.get(task) is None

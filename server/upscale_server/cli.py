@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -22,12 +22,14 @@ from rich.table import Table
 from upscale_server import __version__
 from upscale_server.config import Convolution, Settings, UnusableSettingError
 from upscale_server.errors import UpscaleError
-from upscale_server.vocabulary import atomic_write
+from upscale_server.vocabulary import DEFAULT_UPSCALE_FACTOR, OUTPUT_QUALITY, UPSCALE_FACTORS, ImageFormat, atomic_write
+
+if TYPE_CHECKING:
+    from upscale_server.imaging import Picture
 
 PROG = "upscale-server"
-FORMAT_SUFFIX = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
-FORMAT_NAME = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-INPUT_FORMAT_TO_CLI = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+#: ``--format`` values: the formats' file extensions.
+FORMAT_CHOICES = tuple(fmt.extension for fmt in ImageFormat)
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -74,9 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale image files and folders", description=UPSCALE_HELP)
     up.add_argument("inputs", nargs="+", metavar="IN", type=Path, help="image files or folders of images")
     up.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder (or file)")
-    up.add_argument("--scale", type=int, choices=(2, 3, 4), default=4, help="upscale factor (default 4)")
-    up.add_argument("--format", choices=tuple(FORMAT_SUFFIX), help="output format (default: the input's)")
-    up.add_argument("--quality", type=quality_arg, default=95, help="JPG/WEBP quality 20-99 (default 95)")
+    up.add_argument(
+        "--scale",
+        type=int,
+        choices=UPSCALE_FACTORS,
+        default=DEFAULT_UPSCALE_FACTOR,
+        help=f"upscale factor (default {DEFAULT_UPSCALE_FACTOR})",
+    )
+    up.add_argument("--format", choices=FORMAT_CHOICES, help="output format (default: the input's)")
+    up.add_argument(
+        "--quality",
+        type=quality_arg,
+        default=OUTPUT_QUALITY.default,
+        help=f"JPG/WEBP quality {OUTPUT_QUALITY.min}-{OUTPUT_QUALITY.max} (default {OUTPUT_QUALITY.default})",
+    )
     up.add_argument("--model", metavar="ID", help="model id from `upscale-server models`")
     add_compute_args(up)
     up.set_defaults(handler=run_upscale)
@@ -131,8 +144,8 @@ def quality_arg(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 20 <= value <= 99:
-        raise argparse.ArgumentTypeError(f"must be between 20 and 99, got {value}")
+    if value not in OUTPUT_QUALITY:
+        raise argparse.ArgumentTypeError(f"must be between {OUTPUT_QUALITY.min} and {OUTPUT_QUALITY.max}, got {value}")
     return value
 
 
@@ -187,7 +200,8 @@ def plan_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[str
         else:
             problems.append(f"{given}: no such file or folder")
 
-    single_file_target = len(inputs) == 1 and not inputs[0].is_dir() and output.suffix.lower() in IMAGE_SUFFIXES
+    names_a_file = ImageFormat.from_extension(output.suffix) is not None if output.suffix else False
+    single_file_target = len(inputs) == 1 and not inputs[0].is_dir() and names_a_file
     if single_file_target:
         return [Job(f, None, output) for f in files], problems
     if output.exists() and not output.is_dir():
@@ -195,14 +209,11 @@ def plan_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[str
     return [Job(f, output, None) for f in files], problems
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-
-
-def output_path(job: Job, fmt: str, scale: int) -> Path:
+def output_path(job: Job, fmt: ImageFormat, scale: int) -> Path:
     if job.target_file is not None:
         return job.target_file
     assert job.target_dir is not None
-    return job.target_dir / f"{job.source.stem}_x{scale}{FORMAT_SUFFIX[fmt]}"
+    return job.target_dir / f"{job.source.stem}_x{scale}.{fmt.extension}"
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -234,7 +245,7 @@ def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
             name = job.source.name
             try:
                 picture = read_image_file(job.source)
-                fmt = args.format or INPUT_FORMAT_TO_CLI.get(picture.source_format, "png")
+                fmt = _output_format(args.format, picture)
                 target = output_path(job, fmt, args.scale)
                 if any(same_file(target, src) for src in sources):
                     raise UpscaleError(f"refusing to overwrite the input {target}")
@@ -244,7 +255,7 @@ def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
                     progress.update(tiles_task, completed=done, total=total)
 
                 result = inference.upscale(picture, args.scale, model, progress=on_tile)
-                data = encode_image(result, FORMAT_NAME[fmt], quality=args.quality)  # type: ignore[arg-type]
+                data = encode_image(result, fmt, quality=args.quality)
                 atomic_write(target, data)
                 written += 1
             except UpscaleError as exc:
@@ -258,6 +269,13 @@ def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
                 progress.advance(files_task)
     stderr.print(f"{written} written, {failures} failed", highlight=False)
     return 1 if failures else 0
+
+
+def _output_format(requested: str | None, picture: Picture) -> ImageFormat:
+    """``--format``, else the input's own format (PNG for anything but JPEG and WEBP)."""
+    if requested is not None:
+        return ImageFormat.from_extension(requested) or ImageFormat.PNG
+    return ImageFormat.from_pillow(picture.source_format) or ImageFormat.PNG
 
 
 def report(console: Console, problem: str) -> None:

@@ -1,6 +1,6 @@
 """Getting results out: ``webhookURL`` POSTs and ``uploadEndpoint`` PUTs, both through ``OutboundClient``.
 
-Webhooks follow cog's terminal-webhook policy (docs/anchors.md §1.2): retry only what a resend can
+Webhooks follow the terminal-webhook policy of Replicate's cog: retry only what a resend can
 fix (transport errors, 408, 429, 5xx) with bounded exponential backoff, give up at once on anything
 else. Each delivery is its own asyncio task, so a slow or dead receiver delays nothing but itself.
 Uploads are part of the task: a failed one fails the task, so the client learns its result did not

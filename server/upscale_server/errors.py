@@ -315,6 +315,15 @@ class ServiceUnavailableError(UpscaleError):
     http_status = 503
 
 
+class TaskInterruptedError(UpscaleError):
+    """The process running the task stopped before it finished (a crash or a kill); only a new task can
+    still produce its result."""
+
+    code = "taskInterrupted"
+    http_status = 500
+    default_message = "the server restarted while this task was running; send it again with a new taskUUID"
+
+
 class InternalError(UpscaleError):
     """A failure we did not anticipate; the message is generic on purpose (the log has the details)."""
 

@@ -2,13 +2,13 @@
 
 Everything the pipeline sees is a :class:`Picture`: float32 ``H x W x C`` in ``[0, 1]`` with straight
 (not premultiplied) alpha, C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA). Gray stays gray and alpha stays
-alpha so the pipeline can decide how to treat them (peers silently drop alpha or turn gray into RGB,
-anchors §2.4). What is deliberately *not* carried: EXIF (orientation is applied to the pixels, so
+alpha so the pipeline can decide how to treat them (other upscalers silently drop alpha or turn gray
+into RGB). What is deliberately *not* carried: EXIF (orientation is applied to the pixels, so
 keeping the tag would rotate twice), text chunks, gamma chunks (Pillow ignores ``gAMA`` too, so both
 decoders agree) and animation (first frame only).
 
 Untrusted bytes only ever produce :class:`InvalidImageError` or :class:`ImageTooLargeError`; the pixel
-budget is checked on the header before anything is decoded (decompression bombs, anchors §4.2).
+budget is checked on the header before anything is decoded (decompression bombs).
 
 No torch and no FastAPI here: the module is shared by the CLI, the server and the tests.
 """
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -33,7 +33,7 @@ import png  # pypng: reads 16-bit RGB/RGBA/LA PNGs without losing bits (Pillow k
 from PIL import Image, ImageCms, UnidentifiedImageError
 
 from upscale_server.errors import ImageTooLargeError, InvalidImageError, UpscaleError
-from upscale_server.vocabulary import usable_cores
+from upscale_server.vocabulary import ImageFormat, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,10 @@ T = TypeVar("T")
 
 FloatArray = npt.NDArray[np.float32]
 
-# TIFF is left out on purpose: Runware accepts jpeg/png/webp/bmp/gif only (anchors §0); TIFF is by
+# TIFF is left out on purpose: Runware accepts jpeg/png/webp/bmp/gif only; TIFF is by
 # far the largest parser surface in Pillow (libtiff, a dozen codecs, BigTIFF, multi-page, LAB/float
 # modes); and Pillow truncates 16-bit RGB TIFFs to 8 bits anyway, so allowing it would buy no fidelity.
 ALLOWED_INPUT_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-
-OutputFormat = Literal["PNG", "JPEG", "WEBP"]
 
 DEFAULT_MAX_PIXELS: Final = 64 * 2**20
 
@@ -55,7 +53,7 @@ DEFAULT_MAX_PIXELS: Final = 64 * 2**20
 # deflate itself: on a 1024x1024 RGB network output this writer takes ~50 ms on one thread against
 # Pillow's ~100 ms at level 1 (and ~350 ms at its default 6), for files of about the same size (within a
 # few %; upscaled outputs come out smaller). Given an executor, horizontal stripes are deflated in
-# parallel (as pigz does). For big outputs the encode, not the network, limits throughput (anchors §3.4).
+# parallel (as pigz does). For big outputs the encode, not the network, limits throughput.
 _PNG_COMPRESS_LEVEL: Final = 1
 _ZLIB_HEADER: Final = b"\x78\x01"  # deflate, 32 KiB window, "fastest" (what zlib writes for level 1)
 # A stripe restarts the compressor's 32 KiB history, so stripes below this many raw bytes cost size
@@ -70,7 +68,11 @@ _ADLER_MOD: Final = 65521
 
 # Hard per-side limits of the output codecs; checked up front so the caller gets a clear error
 # instead of an opaque "encoder error -2" from Pillow.
-_MAX_SIDE: Final[dict[str, int]] = {"PNG": 2**31 - 1, "JPEG": 65_535, "WEBP": 16_383}
+_MAX_SIDE: Final[dict[ImageFormat, int]] = {
+    ImageFormat.PNG: 2**31 - 1,
+    ImageFormat.JPG: 65_535,
+    ImageFormat.WEBP: 16_383,
+}
 
 # Pixels whose alpha is below this are treated as invisible by bleed_transparent_colors: 8-bit alpha
 # values 0 and 1 carry colours that encoders and editors leave as junk (often black).
@@ -457,7 +459,7 @@ def _read_png16(data: bytes) -> np.ndarray:
 
 def encode_image(
     picture: Picture,
-    fmt: OutputFormat,
+    fmt: ImageFormat,
     *,
     quality: int = 95,
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -471,21 +473,20 @@ def encode_image(
     (1..100) applies to JPEG and WEBP. With ``executor`` a big PNG is compressed in stripes on the
     executor's idle threads; the calling thread may be one of them (see :func:`_run_helped`).
     """
-    if fmt not in _MAX_SIDE:
-        raise ValueError(f"unsupported output format {fmt!r}")
+    fmt = ImageFormat(fmt)  # ValueError for anything but JPG, PNG and WEBP
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     limit = _MAX_SIDE[fmt]
     if picture.width > limit or picture.height > limit:
         raise ImageTooLargeError(
-            f"{fmt} cannot hold a {picture.width}x{picture.height} image (at most {limit} pixels per side).",
+            f"{fmt.value} cannot hold a {picture.width}x{picture.height} image (at most {limit} pixels per side).",
             parameter="outputFormat",
         )
     icc = picture.icc_profile
-    if fmt == "PNG":
+    if fmt is ImageFormat.PNG:
         return _write_png(picture.pixels, picture.bit_depth, icc, executor)
     out = io.BytesIO()
-    if fmt == "JPEG":
+    if fmt is ImageFormat.JPG:
         values = _quantize(flatten_alpha(picture.pixels, background), 8)
         image = Image.fromarray(values[..., 0] if values.shape[2] == 1 else values)
         # Chroma subsampling smears colour edges, which is exactly what an upscaler just sharpened;
@@ -734,7 +735,7 @@ def bleed_transparent_colors(rgb: np.ndarray, alpha: np.ndarray) -> FloatArray:
     """Replace the colour under (nearly) invisible pixels with colour spread from visible neighbours.
 
     A super-resolution network looks at a neighbourhood, so the junk colour under transparent pixels
-    (usually black) leaks into visible edges as dark halos (anchors §2.4). Visible pixels
+    (usually black) leaks into visible edges as dark halos. Visible pixels
     (alpha >= 1.5/255) are returned unchanged.
 
     Method: a push-pull pyramid. Going down, alpha-weighted colour and weight are summed over 2x2

@@ -2,7 +2,7 @@
 
 Input image URLs, ``webhookURL`` and ``uploadEndpoint`` all let a caller point this server at an
 address of their choosing, from inside the operator's network: server-side request forgery (SSRF).
-The failures seen in the wild (docs/anchors.md §4.1) shape the rules here:
+The failures other projects met in the wild shape the rules here:
 
 * A1111 checks the address, then lets ``requests`` resolve the name again (a DNS rebinding window),
   follow redirects unchecked, and read an unbounded body. So: the name is resolved once, here, every

@@ -1,15 +1,14 @@
 """Runware wire format: task models, request parsing and reply builders.
 
-This module holds only the external format (docs/runware-protocol.md): what the official SDKs send
-and what they need back. It knows nothing about storage, models or HTTP frameworks.
+This module holds only the external format: what the official SDKs send and what they need back
+(docs/compatibility.md lists every field). It knows nothing about storage, models or HTTP frameworks.
 
-Parsing is done by hand rather than by ``model_validate`` so that every violation becomes exactly
-one typed :class:`~upscale_server.errors.UpscaleError` with the Runware parameter name, code and limits
-(``invalidUpscaleFactor``, ``min``/``max``/``allowedValues``/``type``), and never pydantic's text.
-The pydantic models are the typed, frozen result (Python names inside, camelCase aliases for
-``model_dump(by_alias=True)``); build them with :func:`parse_task`.
+One validation system: small readers check each field by hand and build frozen dataclasses, so that
+every violation becomes exactly one typed :class:`~upscale_server.errors.UpscaleError` with the
+Runware parameter name, code and limits (``invalidUpscaleFactor``, ``min``/``max``/``allowedValues``/
+``type``). A schema library would validate the same fields a second time and word its own messages.
 
-Decisions where the sources leave room (see the protocol doc, §4.3/§4.4):
+Decisions where Runware's documents and its SDKs leave room:
 
 * both ``imageUpscale`` and ``upscale``, image in ``inputImage`` or ``inputs.image`` (exactly one);
 * ``upscaleFactor`` defaults to 4: the seeds mark it required, but the model schema does not, and
@@ -21,7 +20,8 @@ Decisions where the sources leave room (see the protocol doc, §4.3/§4.4):
 * booleans must be JSON booleans, strings JSON strings: a client that sends ``"true"`` is wrong and
   is told so;
 * unknown keys are ignored (``settings``, ``providerSettings``, ``safety``, ``targetMegapixels``,
-  ``routing``, ``numberResults``...): the SDKs forward whatever the caller set;
+  ``routing``, ``numberResults``...): the SDKs forward whatever the caller set. They are logged at
+  debug level with the taskUUID, so a typo such as ``outputFromat`` can be found;
 * ``taskUUID`` must be a hyphenated UUID of any version (v4 and v7 both occur) and is echoed exactly
   as sent, never normalised: clients match replies by string.
 """
@@ -29,13 +29,11 @@ Decisions where the sources leave room (see the protocol doc, §4.3/§4.4):
 from __future__ import annotations
 
 import json
-import re
+import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal, TypeAlias, TypeVar
 from urllib.parse import urlsplit
-
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
 
 from upscale_server.errors import (
     InvalidApiKeyError,
@@ -46,14 +44,17 @@ from upscale_server.errors import (
     MissingParameterError,
     TooManyTasksError,
     UnknownTaskTypeError,
+    error_item,
+    http_status_of,
 )
-from upscale_server.vocabulary import UPSCALE_FACTORS
+from upscale_server.vocabulary import DEFAULT_UPSCALE_FACTOR, OUTPUT_QUALITY, UPSCALE_FACTORS, ImageFormat, is_uuid
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- vocabulary
 
 UpscaleTaskType = Literal["imageUpscale", "upscale"]
 OutputType = Literal["URL", "base64Data", "dataURI"]
-OutputFormat = Literal["JPG", "PNG", "WEBP"]
 DeliveryMethod = Literal["sync", "async"]
 ImageParameter = Literal["inputImage", "inputs.image"]
 TaskStatus = Literal["processing", "success", "error"]
@@ -69,13 +70,10 @@ TASK_TYPES: tuple[str, ...] = (
 )
 UPSCALE_TASK_TYPES: tuple[UpscaleTaskType, ...] = ("imageUpscale", "upscale")
 
-DEFAULT_UPSCALE_FACTOR = 4
-OUTPUT_QUALITY_MIN, OUTPUT_QUALITY_MAX, DEFAULT_OUTPUT_QUALITY = 20, 99, 95
 TTL_MIN = 60
 
 #: Lower-cased spelling -> canonical value. The tuple order is the order shown in ``allowedValues``.
 _OUTPUT_TYPES: dict[str, OutputType] = {"url": "URL", "base64data": "base64Data", "datauri": "dataURI"}
-_OUTPUT_FORMATS: dict[str, OutputFormat] = {"jpg": "JPG", "jpeg": "JPG", "png": "PNG", "webp": "WEBP"}
 _DELIVERY_METHODS: dict[str, DeliveryMethod] = {"sync": "sync", "async": "async"}
 
 #: The output field each ``outputType`` fills in a result item.
@@ -85,16 +83,9 @@ OUTPUT_FIELDS: dict[OutputType, str] = {
     "dataURI": "imageDataURI",
 }
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
 #: Strings echoed by :func:`task_identity` are capped: an identity is a UUID or a short name, and an
 #: error reply must not repeat a megabyte the client sent in the wrong field.
 _MAX_ECHO = 128
-
-
-def is_uuid(value: str) -> bool:
-    """True for a hyphenated 8-4-4-4-12 hex UUID of any version or case."""
-    return _UUID.fullmatch(value) is not None
 
 
 def is_http_url(value: str) -> bool:
@@ -107,48 +98,21 @@ def is_http_url(value: str) -> bool:
 
 
 # --------------------------------------------------------------------------- task models
+# Frozen dataclasses with Python names; only :func:`parse_task` builds them from the wire, after
+# every field has been checked.
 
 
-#: Wire names that plain camelCase does not produce.
-_WIRE_NAMES = {
-    "task_uuid": "taskUUID",
-    "connection_session_uuid": "connectionSessionUUID",
-    "webhook_url": "webhookURL",
-}
-
-
-def wire_name(python_name: str) -> str:
-    """The Runware (camelCase) name of a model field: ``upscale_factor`` -> ``upscaleFactor``."""
-    return _WIRE_NAMES.get(python_name) or to_camel(python_name)
-
-
-class WireModel(BaseModel):
-    """Base of the task models: immutable, strict, built by Python name, dumped by wire name.
-
-    Aliases come from an alias generator rather than ``Field(alias=...)`` so that type checkers see the
-    Python names in ``__init__``. ``model_dump(by_alias=True)`` gives camelCase names (for logs or
-    storage) with normalised values and defaults filled in; it is not the request exactly as sent.
-    """
-
-    model_config = ConfigDict(
-        frozen=True,
-        strict=True,
-        extra="forbid",
-        alias_generator=wire_name,
-        validate_by_name=True,
-        validate_by_alias=True,
-    )
-
-
-class AuthenticationTask(WireModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthenticationTask:
     """``authentication``: the key, and the session to resume when the client names a known one."""
 
     task_type: Literal["authentication"] = "authentication"
-    api_key: str = Field(repr=False)
+    api_key: str = field(repr=False)
     connection_session_uuid: str | None = None
 
 
-class PingTask(WireModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PingTask:
     """``ping`` keep-alive; the CLI also sends a ``taskUUID`` over REST."""
 
     task_type: Literal["ping"] = "ping"
@@ -156,22 +120,25 @@ class PingTask(WireModel):
     task_uuid: str | None = None
 
 
-class ImageUploadTask(WireModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageUploadTask:
     """``imageUpload``: ``image`` is still the raw wire string (UUID, URL, data URI or base64)."""
 
     task_type: Literal["imageUpload"] = "imageUpload"
     task_uuid: str
-    image: str = Field(repr=False)
+    image: str = field(repr=False)
 
 
-class GetResponseTask(WireModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetResponseTask:
     """``getResponse``: poll the task with this UUID."""
 
     task_type: Literal["getResponse"] = "getResponse"
     task_uuid: str
 
 
-class UpscaleTask(WireModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpscaleTask:
     """``imageUpscale`` or ``upscale`` (one model: the SDKs mix names and image fields freely).
 
     ``image`` is the raw wire string and ``image_parameter`` the field it came from, so later errors
@@ -180,13 +147,13 @@ class UpscaleTask(WireModel):
 
     task_type: UpscaleTaskType
     task_uuid: str
-    image: str = Field(repr=False)
+    image: str = field(repr=False)
     image_parameter: ImageParameter
     model: str | None = None
     upscale_factor: int = DEFAULT_UPSCALE_FACTOR
     output_type: OutputType = "URL"
-    output_format: OutputFormat = "JPG"
-    output_quality: int = DEFAULT_OUTPUT_QUALITY
+    output_format: ImageFormat = ImageFormat.JPG
+    output_quality: int = OUTPUT_QUALITY.default
     include_cost: bool = False
     delivery_method: DeliveryMethod = "sync"
     webhook_url: str | None = None
@@ -195,6 +162,33 @@ class UpscaleTask(WireModel):
 
 
 Task: TypeAlias = AuthenticationTask | PingTask | ImageUploadTask | GetResponseTask | UpscaleTask
+
+#: The wire fields each task type reads; anything else in a task is ignored (and logged at debug).
+_KNOWN_FIELDS: dict[str, frozenset[str]] = {
+    "authentication": frozenset({"taskType", "apiKey", "connectionSessionUUID"}),
+    "ping": frozenset({"taskType", "ping", "taskUUID"}),
+    "imageUpload": frozenset({"taskType", "taskUUID", "image"}),
+    "getResponse": frozenset({"taskType", "taskUUID"}),
+    "upscale": frozenset(
+        {
+            "taskType",
+            "taskUUID",
+            "inputImage",
+            "inputs",
+            "model",
+            "upscaleFactor",
+            "outputType",
+            "outputFormat",
+            "outputQuality",
+            "includeCost",
+            "deliveryMethod",
+            "webhookURL",
+            "uploadEndpoint",
+            "ttl",
+        }
+    ),
+}
+_KNOWN_FIELDS["imageUpscale"] = _KNOWN_FIELDS["upscale"]
 
 
 # --------------------------------------------------------------------------- field readers
@@ -304,6 +298,23 @@ def _choice_field(raw: Mapping[str, object], key: str, table: Mapping[str, _T], 
     raise InvalidParameterError(_invalid(key, rule, value), parameter=key, allowed_values=allowed, type="string")
 
 
+def _output_format(raw: Mapping[str, object]) -> ImageFormat:
+    """``outputFormat``: ``JPG``, ``PNG`` or ``WEBP`` in any case, ``JPEG`` meaning ``JPG``."""
+    value = _get(raw, "outputFormat")
+    if value is None:
+        return ImageFormat.JPG
+    found = ImageFormat.from_wire(value) if isinstance(value, str) else None
+    if found is None:
+        allowed = [fmt.value for fmt in ImageFormat]
+        raise InvalidParameterError(
+            _invalid("outputFormat", "one of " + ", ".join(allowed), value),
+            parameter="outputFormat",
+            allowed_values=allowed,
+            type="string",
+        )
+    return found
+
+
 def _url_field(raw: Mapping[str, object], key: str) -> str | None:
     value = _get(raw, key)
     if value is None:
@@ -374,6 +385,8 @@ def parse_task(raw: object) -> Task:
     task_type = raw.get("taskType")
     if task_type is None:
         raise MissingParameterError(parameter="taskType")
+    if isinstance(task_type, str) and task_type in _KNOWN_FIELDS:
+        _log_unknown_fields(raw, _KNOWN_FIELDS[task_type])
     if task_type == "authentication":
         return _parse_authentication(raw)
     if task_type == "ping":
@@ -396,6 +409,15 @@ def parse_task(raw: object) -> Task:
         allowed_values=TASK_TYPES,
         type="string",
     )
+
+
+def _log_unknown_fields(raw: Mapping[str, object], known: frozenset[str]) -> None:
+    """Name the fields this server ignores, so a typo (``outputFromat``) shows up in a debug log."""
+    if log.isEnabledFor(logging.DEBUG):
+        unknown = sorted(key[:_MAX_ECHO] for key in raw if key not in known)
+        if unknown:
+            _, task_uuid = task_identity(raw)
+            log.debug("task %s: ignoring unknown fields %s", task_uuid or "-", ", ".join(unknown))
 
 
 def _require_uuid(raw: Mapping[str, object]) -> str:
@@ -438,13 +460,13 @@ def _parse_upscale(raw: Mapping[str, object], task_type: UpscaleTaskType) -> Ups
         model=None if model is None else _string_field(model, "model"),
         upscale_factor=upscale_factor,
         output_type=_choice_field(raw, "outputType", _OUTPUT_TYPES, default="URL"),
-        output_format=_choice_field(raw, "outputFormat", _OUTPUT_FORMATS, default="JPG"),
+        output_format=_output_format(raw),
         output_quality=_integer_field(
             raw,
             "outputQuality",
-            default=DEFAULT_OUTPUT_QUALITY,
-            min=OUTPUT_QUALITY_MIN,
-            max=OUTPUT_QUALITY_MAX,
+            default=OUTPUT_QUALITY.default,
+            min=OUTPUT_QUALITY.min,
+            max=OUTPUT_QUALITY.max,
         ),
         include_cost=_boolean_field(raw, "includeCost", default=False),
         delivery_method=_choice_field(raw, "deliveryMethod", _DELIVERY_METHODS, default="sync"),
@@ -489,19 +511,10 @@ def _upscale_image(raw: Mapping[str, object]) -> tuple[str, ImageParameter]:
 WireItem: TypeAlias = dict[str, object]
 
 
-def envelope_data(items: Iterable[WireItem]) -> dict[str, list[WireItem]]:
-    """``{"data": [...]}``, also when empty (an in-body auth task alone answers ``{"data": []}``)."""
-    return {"data": list(items)}
-
-
-def envelope_errors(items: Iterable[WireItem]) -> dict[str, list[WireItem]]:
-    """``{"errors": [...]}``. Never add ``data`` beside it on WebSocket: runware-sdk ignores it."""
-    return {"errors": list(items)}
-
-
 def envelope(data: Iterable[WireItem] = (), errors: Iterable[WireItem] = ()) -> dict[str, list[WireItem]]:
-    """A REST reply: each key only when it has items (runware-sdk fails on any ``errors`` key, even
-    ``[]``), and ``{"data": []}`` when both are empty."""
+    """A reply or a frame: each key only when it has items (runware-sdk fails on any ``errors`` key,
+    even ``[]``), and ``{"data": []}`` when both are empty (an in-body auth task alone answers that).
+    A WebSocket frame never carries both: runware-sdk ignores ``data`` beside ``errors``."""
     data_items, error_items = list(data), list(errors)
     reply: dict[str, list[WireItem]] = {}
     if data_items or not error_items:
@@ -521,12 +534,10 @@ def auth_item(session_uuid: str) -> WireItem:
     return {"taskType": "authentication", "connectionSessionUUID": session_uuid}
 
 
-def pong_item(task_uuid: str | None = None) -> WireItem:
-    """Answer to ``ping``; ``taskUUID`` is echoed only when the ping had one (the CLI over REST)."""
-    item: WireItem = {"taskType": "ping", "pong": True}
-    if task_uuid is not None:
-        item["taskUUID"] = task_uuid
-    return item
+def pong_item() -> WireItem:
+    """Answer to ``ping``. Like the authentication reply it carries no ``taskUUID``, even when the ping
+    had one: that is the frame every SDK's keep-alive waits for."""
+    return {"taskType": "ping", "pong": True}
 
 
 def upload_item(task_uuid: str, image_uuid: str, image_url: str) -> WireItem:
@@ -573,3 +584,29 @@ def processing_item(task_type: str, task_uuid: str) -> WireItem:
 def with_status(item: Mapping[str, object], status: TaskStatus) -> WireItem:
     """A copy of ``item`` with ``status`` (``success`` result or ``error`` item from ``getResponse``)."""
     return {**item, "status": status}
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one task produced: a data item, or an error item with the HTTP status it maps to.
+
+    REST gathers the outcomes of a request into one reply; the WebSocket sends each as its own frame.
+    """
+
+    item: WireItem | None = None
+    error: WireItem | None = None
+    status: int = 200
+
+    def envelope(self) -> dict[str, list[WireItem]]:
+        """The outcome alone as a reply: a WebSocket frame, a webhook body."""
+        if self.error is not None:
+            return envelope(errors=[self.error])
+        return envelope(data=[] if self.item is None else [self.item])
+
+    @classmethod
+    def failed(cls, exc: BaseException, task_type: str | None, task_uuid: str | None) -> Outcome:
+        """The outcome of a failed task; unexpected exceptions are logged (with traceback) by ``error_item``."""
+        return cls(error=error_item(exc, task_type=task_type, task_uuid=task_uuid), status=http_status_of(exc))

@@ -19,38 +19,57 @@ from typing import Final
 # --------------------------------------------------------------------------- image formats
 
 
-class ImageFormat(enum.Enum):
-    """An output (and stored) image format, with every name the code needs for it."""
+class ImageFormat(enum.StrEnum):
+    """An output (and stored) image format. Its value is the wire name, so it compares and serialises
+    as the string Runware uses (``ImageFormat.JPG == "JPG"``)."""
 
-    JPG = ("JPG", "JPEG", "jpg", "image/jpeg", False)
-    PNG = ("PNG", "PNG", "png", "image/png", True)
-    WEBP = ("WEBP", "WEBP", "webp", "image/webp", True)
+    JPG = "JPG"
+    PNG = "PNG"
+    WEBP = "WEBP"
 
-    def __init__(self, wire: str, pillow: str, extension: str, media_type: str, alpha: bool) -> None:
-        self.wire = wire  # Runware's ``outputFormat`` value
-        self.pillow = pillow  # Pillow's format name (also what the decoder reports)
-        self.extension = extension  # file extension, without the dot
-        self.media_type = media_type
-        self.alpha = alpha  # whether it can hold an alpha channel
+    @property
+    def pillow(self) -> str:
+        """Pillow's format name (also what the decoder reports for such a file)."""
+        return _TRAITS[self][0]
+
+    @property
+    def extension(self) -> str:
+        """File extension, without the dot."""
+        return _TRAITS[self][1]
+
+    @property
+    def media_type(self) -> str:
+        return _TRAITS[self][2]
+
+    @property
+    def alpha(self) -> bool:
+        """Whether the format can hold an alpha channel."""
+        return _TRAITS[self][3]
 
     @classmethod
     def from_wire(cls, text: str) -> ImageFormat | None:
         """``outputFormat`` as clients spell it (any case; ``JPEG`` means ``JPG``), or None."""
-        return _BY_WIRE_SPELLING.get(text.strip().lower())
+        return _BY_SPELLING.get(text.strip().lower())
 
     @classmethod
     def from_extension(cls, extension: str) -> ImageFormat | None:
-        return _BY_EXTENSION.get(extension.lower().lstrip("."))
+        return _BY_SPELLING.get(extension.lower().lstrip("."))
 
     @classmethod
     def from_pillow(cls, name: str) -> ImageFormat | None:
         """The format Pillow decoded a file as, when it is one we also write (JPEG, PNG, WEBP)."""
-        return _BY_PILLOW.get(name)
+        return next((fmt for fmt in cls if fmt.pillow == name), None)
 
 
-_BY_WIRE_SPELLING: Final = {fmt.wire.lower(): fmt for fmt in ImageFormat} | {"jpeg": ImageFormat.JPG}
-_BY_EXTENSION: Final = {fmt.extension: fmt for fmt in ImageFormat} | {"jpeg": ImageFormat.JPG}
-_BY_PILLOW: Final = {fmt.pillow: fmt for fmt in ImageFormat}
+#: Pillow name, extension, media type, alpha.
+_TRAITS: Final[dict[ImageFormat, tuple[str, str, str, bool]]] = {
+    ImageFormat.JPG: ("JPEG", "jpg", "image/jpeg", False),
+    ImageFormat.PNG: ("PNG", "png", "image/png", True),
+    ImageFormat.WEBP: ("WEBP", "webp", "image/webp", True),
+}
+#: Every accepted spelling (wire names and extensions, lower-cased) -> format.
+_BY_SPELLING: Final = {fmt.value.lower(): fmt for fmt in ImageFormat} | {"jpeg": ImageFormat.JPG}
+
 
 # --------------------------------------------------------------------------- upscaling
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
-from upscale_server.api.state import RunwareJSONResponse, parse_tasks, server_state
+from upscale_server.api.context import RunwareJSONResponse, parse_tasks, server_context
 from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
-from upscale_server.protocol import envelope, task_identity
-from upscale_server.tasks.dispatcher import Outcome
+from upscale_server.protocol import Outcome, envelope
+from upscale_server.tasks.results import IMAGE_ROUTE
 
 router = APIRouter()
 
@@ -49,16 +48,11 @@ def bearer_key(request: Request) -> str | None:
 
 @router.post("/v1")
 async def run_tasks(request: Request) -> Response:
-    state = server_state(request)
+    context = server_context(request)
     try:
-        body = await read_body(request, state.settings.max_body_bytes)
-        raw_tasks = await parse_tasks(body, state.settings)
-        key = bearer_key(request)
-        if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
-            first: Any = raw_tasks[0]
-            key = first.get("apiKey") if isinstance(first.get("apiKey"), str) else key
-            raw_tasks = raw_tasks[1:]
-        state.keys.check(key)
+        body = await read_body(request, context.settings.max_body_bytes)
+        raw_tasks = await parse_tasks(body, context.settings)
+        _, raw_tasks = context.keys.authenticate(raw_tasks, bearer=bearer_key(request))
     except UpscaleError as exc:
         return error_response(exc)
 
@@ -67,18 +61,25 @@ async def run_tasks(request: Request) -> Response:
     async def collect(outcome: Outcome) -> None:
         outcomes.append(outcome)
 
-    await state.dispatcher.dispatch(raw_tasks, base_url=state.base_url(request), emit=collect)
+    await context.dispatcher.dispatch(raw_tasks, base_url=context.base_url(request), emit=collect)
     data = [o.item for o in outcomes if o.item is not None]
     errors = [o.error for o in outcomes if o.error is not None]
     status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])
     return RunwareJSONResponse(envelope(data=data, errors=errors), status_code=status)
 
 
-@router.get("/image/{name}")
+@router.get(IMAGE_ROUTE)
 async def get_image(name: str, request: Request) -> Response:
-    state = server_state(request)
+    """A stored image, from disk when the storage is local, else read through the storage."""
+    images = server_context(request).images
     image_uuid, _, extension = name.partition(".")
-    stored = await asyncio.to_thread(state.images.get, image_uuid)
+    stored = await asyncio.to_thread(images.get, image_uuid)
     if stored is None or extension != stored.extension:
         return error_response(ImageNotFoundError(f"no image {name} (unknown or expired)", parameter="image"))
-    return FileResponse(stored.path, media_type=stored.content_type)
+    if stored.local_path is not None:
+        return FileResponse(stored.local_path, media_type=stored.content_type)
+    try:
+        data = await asyncio.to_thread(images.read_bytes, stored)
+    except FileNotFoundError:  # expired and swept since the lookup
+        return error_response(ImageNotFoundError(f"no image {name} (unknown or expired)", parameter="image"))
+    return Response(data, media_type=stored.content_type)

@@ -1,9 +1,9 @@
 """WebSocket transport on ``/v1``: the authentication handshake, ping, and results pushed by taskUUID.
 
 Each incoming frame is dispatched in its own asyncio task, so the receive loop keeps answering
-pings while upscales run. Results go to the connection's :class:`~upscale_server.api.sessions.Session`,
-which buffers them while the client is away, so a reconnect with the same
-``connectionSessionUUID`` receives them. A frame carries either ``data`` or ``errors``, never both:
+pings while upscales run. Results go to the connection's :class:`~upscale_server.sessions.Session`,
+which keeps them while the client is away, so a reconnect with the same ``connectionSessionUUID``
+receives them. A frame carries either ``data`` or ``errors``, never both:
 the Python SDK ignores ``data`` in a frame that has ``errors``.
 """
 
@@ -17,18 +17,10 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from upscale_server.api.sessions import Session
-from upscale_server.api.state import ServerState, parse_tasks, server_state
+from upscale_server.api.context import ServerContext, parse_tasks, server_context
 from upscale_server.errors import MissingApiKeyError, UpscaleError, error_item
-from upscale_server.protocol import (
-    AuthenticationTask,
-    auth_item,
-    envelope,
-    parse_task,
-    pong_item,
-    task_identity,
-)
-from upscale_server.tasks.dispatcher import Outcome
+from upscale_server.protocol import Outcome, auth_item, envelope, pong_item, task_identity
+from upscale_server.sessions import Session
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -37,9 +29,9 @@ router = APIRouter()
 class Connection:
     """One socket: unauthenticated until an authentication task succeeds, then bound to a session."""
 
-    def __init__(self, socket: WebSocket, state: ServerState) -> None:
+    def __init__(self, socket: WebSocket, context: ServerContext) -> None:
         self.socket = socket
-        self.state = state
+        self.context = context
         self.session: Session | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -53,10 +45,7 @@ class Connection:
 
     async def emit(self, outcome: Outcome) -> None:
         assert self.session is not None
-        if outcome.error is not None:
-            await self.session.deliver(envelope(errors=[outcome.error]))
-        elif outcome.item is not None:
-            await self.session.deliver(envelope(data=[outcome.item]))
+        await self.session.deliver(outcome.envelope())
 
     async def run(self) -> None:
         try:
@@ -76,40 +65,42 @@ class Connection:
 
     async def handle_frame(self, text: str) -> None:
         try:
-            raw_tasks = await parse_tasks(text.encode(), self.state.settings)
+            raw_tasks = await parse_tasks(text.encode(), self.context.settings)
         except UpscaleError as exc:
             await self.reply(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
             return
         if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
-            if not await self.authenticate(raw_tasks[0]):
+            authenticated = await self.authenticate(raw_tasks)
+            if authenticated is None:
                 return
-            raw_tasks = raw_tasks[1:]
+            raw_tasks = authenticated
         if not raw_tasks:
             return
         if self.session is None:
             await self.refuse_unauthenticated(raw_tasks)
             return
         task = asyncio.create_task(
-            self.state.dispatcher.dispatch(raw_tasks, base_url=self.state.base_url(self.socket), emit=self.emit)
+            self.context.dispatcher.dispatch(raw_tasks, base_url=self.context.base_url(self.socket), emit=self.emit)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def authenticate(self, raw: object) -> bool:
+    async def authenticate(self, raw_tasks: list[object]) -> list[object] | None:
+        """Authenticate with the frame's leading task and attach to its session; returns the tasks
+        after it, or None when refused (the error is the reply)."""
         try:
-            task = parse_task(raw)
-            assert isinstance(task, AuthenticationTask)
-            self.state.keys.check(task.api_key)
+            task, rest = self.context.keys.authenticate(raw_tasks)
         except UpscaleError as exc:
             await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
-            return False
+            return None
+        assert task is not None  # the frame leads with an authentication task and no bearer stands in
         if self.session is not None:
             self.session.detach(self.send_text)
-        session = self.state.sessions.open(task.connection_session_uuid)
+        session = self.context.sessions.open(task.connection_session_uuid)
         await self.reply(envelope(data=[auth_item(session.uuid)]))
         self.session = session
         await session.attach(self.send_text)  # flushes results that finished while the client was away
-        return True
+        return rest
 
     async def refuse_unauthenticated(self, raw_tasks: list[object]) -> None:
         """Before authentication only pings are answered; every other task is refused under its own id."""
@@ -128,4 +119,4 @@ class Connection:
 @router.websocket("/v1")
 async def websocket_endpoint(socket: WebSocket) -> None:
     await socket.accept()
-    await Connection(socket, server_state(socket)).run()
+    await Connection(socket, server_context(socket)).run()

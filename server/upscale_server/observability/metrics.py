@@ -55,22 +55,11 @@ OTHER = "other"
 class Metrics:
     """The server's metrics; ``render()`` is the body of ``GET /metrics``.
 
-    Every callback is optional: the series it feeds is left out when it is None (``Metrics()`` alone is
-    a valid, empty instance for tests). ``queue_depth``: jobs waiting for the inference worker.
-    ``in_flight``: upscale tasks accepted and not finished (fetching, decoding, queued or running).
-    ``storage_stats``: ``(image count, total bytes)``, called once per scrape, from the scraping thread.
-    ``cuda_device``: the CUDA device the models run on, or None on CPU (no GPU series then).
+    Built first, so every part can report events to it; the levels read at scrape time are
+    registered afterwards, with :meth:`watch`, once the parts that have them exist.
     """
 
-    def __init__(
-        self,
-        *,
-        queue_depth: Callable[[], int] | None = None,
-        in_flight: Callable[[], int] | None = None,
-        storage_stats: Callable[[], tuple[int, int]] | None = None,
-        cuda_device: torch.device | None = None,
-        process_metrics: bool = True,
-    ) -> None:
+    def __init__(self, *, process_metrics: bool = True) -> None:
         self.registry = CollectorRegistry()
         self._tasks = Counter(
             "upscale_tasks",
@@ -100,10 +89,26 @@ class Metrics:
             self._webhooks.labels(result=result)  # export zeros, so rate() works from the first event
         self._task_series: set[tuple[str, str]] = set()
         self._series_lock = threading.Lock()
-        self.registry.register(_ScrapeTimeCollector(queue_depth, in_flight, storage_stats, cuda_device))
         if process_metrics:
             # CPU seconds, resident memory and open files of this process, like the default registry has.
             ProcessCollector(registry=self.registry)
+
+    def watch(
+        self,
+        *,
+        queue_depth: Callable[[], int] | None = None,
+        in_flight: Callable[[], int] | None = None,
+        storage_stats: Callable[[], tuple[int, int]] | None = None,
+        cuda_device: torch.device | None = None,
+    ) -> None:
+        """Register the levels read at scrape time; call once. A series whose source is None is left out.
+
+        ``queue_depth``: jobs waiting for the inference worker. ``in_flight``: upscale tasks accepted
+        and not finished (fetching, decoding, queued or running). ``storage_stats``: ``(image count,
+        total bytes)``, called once per scrape from the scraping thread. ``cuda_device``: the CUDA
+        device the models run on, or None on the CPU (no GPU series then).
+        """
+        self.registry.register(_ScrapeTimeCollector(queue_depth, in_flight, storage_stats, cuda_device))
 
     def task_finished(self, task_type: str, outcome: str) -> None:
         """Count one finished task; ``outcome`` is "success" or the error item's ``code``."""

@@ -1,24 +1,146 @@
-"""Persistence: stored images and task results in SQLite plus files, and the sweeper that expires them.
+"""Where tasks and images are kept: the narrow interfaces the rest of the server uses.
 
-No web framework here; every call blocks, so async callers use ``asyncio.to_thread``.
+Two stores, each a small protocol: :class:`ImageStorage` (uploads and upscale outputs, kept 30 days
+after their last use) and :class:`TaskRecords` (every accepted task, so ``getResponse`` and
+``conflictTaskUUID`` work and admission is counted where the tasks are). Today's implementations are
+SQLite plus local files (``sqlite.py``, ``local_images.py``, ``sqlite_records.py``); only
+:mod:`upscale_server.backends` builds them, so another backend (a shared database, an object store)
+replaces them without touching a task.
+
+Every method blocks (file and database I/O): async callers run them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
-from upscale_server.storage.db import Database, DatabaseVersionError, open_database
-from upscale_server.storage.images import CONTENT_TYPES, ImageStore, StoredImage, normalize_uuid
-from upscale_server.storage.results import TaskRecord, TaskStore
-from upscale_server.storage.sweeper import sweep_forever
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-__all__ = [
-    "CONTENT_TYPES",
-    "Database",
-    "DatabaseVersionError",
-    "ImageStore",
-    "StoredImage",
-    "TaskRecord",
-    "TaskStore",
-    "normalize_uuid",
-    "open_database",
-    "sweep_forever",
-]
+from upscale_server.vocabulary import ImageFormat
+
+ImageKind = Literal["upload", "output"]
+TaskStatus = Literal["processing", "success", "error"]
+JsonObject = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One stored image as recorded when it was looked up (times are clock seconds).
+
+    ``local_path`` is the file when the storage keeps images on this machine (the API then serves it
+    straight from disk), None when the bytes live elsewhere and must be read with ``read_bytes``.
+    """
+
+    uuid: str
+    format: ImageFormat
+    kind: ImageKind
+    size_bytes: int
+    width: int | None
+    height: int | None
+    created_at: float
+    last_used_at: float
+    expires_at: float | None
+    local_path: Path | None = None
+
+    @property
+    def extension(self) -> str:
+        return self.format.extension
+
+    @property
+    def content_type(self) -> str:
+        return self.format.media_type
+
+
+class ImageStorage(Protocol):
+    """Stored images. A use refreshes an image's life; an explicit ``ttl_seconds`` caps it regardless."""
+
+    def put(
+        self,
+        data: bytes,
+        *,
+        format: ImageFormat,
+        kind: ImageKind,
+        ttl_seconds: float | None = None,
+        image_uuid: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> StoredImage:
+        """Store already-encoded bytes under a fresh UUID (or ``image_uuid``, which must be new)."""
+        ...
+
+    def get(self, image_uuid: str, *, touch: bool = True) -> StoredImage | None:
+        """The live image with this UUID (``touch`` records a use), or None: unknown, malformed or expired."""
+        ...
+
+    def read_bytes(self, image: StoredImage) -> bytes:
+        """The image's bytes; ``FileNotFoundError`` when it expired and was swept since ``get``."""
+        ...
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete what expired; returns how many images went."""
+        ...
+
+    def stats(self) -> tuple[int, int]:
+        """(number of stored images, their total size in bytes)."""
+        ...
+
+
+class Claim(enum.Enum):
+    """What claiming a taskUUID came to."""
+
+    CLAIMED = "claimed"  # recorded as processing: run it
+    TAKEN = "taken"  # the UUID is in use (answer conflictTaskUUID)
+    FULL = "full"  # admission refused: as many admitted tasks are open as the capacity allows (429)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One accepted task. ``item`` is set on success, ``error`` on failure; times are clock seconds."""
+
+    task_uuid: str
+    task_type: str
+    delivery: str
+    status: TaskStatus
+    item: JsonObject | None
+    error: JsonObject | None
+    created_at: float
+    finished_at: float | None
+    expires_at: float | None
+
+
+class TaskRecords(Protocol):
+    """Every task the API accepted, claimed before it runs and finished exactly once.
+
+    Finished records stay readable for the result TTL; ``processing`` ones never expire.
+    """
+
+    def claim(self, task_uuid: str, task_type: str, delivery: str, *, capacity: int | None = None) -> Claim:
+        """Record a new ``processing`` task, atomically with its checks.
+
+        With ``capacity`` the task counts towards admission: it is refused (``FULL``, nothing
+        recorded) when that many admitted tasks are already open. A UUID in use is ``TAKEN``.
+        """
+        ...
+
+    def complete(self, task_uuid: str, item: JsonObject) -> None:
+        """Finish a claimed task with its result item (a JSON object)."""
+        ...
+
+    def fail(self, task_uuid: str, error: JsonObject) -> None:
+        """Finish a claimed task with its error item (a JSON object)."""
+        ...
+
+    def get(self, task_uuid: str) -> TaskRecord | None:
+        """The task's record, or None when it is unknown or its result expired."""
+        ...
+
+    def fail_unfinished(self, error_factory: Callable[[TaskRecord], JsonObject]) -> int:
+        """Turn every ``processing`` task into an error (a single process starting again: nothing
+        will ever finish them); returns how many."""
+        ...
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete finished records whose result expired; returns how many."""
+        ...

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from upscale_server.errors import InvalidParameterError
-from upscale_server.protocol import is_http_url, is_uuid
+from upscale_server.protocol import is_http_url
+from upscale_server.vocabulary import is_uuid
 
 
 @dataclass(frozen=True, slots=True)

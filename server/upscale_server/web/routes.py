@@ -9,15 +9,12 @@ The page talks to the server only through the public Runware API (``POST /v1``) 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from upscale_server.config import Settings
-from upscale_server.inference.manifest import Manifest, load_manifest
+from upscale_server.api.context import server_context
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -32,11 +29,6 @@ CACHE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff
 router = APIRouter(include_in_schema=False)
 
 
-@functools.cache
-def _manifest() -> Manifest:
-    return load_manifest()
-
-
 @router.get("/")
 async def playground_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=CACHE_HEADERS)
@@ -45,13 +37,11 @@ async def playground_page() -> FileResponse:
 @router.get("/playground/models")
 async def playground_models(request: Request) -> JSONResponse:
     """The manifest's models, the default one, and whether the server wants an API key."""
-    state: Any = getattr(request.app.state, "server", None)
-    settings: Settings | None = getattr(state, "settings", None)
-    keys: Any = getattr(state, "keys", None)
+    context = server_context(request)
     body = {
-        "models": [{"id": spec.id, "name": spec.name, "description": spec.description} for spec in _manifest().models],
-        "default": settings.default_model if settings is not None else None,
-        "keysRequired": keys is not None and not keys.open_mode,
+        "models": [{"id": model.id, "name": model.name, "description": model.description} for model in context.models],
+        "default": context.settings.default_model,
+        "keysRequired": not context.keys.open_mode,
     }
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 

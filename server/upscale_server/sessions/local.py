@@ -1,9 +1,7 @@
-"""WebSocket sessions that outlive their connection for a while.
+"""Sessions kept in this process: a session outlives its socket for ``resume_seconds``.
 
-Runware keeps "undelivered images or tasks in a buffer for 120 seconds": a client that reconnects
-with its ``connectionSessionUUID`` gets the results that finished while it was away. A session
-is therefore separate from the socket: results are delivered to the session, which sends them
-on its current connection or keeps them until one attaches (or the session expires).
+Results are delivered to the session, which sends them on its current socket or keeps them (at most
+:data:`MAX_BUFFERED_FRAMES`) until one attaches or the session expires.
 """
 
 from __future__ import annotations
@@ -14,18 +12,18 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from upscale_server.sessions import Sender
 
-Sender = Callable[[str], Awaitable[None]]
+log = logging.getLogger(__name__)
 
 #: Frames kept per detached session; beyond this the oldest are dropped (they stay pollable).
 MAX_BUFFERED_FRAMES = 256
 
 
-class Session:
+class LocalSession:
     """Results for one client session; sends through the attached connection, buffers otherwise."""
 
     def __init__(self, session_uuid: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -75,20 +73,20 @@ class Session:
         return True
 
 
-class SessionRegistry:
+class LocalSessionStore:
     """All live sessions; detached ones are forgotten ``resume_seconds`` after their connection ended."""
 
     def __init__(self, *, resume_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.resume_seconds = resume_seconds
         self._clock = clock
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, LocalSession] = {}
 
-    def open(self, requested: str | None) -> Session:
+    def open(self, requested: str | None) -> LocalSession:
         """The session to use for a new connection: the requested one if it is still alive, else a new one."""
         self.expire()
         if requested is not None and requested in self._sessions:
             return self._sessions[requested]
-        session = Session(requested or str(uuid.uuid4()), self._clock)
+        session = LocalSession(requested or str(uuid.uuid4()), self._clock)
         self._sessions[session.uuid] = session
         return session
 

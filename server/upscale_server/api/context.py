@@ -1,4 +1,4 @@
-"""What the transports share: built once in the app's lifespan, read by every request."""
+"""What the transports share: built once by the app, read by every request."""
 
 from __future__ import annotations
 
@@ -10,20 +10,24 @@ from fastapi import Request, WebSocket
 from fastapi.responses import JSONResponse
 
 from upscale_server.api.auth import ApiKeys
-from upscale_server.api.sessions import SessionRegistry
 from upscale_server.config import Settings
+from upscale_server.inference.service import ModelInfo
 from upscale_server.protocol import parse_request_body
-from upscale_server.storage.images import ImageStore
+from upscale_server.sessions import SessionStore
+from upscale_server.storage import ImageStorage
 from upscale_server.tasks.dispatcher import TaskDispatcher
 
 
-@dataclass
-class ServerState:
+@dataclass(frozen=True)
+class ServerContext:
+    """The parts the routes need; stored at ``app.state.context`` for the lifespan of the app."""
+
     settings: Settings
     keys: ApiKeys
-    images: ImageStore
+    images: ImageStorage
     dispatcher: TaskDispatcher
-    sessions: SessionRegistry
+    sessions: SessionStore
+    models: tuple[ModelInfo, ...]
 
     def base_url(self, connection: Request | WebSocket) -> str:
         """Where clients fetch images: the configured public URL, else the address they used."""
@@ -32,6 +36,11 @@ class ServerState:
         url = connection.base_url
         scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
         return str(url.replace(scheme=scheme)).rstrip("/")
+
+
+def server_context(connection: Request | WebSocket) -> ServerContext:
+    context: ServerContext = connection.app.state.context
+    return context
 
 
 class RunwareJSONResponse(JSONResponse):
@@ -51,8 +60,3 @@ async def parse_tasks(body: bytes, settings: Settings) -> list[object]:
     if len(body) > LARGE_BODY:
         return await asyncio.to_thread(parse_request_body, body, max_tasks=settings.max_tasks)
     return parse_request_body(body, max_tasks=settings.max_tasks)
-
-
-def server_state(connection: Request | WebSocket) -> ServerState:
-    state: ServerState = connection.app.state.server
-    return state

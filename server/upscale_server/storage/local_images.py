@@ -16,62 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import sqlite3
-import tempfile
 import time
 import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
-from upscale_server.storage.db import Database
+from upscale_server.storage import ImageKind, StoredImage
+from upscale_server.storage.sqlite import Database
+from upscale_server.vocabulary import ImageFormat, canonical_uuid, staged_file
 
 logger = logging.getLogger(__name__)
-
-Extension = Literal["jpg", "png", "webp"]
-ImageKind = Literal["upload", "output"]
-
-CONTENT_TYPES: dict[str, str] = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 #: Temp files older than this are leftovers of a crashed write, not writes in progress.
 ORPHAN_TEMP_AGE_SECONDS = 3600.0
 
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _TEMP_SUFFIX = ".tmp"
 
 
-def normalize_uuid(value: str) -> str | None:
-    """The canonical lowercase form of a hyphenated UUID string, or None if ``value`` is not one.
-
-    Only the 8-4-4-4-12 form is accepted (any version: Runware clients send v4 and v7). Braces, URNs and
-    bare hex are refused on purpose: a bare 32-hex string might as well be base64 image data.
-    """
-    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
-        return None
-    return value.lower()
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredImage:
-    """One stored image as recorded when it was looked up (times are clock seconds)."""
-
-    uuid: str
-    extension: Extension
-    content_type: str
-    path: Path
-    kind: ImageKind
-    size_bytes: int
-    width: int | None
-    height: int | None
-    created_at: float
-    last_used_at: float
-    expires_at: float | None
-
-
-class ImageStore:
+class LocalImageStore:
     """Files under ``root`` plus their rows in ``db``; safe to share between threads.
 
     ``retention_seconds`` is the life of an image since its last use (``image_retention_days``).
@@ -93,15 +59,15 @@ class ImageStore:
         self.retention_seconds = retention_seconds
         self._clock = clock
 
-    def path_for(self, image_uuid: str, extension: Extension) -> Path:
+    def path_for(self, image_uuid: str, fmt: ImageFormat) -> Path:
         """Where the file of a (canonical) UUID lives; a shard folder per first two hex digits."""
-        return self.root / image_uuid[:2] / f"{image_uuid}.{extension}"
+        return self.root / image_uuid[:2] / f"{image_uuid}.{fmt.extension}"
 
     def put(
         self,
         data: bytes,
         *,
-        extension: Extension,
+        format: ImageFormat,
         kind: ImageKind,
         ttl_seconds: float | None = None,
         image_uuid: str | None = None,
@@ -114,8 +80,7 @@ class ImageStore:
         hyphenated UUID not already stored, else ``ValueError``. The bytes are not decoded here: the
         caller encoded them and knows the format.
         """
-        if extension not in CONTENT_TYPES:
-            raise ValueError(f"unsupported extension {extension!r}")
+        fmt = ImageFormat(format)
         if kind not in ("upload", "output"):
             raise ValueError(f"unknown image kind {kind!r}")
         if ttl_seconds is not None and ttl_seconds <= 0:
@@ -123,20 +88,16 @@ class ImageStore:
         if image_uuid is None:
             canonical = str(uuid_module.uuid4())
         else:
-            normalized = normalize_uuid(image_uuid)
+            normalized = canonical_uuid(image_uuid)
             if normalized is None:
                 raise ValueError(f"not a UUID: {image_uuid!r}")
             canonical = normalized
 
-        final = self.path_for(canonical, extension)
-        final.parent.mkdir(exist_ok=True)
-        temp = self._write_temp(final.parent, canonical, data)
+        final = self.path_for(canonical, fmt)
         now = self._clock()
         image = StoredImage(
             uuid=canonical,
-            extension=extension,
-            content_type=CONTENT_TYPES[extension],
-            path=final,
+            format=fmt,
             kind=kind,
             size_bytes=len(data),
             width=width,
@@ -144,38 +105,36 @@ class ImageStore:
             created_at=now,
             last_used_at=now,
             expires_at=None if ttl_seconds is None else now + ttl_seconds,
+            local_path=final,
         )
+        inserted = False
         try:
-            # The primary key, not a check-then-write, refuses a duplicate UUID: the existing file is
-            # never overwritten because the rename below only happens once the row is ours.
-            self.db.execute(
-                "INSERT INTO images (uuid, extension, content_type, kind, size_bytes, width, height,"
-                " created_at, last_used_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    image.uuid,
-                    image.extension,
-                    image.content_type,
-                    image.kind,
-                    image.size_bytes,
-                    image.width,
-                    image.height,
-                    image.created_at,
-                    image.last_used_at,
-                    image.expires_at,
-                ),
-            )
+            # The temp file (beside the final one, fsynced) is renamed into place only once the row is
+            # committed. The primary key, not a check-then-write, refuses a duplicate UUID, so an
+            # existing file is never overwritten.
+            with staged_file(final, data, suffix=_TEMP_SUFFIX):
+                self.db.execute(
+                    "INSERT INTO images (uuid, extension, content_type, kind, size_bytes, width, height,"
+                    " created_at, last_used_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        image.uuid,
+                        image.extension,
+                        image.content_type,
+                        image.kind,
+                        image.size_bytes,
+                        image.width,
+                        image.height,
+                        image.created_at,
+                        image.last_used_at,
+                        image.expires_at,
+                    ),
+                )
+                inserted = True
         except sqlite3.IntegrityError as exc:
-            temp.unlink(missing_ok=True)
             raise ValueError(f"image {canonical} already exists") from exc
         except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        try:
-            temp.replace(final)
-        except BaseException:
-            # Undo the row too: nothing may point at a file that is not there.
-            self.db.execute("DELETE FROM images WHERE uuid = ?", (canonical,))
-            temp.unlink(missing_ok=True)
+            if inserted:  # the rename failed: nothing may point at a file that is not there
+                self.db.execute("DELETE FROM images WHERE uuid = ?", (canonical,))
             raise
         logger.debug("Stored %s image %s (%d bytes)", kind, canonical, len(data))
         return image
@@ -186,7 +145,7 @@ class ImageStore:
         ``touch`` records a use, which extends the image's life by the retention period; pass False for
         look-ups that are not uses (listing, metrics).
         """
-        canonical = normalize_uuid(image_uuid)
+        canonical = canonical_uuid(image_uuid)
         if canonical is None:
             return None
         now = self._clock()
@@ -197,8 +156,8 @@ class ImageStore:
             if row is None or self._is_expired(row, now):
                 return None
             image = self._from_row(row)
-            if not image.path.is_file():
-                logger.warning("Image %s has a row but no file at %s", canonical, image.path)
+            if not self.path_for(image.uuid, image.format).is_file():
+                logger.warning("Image %s has a row but no file at %s", canonical, image.local_path)
                 return None
             if touch:
                 conn.execute("UPDATE images SET last_used_at = ? WHERE uuid = ?", (now, canonical))
@@ -207,7 +166,7 @@ class ImageStore:
 
     def read_bytes(self, image: StoredImage) -> bytes:
         """The file's bytes. Raises ``FileNotFoundError`` if the image expired and was swept since ``get``."""
-        return image.path.read_bytes()
+        return self.path_for(image.uuid, image.format).read_bytes()
 
     def sweep(self, now: float | None = None) -> int:
         """Delete expired images (file, then row) and stale temp files; returns how many images went."""
@@ -224,12 +183,13 @@ class ImageStore:
                 if row is None or not self._is_expired(row, now):
                     continue
                 image = self._from_row(row)
+                path = self.path_for(image.uuid, image.format)
                 try:
-                    image.path.unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
                 except OSError:
                     # Keep the row so the next sweep retries; a row without a deletable file is the
                     # lesser harm than a file nothing points to.
-                    logger.exception("Could not delete expired image file %s", image.path)
+                    logger.exception("Could not delete expired image file %s", path)
                     continue
                 conn.execute("DELETE FROM images WHERE uuid = ?", (image.uuid,))
                 removed += 1
@@ -251,12 +211,12 @@ class ImageStore:
         return row["expires_at"] is not None and row["expires_at"] <= now
 
     def _from_row(self, row: sqlite3.Row) -> StoredImage:
-        extension = cast(Extension, row["extension"])
+        fmt = ImageFormat.from_extension(row["extension"])
+        if fmt is None:  # the schema's CHECK allows only the three extensions
+            raise ValueError(f"image {row['uuid']} has an unknown extension {row['extension']!r}")
         return StoredImage(
             uuid=row["uuid"],
-            extension=extension,
-            content_type=row["content_type"],
-            path=self.path_for(row["uuid"], extension),
+            format=fmt,
             kind=cast(ImageKind, row["kind"]),
             size_bytes=row["size_bytes"],
             width=row["width"],
@@ -264,24 +224,8 @@ class ImageStore:
             created_at=row["created_at"],
             last_used_at=row["last_used_at"],
             expires_at=row["expires_at"],
+            local_path=self.path_for(row["uuid"], fmt),
         )
-
-    @staticmethod
-    def _write_temp(folder: Path, image_uuid: str, data: bytes) -> Path:
-        # Same folder as the final file so the rename is atomic on one file system. The dot
-        # prefix keeps it out of anything that serves or lists <uuid>.<ext> files.
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{image_uuid}.", suffix=_TEMP_SUFFIX)
-        temp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                # Without fsync a power cut after the rename can leave a zero-length file under a valid row.
-                os.fsync(handle.fileno())
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return temp
 
     def _sweep_temp_files(self, now: float) -> int:
         removed = 0

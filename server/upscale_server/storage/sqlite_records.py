@@ -1,9 +1,8 @@
-"""The task record: every task the API accepted, so ``getResponse`` and ``conflictTaskUUID`` work.
+"""Task records in SQLite: every task the API accepted, claimed before it runs, finished exactly once.
 
-A row is claimed (``processing``) before the work starts and finished exactly once with the Runware
-result item or error item. Finished rows stay pollable for ``result_ttl_seconds`` (sync tasks too: the
-Python SDK polls a sync task's UUID after a ``conflictTaskUUID``); ``processing`` rows never expire, and
-at start-up :meth:`TaskStore.fail_unfinished` turns the ones a previous process left behind into errors,
+Finished rows stay pollable for ``result_ttl_seconds`` (sync tasks too: the Python SDK polls a sync
+task's UUID after a ``conflictTaskUUID``); ``processing`` rows never expire, and at start-up
+:meth:`SqliteTaskRecords.fail_unfinished` turns the ones a previous process left behind into errors,
 so a client polling across a restart gets an answer instead of "processing" forever.
 
 The stored items are the wire JSON objects as the task layer built them; this module does not know
@@ -17,33 +16,15 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import cast
 
-from upscale_server.storage.db import Database
+from upscale_server.storage import Claim, JsonObject, TaskRecord, TaskStatus
+from upscale_server.storage.sqlite import Database
 
 logger = logging.getLogger(__name__)
 
-TaskStatus = Literal["processing", "success", "error"]
-JsonObject = dict[str, Any]
 
-
-@dataclass(frozen=True)
-class TaskRecord:
-    """One accepted task. ``item`` is set on success, ``error`` on failure; times are clock seconds."""
-
-    task_uuid: str
-    task_type: str
-    delivery: str
-    status: TaskStatus
-    item: JsonObject | None
-    error: JsonObject | None
-    created_at: float
-    finished_at: float | None
-    expires_at: float | None
-
-
-class TaskStore:
+class SqliteTaskRecords:
     """Task rows in ``db``; safe to share between threads and between processes on the same file."""
 
     def __init__(
@@ -59,27 +40,39 @@ class TaskStore:
         self.result_ttl_seconds = result_ttl_seconds
         self._clock = clock
 
-    def claim(self, task_uuid: str, task_type: str, delivery: str) -> bool:
-        """Record a new ``processing`` task; False if the UUID is taken (answer ``conflictTaskUUID``).
+    def claim(self, task_uuid: str, task_type: str, delivery: str, *, capacity: int | None = None) -> Claim:
+        """Record a new ``processing`` task; see :meth:`upscale_server.storage.TaskRecords.claim`.
 
-        One statement, so the check and the insert cannot interleave with another claim, in this process
-        or another. A finished record whose result expired but was not swept yet no longer counts: it is
-        replaced in place.
+        One IMMEDIATE transaction holds the count, the check and the insert, so neither admission nor
+        the UUID check can interleave with another claim, in this process or another. A finished
+        record whose result expired but was not swept yet no longer counts: it is replaced in place.
         """
-        changed = self.db.execute(
-            "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at)"
-            " VALUES (:uuid, :type, :delivery, 'processing', :now)"
-            " ON CONFLICT (task_uuid) DO UPDATE SET"
-            "   task_type = excluded.task_type, delivery = excluded.delivery, status = 'processing',"
-            "   item = NULL, error = NULL, created_at = excluded.created_at, finished_at = NULL,"
-            "   expires_at = NULL"
-            " WHERE tasks.expires_at IS NOT NULL AND tasks.expires_at <= :now",
-            {"uuid": task_uuid, "type": task_type, "delivery": delivery, "now": self._clock()},
-        )
-        claimed = changed == 1
-        if not claimed:
+        now = self._clock()
+        with self.db.transaction() as conn:
+            if capacity is not None:
+                row = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'processing' AND admitted = 1").fetchone()
+                if int(row[0]) >= capacity:
+                    return Claim.FULL
+            changed = conn.execute(
+                "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at, admitted)"
+                " VALUES (:uuid, :type, :delivery, 'processing', :now, :admitted)"
+                " ON CONFLICT (task_uuid) DO UPDATE SET"
+                "   task_type = excluded.task_type, delivery = excluded.delivery, status = 'processing',"
+                "   item = NULL, error = NULL, created_at = excluded.created_at, finished_at = NULL,"
+                "   expires_at = NULL, admitted = excluded.admitted"
+                " WHERE tasks.expires_at IS NOT NULL AND tasks.expires_at <= :now",
+                {
+                    "uuid": task_uuid,
+                    "type": task_type,
+                    "delivery": delivery,
+                    "now": now,
+                    "admitted": int(capacity is not None),
+                },
+            ).rowcount
+        if changed != 1:
             logger.info("Task %s: taskUUID already in use", task_uuid)
-        return claimed
+            return Claim.TAKEN
+        return Claim.CLAIMED
 
     def complete(self, task_uuid: str, item: JsonObject) -> None:
         """Finish a claimed task with its result item (a JSON object); pollable for the result TTL."""

@@ -1,0 +1,43 @@
+"""WebSocket sessions: where results are delivered as frames, whether or not a socket is attached.
+
+Runware keeps "undelivered images or tasks in a buffer for 120 seconds": a client that reconnects
+with its ``connectionSessionUUID`` gets the results that finished while it was away. A session is
+therefore separate from the socket; the transport attaches its socket's sender to a session and the
+tasks deliver to the session. Today's implementation (``local.py``) keeps sessions in this process;
+only :mod:`upscale_server.backends` builds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+#: Sends one text frame on a socket; raises when the socket is gone.
+Sender = Callable[[str], Awaitable[None]]
+
+
+class Session(Protocol):
+    """One client session: frames go out through the attached socket, or wait for the next one."""
+
+    @property
+    def uuid(self) -> str: ...
+
+    async def attach(self, sender: Sender) -> None:
+        """Make ``sender`` the session's socket and send it what was kept meanwhile."""
+        ...
+
+    def detach(self, sender: Sender) -> None:
+        """``sender``'s socket closed; keep frames until another attaches (within the resume window)."""
+        ...
+
+    async def deliver(self, payload: dict[str, Any]) -> None:
+        """Send ``payload`` as one frame now, or keep it for the next socket."""
+        ...
+
+
+class SessionStore(Protocol):
+    """Every live session."""
+
+    def open(self, requested: str | None) -> Session:
+        """The session a new connection uses: ``requested`` if it is still alive, else a new one."""
+        ...

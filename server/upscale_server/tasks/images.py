@@ -1,0 +1,150 @@
+"""Images in and out of tasks: inputs fetched and decoded, pictures encoded and stored.
+
+Shared by ``imageUpload`` and the upscale tasks, so both accept the same input forms and store images
+the same way. Decoding, encoding and storing run in the codec pool (never on the event loop, never on
+the inference worker, whose device would then wait for a PNG); downloads go through the one
+policy-enforcing outbound client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
+
+from upscale_server.errors import ImageNotFoundError, ImageTooLargeError, InvalidImageError
+from upscale_server.imaging import Picture, decode_image, encode_image, resize_pixels
+from upscale_server.outbound import OutboundClient
+from upscale_server.storage import ImageStorage, StoredImage
+from upscale_server.tasks.inputs import Base64Ref, DataUriRef, UrlRef, UuidRef, classify_image_input
+from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Stored uploads keep a lossless format unless the source was lossy.
+_UPLOAD_FORMAT_FOR_SOURCE = {ImageFormat.JPG.pillow: ImageFormat.JPG, ImageFormat.WEBP.pillow: ImageFormat.WEBP}
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    """An upscale result as stored, with its encoded bytes (kept for the reply and the upload)."""
+
+    image: StoredImage
+    data: bytes
+
+
+class TaskImages:
+    """What tasks do with images, each step in the right place (network, codec pool, store)."""
+
+    def __init__(
+        self,
+        images: ImageStorage,
+        outbound: OutboundClient,
+        codecs: Executor,
+        *,
+        max_fetch_bytes: int,
+        max_input_pixels: int,
+        upload_max_side: int,
+    ) -> None:
+        self.images = images
+        self.outbound = outbound
+        self.codecs = codecs
+        self.max_fetch_bytes = max_fetch_bytes
+        self.max_input_pixels = max_input_pixels
+        self.upload_max_side = upload_max_side
+
+    async def input_bytes(self, value: str, parameter: str) -> tuple[bytes, str | None]:
+        """The raw bytes of an image input, and its stored UUID when it names one."""
+        ref = classify_image_input(value, parameter=parameter)
+        if isinstance(ref, UuidRef):
+            data, stored = await asyncio.to_thread(load_stored, self.images, ref.uuid, parameter=parameter)
+            return data, stored.uuid
+        if isinstance(ref, UrlRef):
+            return await self.outbound.get_bytes(ref.url, max_bytes=self.max_fetch_bytes, parameter=parameter), None
+        assert isinstance(ref, DataUriRef | Base64Ref)
+        return ref.data, None
+
+    async def decode(self, data: bytes, parameter: str) -> Picture:
+        return await self.in_codecs(decode_input, data, max_pixels=self.max_input_pixels, parameter=parameter)
+
+    async def store_upload(self, picture: Picture) -> StoredImage:
+        return await self.in_codecs(
+            store_upload, self.images, picture, max_side=self.upload_max_side, executor=self.codecs
+        )
+
+    async def store_input(self, data: bytes, picture: Picture) -> StoredImage:
+        return await self.in_codecs(store_input, self.images, data, picture)
+
+    async def in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the
+        log lines), as ``asyncio.to_thread`` does for the default executor."""
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.codecs, call)
+
+
+# --------------------------------------------------------------------------- the blocking steps
+
+
+def load_stored(images: ImageStorage, image_uuid: str, *, parameter: str) -> tuple[bytes, StoredImage]:
+    """Bytes of a stored upload or output (refreshing its last use); ImageNotFoundError if gone."""
+    stored = images.get(image_uuid)
+    if stored is None:
+        raise ImageNotFoundError(
+            f"no stored image with UUID {image_uuid} (never uploaded, or expired)", parameter=parameter
+        )
+    return images.read_bytes(stored), stored
+
+
+def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
+    """Decode an input image, naming the request field at fault when it is not one we can read."""
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except (InvalidImageError, ImageTooLargeError) as exc:
+        exc.parameter = exc.parameter or parameter
+        raise
+
+
+def store_upload(
+    images: ImageStorage, picture: Picture, *, max_side: int, executor: Executor | None = None
+) -> StoredImage:
+    """Store an uploaded image as Runware does: at most ``max_side`` on the long side (EXIF already applied).
+
+    ``executor``: idle threads that may share a big PNG encode (see :func:`~upscale_server.imaging.encode_image`)."""
+    longest = max(picture.width, picture.height)
+    if longest > max_side:
+        ratio = max_side / longest
+        size = (max(1, round(picture.width * ratio)), max(1, round(picture.height * ratio)))
+        picture = replace(picture, pixels=resize_pixels(picture.pixels, *size))
+    fmt = _UPLOAD_FORMAT_FOR_SOURCE.get(picture.source_format, ImageFormat.PNG)
+    encoded = encode_image(picture, fmt, quality=OUTPUT_QUALITY.default, executor=executor)
+    return images.put(encoded, format=fmt, kind="upload")
+
+
+def store_output(
+    images: ImageStorage,
+    picture: Picture,
+    *,
+    output_format: ImageFormat,
+    quality: int,
+    ttl_seconds: float | None,
+    executor: Executor | None = None,
+) -> StoredOutput:
+    """Encode once and store; the bytes are kept for the reply (base64, upload) so nothing is re-encoded.
+
+    ``executor``: idle threads that may share a big PNG encode (see :func:`~upscale_server.imaging.encode_image`)."""
+    data = encode_image(picture, output_format, quality=quality, executor=executor)
+    stored = images.put(data, format=output_format, kind="output", ttl_seconds=ttl_seconds)
+    return StoredOutput(stored, data)
+
+
+def store_input(images: ImageStorage, data: bytes, picture: Picture) -> StoredImage:
+    """Keep an inline upscale input so its ``inputImageUUID`` can be reused; raw bytes when possible."""
+    fmt = ImageFormat.from_pillow(picture.source_format)
+    if fmt is None:  # BMP, GIF...: stored as PNG, the format every client can read back
+        data, fmt = encode_image(picture, ImageFormat.PNG), ImageFormat.PNG
+    return images.put(data, format=fmt, kind="upload")

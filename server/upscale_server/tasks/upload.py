@@ -1,0 +1,31 @@
+"""``imageUpload``: store an image (at most 2048 px on its long side) under a new UUID for later tasks."""
+
+from __future__ import annotations
+
+from upscale_server.protocol import ImageUploadTask, Outcome, WireItem, upload_item
+from upscale_server.tasks.dispatcher import Emit, RequestContext
+from upscale_server.tasks.images import TaskImages
+from upscale_server.tasks.lifecycle import TaskLifecycle
+from upscale_server.tasks.results import image_url
+
+
+class UploadHandler:
+    """Always synchronous, and not admitted against the upscale capacity: it is quick, and the
+    client needs its UUID to send the upscale at all."""
+
+    def __init__(self, lifecycle: TaskLifecycle, images: TaskImages) -> None:
+        self.lifecycle = lifecycle
+        self.images = images
+
+    async def __call__(self, task: ImageUploadTask, request: RequestContext, emit: Emit) -> None:
+        await self.lifecycle.accept(task.task_type, task.task_uuid, "sync", admitted=False)
+        outcome: Outcome = await self.lifecycle.execute(
+            task.task_type, task.task_uuid, request.base_url, self._upload(task, request.base_url), webhook_url=None
+        )
+        await emit(outcome)
+
+    async def _upload(self, task: ImageUploadTask, base_url: str) -> WireItem:
+        data, _ = await self.images.input_bytes(task.image, "image")
+        picture = await self.images.decode(data, "image")
+        stored = await self.images.store_upload(picture)
+        return upload_item(task.task_uuid, stored.uuid, image_url(base_url, stored))

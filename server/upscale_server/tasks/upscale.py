@@ -1,0 +1,130 @@
+"""``imageUpscale`` and ``upscale``: accepted here, queued as a job, run by :class:`UpscaleRunner`.
+
+The two halves meet only through the job queue. :class:`UpscaleHandler` checks the destinations,
+admits and claims the task, queues an :class:`~upscale_server.queue.UpscaleJob`, then replies with
+the outcome (sync) or acknowledges at once (async). :class:`UpscaleRunner` is what runs a job: fetch
+and decode the input, plan, run the network on the inference worker, encode and store the output,
+upload it when asked, and record the result through the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from upscale_server.delivery import upload_output
+from upscale_server.errors import UploadFailedError
+from upscale_server.imaging import Picture
+from upscale_server.inference.service import InferenceService
+from upscale_server.outbound import OutboundClient
+from upscale_server.protocol import Outcome, UpscaleTask, WireItem, ack_item, image_output, upscale_item
+from upscale_server.queue import JobQueue, UpscaleJob
+from upscale_server.tasks.dispatcher import Emit, RequestContext
+from upscale_server.tasks.images import StoredOutput, TaskImages, store_output
+from upscale_server.tasks.lifecycle import TaskLifecycle
+from upscale_server.tasks.results import base64_text, data_uri, image_url
+
+
+class UpscaleHandler:
+    """The accepting half: nothing is acknowledged before the task is admitted and claimed."""
+
+    def __init__(self, lifecycle: TaskLifecycle, jobs: JobQueue, outbound: OutboundClient) -> None:
+        self.lifecycle = lifecycle
+        self.jobs = jobs
+        self.outbound = outbound
+
+    async def __call__(self, task: UpscaleTask, request: RequestContext, emit: Emit) -> None:
+        # A refused webhook or upload endpoint is refused before the UUID is used up.
+        if task.webhook_url:
+            await self.outbound.check_url(task.webhook_url, parameter="webhookURL")
+        if task.upload_endpoint:
+            await self.outbound.check_url(task.upload_endpoint, parameter="uploadEndpoint")
+        await self.lifecycle.accept(task.task_type, task.task_uuid, task.delivery_method, admitted=True)
+        done = self.jobs.submit(UpscaleJob(task, request.base_url))
+        if task.delivery_method == "async":
+            await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
+        else:
+            # Shielded: a client that hangs up does not cancel accepted work; its result stays pollable.
+            await emit(await asyncio.shield(done))
+
+
+class UpscaleRunner:
+    """The running half: turns a job into a recorded result item (or error)."""
+
+    def __init__(
+        self,
+        lifecycle: TaskLifecycle,
+        inference: InferenceService,
+        images: TaskImages,
+        outbound: OutboundClient,
+        *,
+        cost_per_megapixel: float,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.inference = inference
+        self.images = images
+        self.outbound = outbound
+        self.cost_per_megapixel = cost_per_megapixel
+
+    async def execute(self, job: UpscaleJob) -> Outcome:
+        """Run ``job`` and record its outcome (the job queue's executor); never raises."""
+        task = job.task
+        return await self.lifecycle.execute(
+            task.task_type, task.task_uuid, job.base_url, self.run(job), webhook_url=task.webhook_url
+        )
+
+    async def run(self, job: UpscaleJob) -> WireItem:
+        task, base_url = job.task, job.base_url
+        self.inference.check_model(task.model)  # an unknown model fails before any I/O
+        data, input_uuid = await self.images.input_bytes(task.image, task.image_parameter)
+        picture = await self.images.decode(data, task.image_parameter)
+        plan = await asyncio.to_thread(
+            self.inference.plan, picture.width, picture.height, task.upscale_factor, task.model
+        )
+        # An inline input is stored while the network runs: only the reply needs its UUID.
+        storing = None if input_uuid is not None else asyncio.ensure_future(self.images.store_input(data, picture))
+        try:
+            result = await self.inference.run(picture, plan, label=task.task_uuid)
+            output, url, fields = await self.images.in_codecs(self._store_result, result, task, base_url)
+        except BaseException:
+            if storing is not None:  # the task failed: its input's UUID is never reported
+                storing.cancel()
+                storing.add_done_callback(_outcome_ignored)
+            raise
+        if storing is not None:
+            input_uuid = (await storing).uuid
+        if task.upload_endpoint:
+            try:
+                await upload_output(self.outbound, task.upload_endpoint, output.data, output.image.content_type)
+            except UploadFailedError as exc:
+                exc.message += f"; the result is kept as imageUUID {output.image.uuid} at {url}"
+                raise
+        cost = self.cost(*plan.output_size) if task.include_cost else None
+        return upscale_item(task.task_type, task.task_uuid, output.image.uuid, input_uuid, fields, cost)
+
+    def _store_result(self, result: Picture, task: UpscaleTask, base_url: str) -> tuple[StoredOutput, str, WireItem]:
+        """Encode once, store, and build the reply field from the same bytes (in the codec pool: the
+        base64 of a big output is work too). Returns the output, its URL and the reply field."""
+        output = store_output(
+            self.images.images,
+            result,
+            output_format=task.output_format,
+            quality=task.output_quality,
+            ttl_seconds=task.ttl if task.output_type == "URL" else None,
+            executor=self.images.codecs,  # a big PNG is deflated in stripes on the pool's idle threads
+        )
+        url = image_url(base_url, output.image)
+        if task.output_type == "URL":
+            return output, url, image_output("URL", url)
+        if task.output_type == "base64Data":
+            return output, url, image_output("base64Data", base64_text(output.data))
+        return output, url, image_output("dataURI", data_uri(output.image, output.data))
+
+    def cost(self, width: int, height: int) -> float:
+        return round(self.cost_per_megapixel * width * height / 1e6, 6) + 0.0
+
+
+def _outcome_ignored(task: asyncio.Future[Any]) -> None:
+    """Mark a background step's error as seen: the task failed for another reason already."""
+    if not task.cancelled():
+        task.exception()
