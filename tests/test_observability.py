@@ -15,15 +15,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from upscale_server.inference.worker import InferenceWorker
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource, write_test
 from upscale_server.observability.logs import (
     TaskContextFilter,
-    bind_context,
     configure_logging,
-    current_task_uuid,
     parse_level,
-    run_in_task_context,
     task_context,
 )
 from upscale_server.observability.metrics import MAX_TASK_SERIES, Metrics
@@ -384,40 +382,35 @@ def test_json_lines_parse_and_carry_the_task_uuid_inside_a_task_context(log_stre
     assert "ValueError: bad pixels" in str(failed["exc_info"])
 
 
-def test_a_worker_thread_carries_the_task_uuid_via_run_in_task_context(log_stream: io.StringIO) -> None:
+def test_the_inference_worker_runs_a_job_in_its_submitters_task(log_stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=log_stream)
     log = logging.getLogger("upscale_server.inference.worker")
 
-    def job() -> str:
+    def job() -> None:
         log.info("running on the worker")
-        return current_task_uuid() or ""
 
-    results: list[str] = []
-    worker = threading.Thread(target=lambda: results.append(run_in_task_context(TASK, job)))
-    plain = threading.Thread(target=job)  # a thread without the helper runs outside any task
+    worker = InferenceWorker()
+    worker.start()
+    try:
+        with task_context(TASK):
+            worker.submit(job, label=TASK).result(timeout=30)
+    finally:
+        worker.stop(5)
+    plain = threading.Thread(target=job)  # a hand-made thread runs outside any task
     with task_context("other-task"):
-        worker.start()
-        worker.join()
         plain.start()
         plain.join()
-    assert results == [TASK]
     on_worker, on_plain = json_lines(log_stream)
     assert on_worker["taskUUID"] == TASK
     assert "taskUUID" not in on_plain
 
 
-def test_bind_context_and_to_thread_carry_the_callers_task(log_stream: io.StringIO) -> None:
+def test_to_thread_carries_the_callers_task(log_stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=log_stream)
     log = logging.getLogger("upscale_server.tasks.dispatcher")
 
     def job() -> None:
         log.info("in a thread")
-
-    with task_context(TASK):
-        bound = bind_context(job)
-    thread = threading.Thread(target=bound)
-    thread.start()
-    thread.join()
 
     async def main() -> None:
         async def one(task_uuid: str) -> None:
@@ -429,8 +422,7 @@ def test_bind_context_and_to_thread_carry_the_callers_task(log_stream: io.String
 
     asyncio.run(main())
     uuids = [line["taskUUID"] for line in json_lines(log_stream)]
-    assert uuids[0] == TASK
-    assert sorted(str(u) for u in uuids[1:]) == ["task-a", "task-b"]
+    assert sorted(str(u) for u in uuids) == ["task-a", "task-b"]
 
 
 def test_plain_lines_show_the_task_uuid(log_stream: io.StringIO) -> None:

@@ -151,7 +151,7 @@ async def start_parts(
     observability = HealthSource(
         worker_state=lambda: inference.worker_state,
         model_loaded=inference.model_loaded,
-        data_dir=settings.data_dir.expanduser().resolve(),
+        data_dir=await asyncio.to_thread(lambda: settings.data_dir.expanduser().resolve()),
         metrics=metrics,
         require_model=settings.preload_default_model,  # else nothing loads it until a request comes
     )

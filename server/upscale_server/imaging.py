@@ -160,21 +160,6 @@ class Picture:
 # Decoding
 
 
-def probe_size(data: bytes) -> tuple[int, int]:
-    """Return ``(width, height)`` as the image will be decoded, reading the header only.
-
-    The size accounts for an EXIF orientation that is available in the header (JPEG, WEBP, PNG with
-    ``eXIf`` before the pixel data); an orientation stored after a PNG's pixel data is only seen by
-    :func:`decode_image`. Width times height, the number a pixel budget cares about, is the same
-    either way.
-    """
-    with _open(data) as image:
-        width, height = image.size
-        exif_in_header = image.format != "PNG" or "exif" in image.info
-        orientation = _orientation(image) if exif_in_header else 1
-    return (height, width) if orientation >= 5 else (width, height)
-
-
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode untrusted bytes into a :class:`Picture` (first frame, EXIF orientation applied).
 

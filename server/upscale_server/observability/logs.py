@@ -7,9 +7,9 @@ while that task runs carries it, from any module, through awaits, and into:
 * asyncio tasks created inside the block (``asyncio.create_task`` copies the current context), so a
   background async upscale or a webhook delivery keeps its task's UUID;
 * ``asyncio.to_thread`` calls (it runs the function in a copy of the caller's context);
-* but **not** plain threads or ``queue.Queue`` consumers such as the inference worker, which run in
-  their own context. A job handed to such a thread must carry the context explicitly: wrap it with
-  :func:`run_in_task_context` (or :func:`bind_context`, which carries every context variable).
+* but **not** hand-made threads, which run in their own context: a job handed to one must carry
+  the submitter's context explicitly, as the inference worker does (``contextvars.copy_context()``
+  when the job is queued, ``context.run`` on the worker thread).
 
 A :class:`TaskContextFilter` on the handler copies the current UUID onto each record as ``taskUUID``
 (a record that already has one, from ``extra={"taskUUID": ...}``, keeps it), and the formatters print
@@ -25,7 +25,7 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal, TextIO, TypeVar
 
 T = TypeVar("T")
@@ -42,11 +42,6 @@ UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(task_tag)s: %(message)s"
 
 
-def current_task_uuid() -> str | None:
-    """The taskUUID of the task this code runs for, or None outside any task."""
-    return _task_uuid.get()
-
-
 @contextlib.contextmanager
 def task_context(task_uuid: str | None) -> Iterator[None]:
     """Tag every log line written inside the block with ``task_uuid`` (None: with no task).
@@ -59,27 +54,6 @@ def task_context(task_uuid: str | None) -> Iterator[None]:
         yield
     finally:
         _task_uuid.reset(token)
-
-
-def run_in_task_context(task_uuid: str | None, fn: Callable[[], T]) -> T:
-    """Call ``fn()`` with ``task_uuid`` as the current taskUUID, for code on threads that do not
-    inherit the caller's context (the inference worker). Usage when submitting a job::
-
-        worker.submit(functools.partial(run_in_task_context, task.task_uuid, job), label=task.task_uuid)
-    """
-    with task_context(task_uuid):
-        return fn()
-
-
-def bind_context(fn: Callable[[], T]) -> Callable[[], T]:
-    """``fn`` bound to a copy of the *current* context (taskUUID and every other context variable),
-    to be called later on another thread: what ``asyncio.to_thread`` does, for hand-made threads."""
-    context = contextvars.copy_context()
-
-    def bound() -> T:
-        return context.run(fn)
-
-    return bound
 
 
 class TaskContextFilter(logging.Filter):

@@ -34,10 +34,6 @@ class LocalSession:
         self._lock = asyncio.Lock()
         self.detached_at: float | None = None
 
-    @property
-    def attached(self) -> bool:
-        return self._sender is not None
-
     async def attach(self, sender: Sender) -> None:
         """Make ``sender`` the connection of this session and flush what was buffered meanwhile."""
         async with self._lock:

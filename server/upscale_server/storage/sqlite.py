@@ -128,11 +128,6 @@ class Database:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
-    @property
-    def schema_version(self) -> int:
-        row = self.query_one("PRAGMA user_version")
-        return int(row[0]) if row else 0
-
     def close(self) -> None:
         with self._lock:
             self._conn.close()

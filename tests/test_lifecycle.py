@@ -1,0 +1,239 @@
+"""The task lifecycle, the dispatcher, the in-process job queue and authentication, each on its own.
+
+Real SQLite task records in tmp_path; a recording webhook sender; no network, no inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from upscale_server.api.auth import ApiKeys
+from upscale_server.errors import (
+    ConflictTaskUUIDError,
+    InvalidApiKeyError,
+    MissingApiKeyError,
+    QueueFullError,
+    TaskNotFoundError,
+)
+from upscale_server.observability.metrics import Metrics
+from upscale_server.protocol import GetResponseTask, Outcome, PingTask, UpscaleTask, parse_task
+from upscale_server.queue import UpscaleJob
+from upscale_server.queue.local import LocalJobQueue
+from upscale_server.storage.sqlite import open_database
+from upscale_server.storage.sqlite_records import SqliteTaskRecords
+from upscale_server.tasks.dispatcher import RequestContext, TaskDispatcher
+from upscale_server.tasks.lifecycle import TaskLifecycle
+from upscale_server.tasks.ping import handle_ping
+
+BASE = "http://testserver"
+
+
+class RecordingWebhooks:
+    """Stands in for the webhook sender: remembers what would have been POSTed where."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any], str]] = []
+
+    def send(self, url: str, payload: dict[str, Any], *, task_uuid: str) -> None:
+        self.sent.append((url, payload, task_uuid))
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Iterator[SqliteTaskRecords]:
+    db = open_database(tmp_path / "tasks.sqlite3")
+    yield SqliteTaskRecords(db, result_ttl_seconds=3600)
+    db.close()
+
+
+@pytest.fixture
+def webhooks() -> RecordingWebhooks:
+    return RecordingWebhooks()
+
+
+@pytest.fixture
+def lifecycle(records: SqliteTaskRecords, webhooks: RecordingWebhooks) -> TaskLifecycle:
+    return TaskLifecycle(records, webhooks, Metrics(process_metrics=False), capacity=2)  # type: ignore[arg-type]
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+# --------------------------------------------------------------------------- admission and claim
+
+
+def test_admission_refuses_before_claiming_and_a_finished_task_frees_its_place(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords
+) -> None:
+    async def scenario() -> None:
+        first, second, third = new_uuid(), new_uuid(), new_uuid()
+        await lifecycle.accept("upscale", first, "async", admitted=True)
+        await lifecycle.accept("upscale", second, "async", admitted=True)
+        with pytest.raises(QueueFullError) as full:
+            await lifecycle.accept("upscale", third, "async", admitted=True)
+        assert full.value.http_status == 429 and "UPSCALE_MAX_QUEUE=2" in full.value.message
+        assert records.get(third) is None  # refused before the claim: the UUID can be sent again
+        await lifecycle.accept("imageUpload", new_uuid(), "sync", admitted=False)  # uploads are not admitted
+        await lifecycle.execute("upscale", first, BASE, _item({"imageUUID": "x"}), webhook_url=None)
+        await lifecycle.accept("upscale", third, "async", admitted=True)
+        with pytest.raises(ConflictTaskUUIDError) as conflict:
+            await lifecycle.accept("imageUpscale", second, "sync", admitted=False)
+        assert conflict.value.parameter == "taskUUID"
+
+    asyncio.run(scenario())
+
+
+async def _item(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+async def _fails(exc: Exception) -> dict[str, Any]:
+    raise exc
+
+
+# --------------------------------------------------------------------------- run, record, notify
+
+
+def test_a_result_is_recorded_in_its_stored_shape_and_sent_to_the_webhook(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords, webhooks: RecordingWebhooks
+) -> None:
+    task_uuid = new_uuid()
+    item = {"taskType": "upscale", "taskUUID": task_uuid, "imageUUID": "i", "imageURL": f"{BASE}/image/i.png"}
+
+    async def scenario() -> Outcome:
+        await lifecycle.accept("upscale", task_uuid, "async", admitted=True)
+        return await lifecycle.execute("upscale", task_uuid, BASE, _item(item), webhook_url="https://hook/x")
+
+    outcome = asyncio.run(scenario())
+    assert outcome == Outcome(item=item)
+    record = records.get(task_uuid)
+    assert record is not None and record.status == "success"
+    assert record.item == {**item, "imageURL": "/image/i.png", "status": "success"}  # paths, not this address
+    assert webhooks.sent == [("https://hook/x", {"data": [item]}, task_uuid)]
+
+
+def test_a_failure_is_recorded_as_its_error_item_and_sent_to_the_webhook(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords, webhooks: RecordingWebhooks
+) -> None:
+    task_uuid = new_uuid()
+
+    async def scenario() -> Outcome:
+        await lifecycle.accept("upscale", task_uuid, "sync", admitted=True)
+        work = _fails(TaskNotFoundError("gone", parameter="taskUUID"))
+        return await lifecycle.execute("upscale", task_uuid, BASE, work, webhook_url="https://hook/x")
+
+    outcome = asyncio.run(scenario())
+    assert outcome.status == 404 and outcome.item is None
+    expected = {"code": "taskNotFound", "message": "gone", "parameter": "taskUUID", "taskType": "upscale"}
+    assert outcome.error == {**expected, "taskUUID": task_uuid}
+    record = records.get(task_uuid)
+    assert record is not None and record.error == {**expected, "taskUUID": task_uuid, "status": "error"}
+    assert webhooks.sent == [("https://hook/x", {"errors": [outcome.error]}, task_uuid)]
+
+
+def test_an_unexpected_exception_becomes_a_generic_error_never_its_text(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords
+) -> None:
+    task_uuid = new_uuid()
+
+    async def scenario() -> Outcome:
+        await lifecycle.accept("imageUpload", task_uuid, "sync", admitted=False)
+        work = _fails(RuntimeError("/secret/path exploded"))
+        return await lifecycle.execute("imageUpload", task_uuid, BASE, work, webhook_url=None)
+
+    outcome = asyncio.run(scenario())
+    assert outcome.status == 500 and outcome.error is not None
+    assert outcome.error["code"] == "internalServerError" and "/secret" not in str(outcome.error)
+    record = records.get(task_uuid)
+    assert record is not None and record.status == "error"
+
+
+# --------------------------------------------------------------------------- the dispatcher
+
+
+def test_the_dispatcher_routes_by_task_type_and_answers_every_task_once() -> None:
+    seen: list[Any] = []
+
+    async def poll_handler(task: GetResponseTask, request: RequestContext, emit: Any) -> None:
+        seen.append((task, request))
+        raise TaskNotFoundError("no such task", parameter="taskUUID")
+
+    dispatcher = TaskDispatcher({PingTask: handle_ping, GetResponseTask: poll_handler}, Metrics(process_metrics=False))
+    outcomes: list[Outcome] = []
+
+    async def emit(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+
+    task_uuid = new_uuid()
+    raw = [
+        {"taskType": "authentication", "apiKey": "k"},  # not leading here: ignored, never answered
+        {"taskType": "ping", "ping": True},
+        {"taskType": "getResponse", "taskUUID": task_uuid},
+        {"taskType": "nope", "taskUUID": task_uuid},
+    ]
+    asyncio.run(dispatcher.dispatch(raw, base_url=BASE, emit=emit))
+    assert seen == [(GetResponseTask(task_uuid=task_uuid), RequestContext(BASE))]
+    assert Outcome(item={"taskType": "ping", "pong": True}) in outcomes
+    codes = sorted(str(o.error["code"]) for o in outcomes if o.error is not None)
+    assert codes == ["invalidTaskType", "taskNotFound"]
+    assert len(outcomes) == 3
+
+
+# --------------------------------------------------------------------------- the in-process job queue
+
+
+def test_the_local_queue_runs_jobs_concurrently_and_drains_them() -> None:
+    task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
+    assert isinstance(task, UpscaleTask)
+
+    async def scenario() -> None:
+        queue = LocalJobQueue()
+        with pytest.raises(RuntimeError, match="not started"):
+            queue.submit(UpscaleJob(task, BASE))
+        release = asyncio.Event()
+        started: list[UpscaleJob] = []
+
+        async def execute(job: UpscaleJob) -> Outcome:
+            started.append(job)
+            await release.wait()
+            return Outcome(item={"taskUUID": job.task.task_uuid})
+
+        queue.start(execute)
+        futures = [queue.submit(UpscaleJob(task, BASE)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert len(started) == 3 and queue.in_flight == 3  # none waits for another
+        release.set()
+        await queue.drain(timeout=10)
+        assert queue.in_flight == 0
+        assert [f.result().item for f in futures] == [{"taskUUID": task.task_uuid}] * 3
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_authentication_is_one_rule_for_both_transports() -> None:
+    keys = ApiKeys(["good"])
+    ping: dict[str, Any] = {"taskType": "ping"}
+    auth, rest = keys.authenticate([{"taskType": "authentication", "apiKey": "good"}, ping])
+    assert auth is not None and auth.api_key == "good" and rest == [ping]
+    assert keys.authenticate([ping], bearer="good") == (None, [ping])
+    # REST: a leading task without a string key lets the Authorization header stand in ...
+    assert keys.authenticate([{"taskType": "authentication", "apiKey": 7}, ping], bearer="good") == (None, [ping])
+    # ... but a string key is the credential, even an empty one
+    with pytest.raises(MissingApiKeyError):
+        keys.authenticate([{"taskType": "authentication", "apiKey": ""}, ping], bearer="good")
+    with pytest.raises(InvalidApiKeyError):
+        keys.authenticate([{"taskType": "authentication", "apiKey": "bad"}], bearer="good")
+    with pytest.raises(InvalidApiKeyError):  # WebSocket: no header to stand in
+        keys.authenticate([{"taskType": "authentication", "apiKey": 7}])
+    with pytest.raises(MissingApiKeyError):
+        keys.authenticate([ping])
+    assert ApiKeys([]).authenticate([ping]) == (None, [ping])  # open mode
