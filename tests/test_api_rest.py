@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,8 @@ from tests.api_helpers import (
 )
 from upscale_server.app import create_app
 from upscale_server.config import Settings
+from upscale_server.storage import StoredImage
+from upscale_server.storage.local_images import LocalImageStore
 
 KEY = "secret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -301,3 +304,21 @@ def test_url_outputs_honour_ttl(client: TestClient) -> None:
     assert before + 60 <= stored.expires_at <= time.time() + 60
     status, body = post(client, [upscale_task(data_uri(encode(photo_crop())), ttl=30)])
     assert status == 400 and body["errors"][0]["parameter"] == "ttl" and body["errors"][0]["min"] == 60
+
+
+def test_images_without_a_local_file_are_served_from_the_storage(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage that keeps images elsewhere (no ``local_path``) is read through ``read_bytes``."""
+    item = upload(client, photo_crop(20, 10))
+    on_disk = client.get(item["imageURL"]).content
+    local_get = LocalImageStore.get
+
+    def remote_get(store: LocalImageStore, image_uuid: str, *, touch: bool = True) -> StoredImage | None:
+        found = local_get(store, image_uuid, touch=touch)
+        return None if found is None else dataclasses.replace(found, local_path=None)
+
+    monkeypatch.setattr(LocalImageStore, "get", remote_get)
+    response = client.get(item["imageURL"])
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content == on_disk

@@ -30,6 +30,7 @@ from upscale_server.storage.sqlite_records import SqliteTaskRecords
 from upscale_server.tasks.dispatcher import RequestContext, TaskDispatcher
 from upscale_server.tasks.lifecycle import TaskLifecycle
 from upscale_server.tasks.ping import handle_ping
+from upscale_server.tasks.upscale import UpscaleHandler
 
 BASE = "http://testserver"
 
@@ -237,3 +238,38 @@ def test_authentication_is_one_rule_for_both_transports() -> None:
     with pytest.raises(MissingApiKeyError):
         keys.authenticate([ping])
     assert ApiKeys([]).authenticate([ping]) == (None, [ping])  # open mode
+
+
+def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(lifecycle: TaskLifecycle) -> None:
+    """The reply is shielded from the request: nothing accepted is lost when the caller goes away."""
+    task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
+    assert isinstance(task, UpscaleTask)
+
+    async def scenario() -> None:
+        queue = LocalJobQueue()
+        release = asyncio.Event()
+        running = asyncio.Event()
+
+        async def execute(job: UpscaleJob) -> Outcome:
+            running.set()
+            await release.wait()
+            return Outcome(item={"taskUUID": job.task.task_uuid})
+
+        queue.start(execute)
+        handler = UpscaleHandler(lifecycle, queue, outbound=None)  # type: ignore[arg-type]
+        emitted: list[Outcome] = []
+
+        async def emit(outcome: Outcome) -> None:
+            emitted.append(outcome)
+
+        request = asyncio.create_task(handler(task, RequestContext(BASE), emit))
+        await running.wait()
+        request.cancel()  # the client hung up
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert queue.in_flight == 1  # the job runs on
+        release.set()
+        await queue.drain(timeout=10)
+        assert queue.in_flight == 0 and emitted == []
+
+    asyncio.run(scenario())
