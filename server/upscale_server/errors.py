@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from upscale_server.vocabulary import UPSCALE_FACTORS
+
 logger = logging.getLogger(__name__)
 
 #: Sent instead of the text of an exception we did not anticipate: that text may name files,
@@ -150,9 +152,9 @@ class InvalidUpscaleFactorError(InvalidParameterError):
         message: str,
         *,
         parameter: str = "upscaleFactor",
-        min: Number | None = 2,
-        max: Number | None = 4,
-        allowed_values: Sequence[object] | None = (2, 3, 4),
+        min: Number | None = UPSCALE_FACTORS[0],
+        max: Number | None = UPSCALE_FACTORS[-1],
+        allowed_values: Sequence[object] | None = UPSCALE_FACTORS,
         type: str | None = "integer",
     ) -> None:
         super().__init__(

@@ -477,7 +477,7 @@ def encode_image(
         # Chroma subsampling smears colour edges, which is exactly what an upscaler just sharpened;
         # at high quality the 4:4:4 size cost is worth it, below 90 the caller asked for small files.
         subsampling = 0 if quality >= 90 else 2
-        image.save(out, format="JPEG", quality=quality, subsampling=subsampling, icc_profile=icc)
+        image.save(out, format=fmt.pillow, quality=quality, subsampling=subsampling, icc_profile=icc)
     else:
         pixels = picture.pixels
         if picture.is_gray:
@@ -485,7 +485,7 @@ def encode_image(
             pixels = pixels[..., [0, 0, 0, 1] if picture.has_alpha else [0, 0, 0]]
             icc = None
         image = Image.fromarray(_quantize(pixels, 8))
-        image.save(out, format="WEBP", quality=quality, icc_profile=icc)
+        image.save(out, format=fmt.pillow, quality=quality, icc_profile=icc)
     return out.getvalue()
 
 
