@@ -43,7 +43,7 @@ class TaskImages:
 
     def __init__(
         self,
-        images: ImageStorage,
+        storage: ImageStorage,
         outbound: OutboundClient,
         codecs: Executor,
         *,
@@ -51,7 +51,7 @@ class TaskImages:
         max_input_pixels: int,
         upload_max_side: int,
     ) -> None:
-        self.images = images
+        self.storage = storage
         self.outbound = outbound
         self.codecs = codecs
         self.max_fetch_bytes = max_fetch_bytes
@@ -62,7 +62,7 @@ class TaskImages:
         """The raw bytes of an image input, and its stored UUID when it names one."""
         ref = classify_image_input(value, parameter=parameter)
         if isinstance(ref, UuidRef):
-            data, stored = await asyncio.to_thread(load_stored, self.images, ref.uuid, parameter=parameter)
+            data, stored = await asyncio.to_thread(load_stored, self.storage, ref.uuid, parameter=parameter)
             return data, stored.uuid
         if isinstance(ref, UrlRef):
             return await self.outbound.get_bytes(ref.url, max_bytes=self.max_fetch_bytes, parameter=parameter), None
@@ -74,11 +74,11 @@ class TaskImages:
 
     async def store_upload(self, picture: Picture) -> StoredImage:
         return await self.in_codecs(
-            store_upload, self.images, picture, max_side=self.upload_max_side, executor=self.codecs
+            store_upload, self.storage, picture, max_side=self.upload_max_side, executor=self.codecs
         )
 
     async def store_input(self, data: bytes, picture: Picture) -> StoredImage:
-        return await self.in_codecs(store_input, self.images, data, picture)
+        return await self.in_codecs(store_input, self.storage, data, picture)
 
     async def in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the

@@ -106,7 +106,7 @@ class UpscaleRunner:
         """Encode once, store, and build the reply field from the same bytes (in the codec pool: the
         base64 of a big output is work too). Returns the output, its URL and the reply field."""
         output = store_output(
-            self.images.images,
+            self.images.storage,
             result,
             output_format=task.output_format,
             quality=task.output_quality,
