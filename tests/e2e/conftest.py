@@ -8,7 +8,8 @@ event (an input URL on a local receiver that answers when the test says so) or o
 ``UPSCALE_RESIZE_DELAY_SECONDS``, and waits for observable state (``getResponse`` says
 ``processing``), never for a number of seconds. A test that needs the real network says so itself.
 
-Every test under ``tests/e2e/`` is marked ``e2e``: ``scripts/test --fast`` leaves them out, CI runs them.
+Every test under ``tests/e2e/`` is marked ``e2e`` (by the root ``conftest.py``, which keeps the lanes):
+``scripts/test --fast`` leaves them out, CI runs them.
 """
 
 from __future__ import annotations
@@ -22,16 +23,8 @@ import pytest
 from tests.conftest import MODELS
 from upscale_server.testing import UpscaleTestServer, run_test_server
 
-E2E_ROOT = Path(__file__).resolve().parent
 #: Inputs may come from 127.0.0.1: the server's own imageURLs, and the tests' local receivers.
 LOCAL_INPUTS = {"UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]'}
-
-
-@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.is_relative_to(E2E_ROOT):
-            item.add_marker(pytest.mark.e2e)
 
 
 @contextlib.contextmanager
