@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 from tests.e2e.clients.harness import (
     DEFAULT_MODEL,
+    FAST_MODEL,
     SourceImage,
     check_upscaled,
     js_command,
@@ -207,7 +208,7 @@ class RunwarePy(Adapter):
             check_upscaled(item, server=server, source=src, factor=2, output_format="PNG", task_type=self.task_type)
 
         fields = {
-            "model": "local:realesr-animevideov3@1",
+            "model": FAST_MODEL,
             "upscaleFactor": 2,
             "outputType": "URL",
             "outputFormat": "PNG",
@@ -307,7 +308,7 @@ class RunwareSdk(Adapter):
 
         args = {
             "taskType": "imageUpscale",
-            "model": "local:realesr-animevideov3@1",
+            "model": FAST_MODEL,
             "upscaleFactor": 2,
             "deliveryMethod": "sync",
             "inputImage": "${upload.imageURL}",
