@@ -22,7 +22,7 @@ linter does not read the test arguments as redefinitions)::
     def test_webhook(serve):
         receiver = serve({"/hook": http_receiver.replies(500, 200)})
         ...  # point the code under test at receiver.url("/hook")
-        (first, second) = receiver.wait_for(2)
+        first, second = receiver.wait_for(2)[:2]  # blocks until both attempts arrived
 """
 
 from __future__ import annotations
