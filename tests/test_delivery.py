@@ -1,7 +1,9 @@
 """Webhook delivery (retries, give-ups, never blocking) and uploadEndpoint PUTs, against real local receivers.
 
 Backoff waits go through an injected ``sleep`` that records the delay and returns at once, so the
-retry tests are exact and fast; the tests about slowness use a receiver that really is slow.
+retry tests are exact and fast. The tests about slowness use a receiver that holds its answer until
+the test releases it (``tests/support/http_receiver.py``), so "slow" is a state the test controls and
+the assertions are about what had happened by then, never about elapsed seconds.
 """
 
 from __future__ import annotations
@@ -10,26 +12,18 @@ import asyncio
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 
 import pytest
 
-from tests.test_outbound import (
-    LOCAL,
-    LocalServer,
-    RecordingTransport,
-    Route,
-    RouteHandler,
-    free_port,
-    ok,
-    real_transport,
-)
+from tests.support import http_receiver
+from tests.support.http_receiver import Reply, Serve, free_port, held, ok
+from tests.test_outbound import LOCAL, RecordingTransport, real_transport
 from upscale_server.delivery import WebhookSender, upload_output
 from upscale_server.errors import BlockedAddressError, UploadFailedError
 from upscale_server.outbound import OutboundClient, OutboundPolicy
 
-Serve = Callable[[dict[str, Route]], LocalServer]
 TASK = "6f1c2a9e-4b8d-4c1e-9a55-1f2e3d4c5b6a"
 PAYLOAD: dict[str, object] = {
     "data": [
@@ -45,18 +39,7 @@ PAYLOAD: dict[str, object] = {
 }
 
 
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    """``serve(routes)`` starts a local receiver on 127.0.0.1, closed at the end of the test."""
-    servers: list[LocalServer] = []
-
-    def start(routes: dict[str, Route]) -> LocalServer:
-        servers.append(LocalServer(routes))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+serve = http_receiver.serve  # serve(routes) -> a started HttpReceiver, closed after the test
 
 
 class RecordingSleep:
@@ -75,21 +58,18 @@ class RecordingSleep:
         return self.now
 
 
-def status_sequence(*statuses: int, headers: dict[str, str] | None = None) -> Route:
+def status_sequence(*statuses: int, headers: dict[str, str] | None = None) -> tuple[Reply, ...]:
     """Answer the n-th request with ``statuses[n-1]`` (the last one repeats)."""
-
-    def route(handler: RouteHandler, n: int) -> None:
-        handler.reply(statuses[min(n, len(statuses)) - 1], b"receiver says no: SECRET", headers)
-
-    return route
+    return http_receiver.replies(*statuses, body=b"receiver says no: SECRET", headers=headers)
 
 
-def slow(seconds: float) -> Route:
-    def route(handler: RouteHandler, _n: int) -> None:
-        handler.server.app.release.wait(seconds)
-        handler.reply(200)
-
-    return route
+def released_at_the_latest_after(seconds: float, gate: threading.Event) -> threading.Timer:
+    """A safety net, not a measurement: sets ``gate`` after ``seconds`` so that code which wrongly waits for
+    a held receiver ends up delivering (and the test's assertions fail) instead of hanging."""
+    timer = threading.Timer(seconds, gate.set)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 async def deliver_all(
@@ -114,12 +94,12 @@ async def deliver_all(
 def test_retried_on_5xx_then_delivered_with_the_payload_intact(serve: Serve) -> None:
     receiver = serve({"/hook": status_sequence(500, 503, 200)})
     sender, sleep = asyncio.run(deliver_all([receiver.url("/hook?token=abc")]))
-    assert len(receiver.seen) == 3  # delivered on the third attempt
-    for seen in receiver.seen:
+    assert len(receiver.requests) == 3  # delivered on the third attempt
+    for seen in receiver.requests:
         assert seen.method == "POST" and seen.path == "/hook?token=abc"
         assert seen.headers["content-type"] == "application/json"
         assert json.loads(seen.body) == PAYLOAD
-    assert receiver.seen[0].body == receiver.seen[2].body
+    assert receiver.requests[0].body == receiver.requests[2].body
     assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (1, 2, 0)
     assert len(sleep.delays) == 2
     assert 0.4 <= sleep.delays[0] < 0.6 and 0.8 <= sleep.delays[1] < 1.2  # 0.5 s, then 1 s, with jitter
@@ -152,7 +132,7 @@ def test_other_statuses_give_up_after_one_attempt(serve: Serve, status: int, cap
     receiver = serve({"/hook": status_sequence(status)})
     with caplog.at_level(logging.WARNING, logger="upscale_server.delivery"):
         sender, sleep = asyncio.run(deliver_all([receiver.url("/hook?token=secret-token")]))
-    assert len(receiver.seen) == 1 and sleep.delays == []
+    assert len(receiver.requests) == 1 and sleep.delays == []
     assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 0, 1)
     (record,) = [r for r in caplog.records if "given up" in r.getMessage()]
     message = record.getMessage()
@@ -175,7 +155,7 @@ def test_give_up_after_bounds_the_retry_window(serve: Serve) -> None:
         deliver_all([receiver.url("/hook")], first_delay=1.0, give_up_after=2.5, jitter=lambda: 0.5)
     )
     # waits 1 s (t=1) and 2 s would end at t=3 > 2.5: given up after the second attempt
-    assert sleep.delays == [1.0] and len(receiver.seen) == 2
+    assert sleep.delays == [1.0] and len(receiver.requests) == 2
     assert sender.stats.given_up == 1
 
 
@@ -193,56 +173,79 @@ def test_refused_address_is_given_up_at_once_without_connecting(caplog: pytest.L
 # --------------------------------------------------------------------------- never blocking, shutdown
 
 
-def test_send_returns_at_once_and_a_slow_receiver_blocks_nothing(serve: Serve) -> None:
-    receiver = serve({"/slow": slow(2.0), "/fast": ok(b"")})
+async def until(condition: Callable[[], object], what: str, guard: float = 30.0) -> None:
+    """Yield to the event loop until ``condition()`` holds: a state, not a duration. ``guard`` seconds only
+    turn a hang into a failure that says what never happened."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + guard
+    while not condition():
+        if loop.time() > deadline:
+            pytest.fail(f"still waiting for {what}")
+        await asyncio.sleep(0.01)
 
-    async def scenario() -> tuple[WebhookSender, float, float, int, float]:
+
+def test_send_returns_at_once_and_a_slow_receiver_blocks_nothing(serve: Serve) -> None:
+    """Proves by the order of events, not by a clock: ``send`` returns before its delivery is answered;
+    while a receiver holds its answer, the event loop runs on and another delivery completes; and
+    ``aclose`` waits for the held delivery once the receiver answers."""
+    release_slow = threading.Event()
+    receiver = serve({"/slow": held(release_slow), "/fast": ok()})
+    safety = released_at_the_latest_after(30, release_slow)
+
+    async def scenario() -> tuple[WebhookSender, tuple[int, int], tuple[int, int, bool, list[str]]]:
         client = OutboundClient(LOCAL, transport=real_transport())
         sender = WebhookSender(client)
-        started = time.monotonic()
         sender.send(receiver.url("/slow"), PAYLOAD, task_uuid=TASK)
-        send_took = time.monotonic() - started
-        ticks = time.monotonic()
-        await asyncio.sleep(0.05)  # the event loop is free: this finishes on time
-        tick_took = time.monotonic() - ticks
+        after_send = (sender.stats.delivered, sender.in_flight)
+        await until(lambda: receiver.requests, "the slow receiver to get its webhook")
         sender.send(receiver.url("/fast"), PAYLOAD, task_uuid="other-task")
-        while sender.stats.delivered == 0 and time.monotonic() - started < 1.5:
-            await asyncio.sleep(0.01)
-        in_flight = sender.in_flight  # the slow one, still waiting for its receiver
-        fast_delivered_at = time.monotonic() - started
-        await sender.aclose(timeout=5)  # waits for the slow delivery
+        await until(lambda: sender.stats.delivered, "the fast delivery")
+        while_held = (
+            sender.stats.delivered,
+            sender.in_flight,
+            release_slow.is_set(),
+            [request.path for request in receiver.answered],
+        )
+        release_slow.set()
+        await sender.aclose(timeout=30)  # waits for the slow delivery, now answered
         await client.aclose()
-        return sender, send_took, tick_took, in_flight, fast_delivered_at
+        return sender, after_send, while_held
 
-    sender, send_took, tick_took, in_flight, fast_delivered_at = asyncio.run(scenario())
-    assert send_took < 0.05
-    assert tick_took < 0.5
-    assert fast_delivered_at < 1.5 and in_flight == 1  # delivered while the slow one was in flight
+    try:
+        sender, after_send, while_held = asyncio.run(scenario())
+    finally:
+        safety.cancel()
+    assert after_send == (0, 1)  # send returned with its delivery still to do
+    assert while_held == (1, 1, False, ["/fast"])  # delivered while the slow one was held, on the same loop
     assert sender.stats.delivered == 2 and sender.in_flight == 0  # aclose waited for the slow one
-    assert [seen.path for seen in receiver.seen if seen.path == "/slow"] == ["/slow"]
+    assert [request.path for request in receiver.requests] == ["/slow", "/fast"]
+    assert [request.path for request in receiver.answered] == ["/fast", "/slow"]
 
 
 def test_aclose_cancels_what_outlives_its_timeout(serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
-    receiver = serve({"/slow": slow(5.0)})
+    never = threading.Event()  # the receiver holds its answer until the test ends
+    receiver = serve({"/slow": held(never)})
+    safety = released_at_the_latest_after(30, never)
 
-    async def scenario() -> tuple[WebhookSender, float]:
+    async def scenario() -> tuple[WebhookSender, bool]:
         client = OutboundClient(LOCAL, transport=real_transport())
         sender = WebhookSender(client)
         sender.send(receiver.url("/slow"), PAYLOAD, task_uuid=TASK)
-        while not receiver.seen:
-            await asyncio.sleep(0.01)
-        started = time.monotonic()
+        await until(lambda: receiver.requests, "the receiver to get the webhook")
         await sender.aclose(timeout=0.2)
-        took = time.monotonic() - started
+        still_held = not never.is_set()
         sender.send(receiver.url("/slow"), PAYLOAD, task_uuid="late-task")  # after close: dropped, no raise
         await client.aclose()
-        return sender, took
+        return sender, still_held
 
-    with caplog.at_level(logging.WARNING):
-        sender, took = asyncio.run(scenario())
-    assert took < 1.0
+    try:
+        with caplog.at_level(logging.WARNING):
+            sender, still_held = asyncio.run(scenario())
+    finally:
+        safety.cancel()
+    assert still_held, "aclose waited for the receiver instead of cancelling after its timeout"
     assert (sender.stats.delivered, sender.stats.given_up, sender.in_flight) == (0, 2, 0)
-    assert len(receiver.seen) == 1
+    assert len(receiver.requests) == 1 and receiver.answered == []
     messages = [r.getMessage() for r in caplog.records]
     assert any(TASK in m and "cancelled at shutdown" in m for m in messages)
     assert any("late-task" in m and "closed" in m for m in messages)
@@ -287,7 +290,7 @@ def test_upload_puts_the_raw_bytes_with_the_content_type(serve: Serve) -> None:
             await client.aclose()
 
     asyncio.run(upload())
-    (seen,) = receiver.seen
+    (seen,) = receiver.requests
     assert (seen.method, seen.path) == ("PUT", "/bucket/out.png?X-Amz-Signature=abc")
     assert seen.headers["content-type"] == "image/png"
     assert seen.headers["content-length"] == str(len(data))
@@ -315,7 +318,7 @@ def test_upload_403_fails_the_task_with_the_status(serve: Serve) -> None:
     assert (error.code, error.http_status, error.parameter) == ("uploadFailed", 400, "uploadEndpoint")
     assert "HTTP 403" in error.message and f"127.0.0.1:{receiver.port}" in error.message
     assert "SECRET" not in error.message  # the receiver's body is never echoed
-    assert len(receiver.seen) == 1  # no retry
+    assert len(receiver.requests) == 1  # no retry
 
 
 def test_upload_network_error_fails_the_task() -> None:

@@ -14,10 +14,7 @@ import base64
 import ipaddress
 import socket
 import threading
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import httpx
@@ -25,6 +22,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import http_receiver
+from tests.support.http_receiver import HttpReceiver, Reply, Serve, free_port, redirect
 from upscale_server.errors import BlockedAddressError, ImageFetchError, ImageTooLargeError
 from upscale_server.outbound import (
     ALLOW_SETTING,
@@ -42,123 +41,11 @@ LOCAL = OutboundPolicy(allow=("127.0.0.1/32",))
 
 # --------------------------------------------------------------------------- local HTTP servers
 
-
-@dataclass
-class Seen:
-    """One request a local server received."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
+serve = http_receiver.serve  # serve(routes) -> a started HttpReceiver, closed after the test
 
 
-class RouteHandler(BaseHTTPRequestHandler):
-    """Dispatches every method to the owning :class:`LocalServer`'s route for the path."""
-
-    server: _Server
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        app = self.server.app
-        path = self.path.split("?", 1)[0]
-        with app.lock:
-            app.seen.append(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-            count = sum(1 for seen in app.seen if seen.path.split("?", 1)[0] == path)
-        route = app.routes.get(path)
-        if route is None:
-            self.reply(404, b"no such route")
-        else:
-            route(self, count)
-
-    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
-        return
-
-
-#: ``route(handler, n)``: answer the n-th request (1-based) to this path.
-Route = Callable[[RouteHandler, int], None]
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    app: LocalServer
-
-
-@dataclass
-class LocalServer:
-    """A ThreadingHTTPServer on 127.0.0.1 in a thread, recording every request it receives."""
-
-    routes: dict[str, Route]
-    seen: list[Seen] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Slow routes wait on this; closing sets it so their threads end with the test.
-    release: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self._httpd = _Server(("127.0.0.1", 0), RouteHandler)
-        self._httpd.app = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def close(self) -> None:
-        self.release.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[dict[str, Route]], LocalServer]]:
-    """``serve(routes)`` starts a local server, closed at the end of the test."""
-    servers: list[LocalServer] = []
-
-    def start(routes: dict[str, Route]) -> LocalServer:
-        servers.append(LocalServer(routes))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def ok(body: bytes = PNG, content_type: str = "image/png") -> Route:
-    return lambda handler, _n: handler.reply(200, body, {"Content-Type": content_type})
-
-
-def redirect(location: str, status: int = 302) -> Route:
-    return lambda handler, _n: handler.reply(status, b"moved", {"Location": location})
-
-
-def free_port() -> int:
-    """A port that was free a moment ago: nothing listens there (connection refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def ok(body: bytes = PNG, content_type: str = "image/png") -> Reply:
+    return http_receiver.ok(body, content_type)
 
 
 # --------------------------------------------------------------------------- recording fakes
@@ -288,9 +175,7 @@ LOOPBACK_FORMS = [
 
 
 @pytest.mark.parametrize(("template", "named", "reason"), LOOPBACK_FORMS)
-def test_loopback_forms_are_refused_before_any_connection(
-    serve: Callable[[dict[str, Route]], LocalServer], template: str, named: str, reason: str
-) -> None:
+def test_loopback_forms_are_refused_before_any_connection(serve: Serve, template: str, named: str, reason: str) -> None:
     """Real getaddrinfo normalises the numeric tricks; the live server proves nothing was sent."""
     server = serve({"/img": ok()})
     transport = real_transport()
@@ -300,15 +185,15 @@ def test_loopback_forms_are_refused_before_any_connection(
     if "valid URL" not in reason:
         assert ALLOW_SETTING in caught.value.message
     assert transport.requests == []
-    assert server.seen == []
+    assert server.requests == []
 
 
-def test_the_same_live_server_answers_when_allowed(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_the_same_live_server_answers_when_allowed(serve: Serve) -> None:
     """The control for the test above: the server was reachable, so its silence there means a refusal."""
     server = serve({"/img": ok()})
     transport = real_transport()
     assert get(server.url("/img"), policy=LOCAL, transport=transport) == PNG
-    assert len(server.seen) == 1 and len(transport.requests) == 1
+    assert len(server.requests) == 1 and len(transport.requests) == 1
 
 
 # --------------------------------------------------------------------------- refused: other classes, no network
@@ -444,17 +329,17 @@ def test_no_cookies_are_kept_between_requests() -> None:
     assert [request.headers.get("cookie") for request in seen] == [None, None]
 
 
-def test_allow_by_name(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_allow_by_name(serve: Serve) -> None:
     server = serve({"/img": ok()})
     resolver = FakeResolver({"fixtures.internal": ["127.0.0.1"], "other.internal": ["127.0.0.1"]})
     policy = OutboundPolicy.parse(["fixtures.internal"])
     assert get(server.url("/img", "fixtures.internal"), policy=policy, resolver=resolver) == PNG
-    assert server.seen[0].headers["host"] == f"fixtures.internal:{server.port}"
+    assert server.requests[0].headers["host"] == f"fixtures.internal:{server.port}"
     with pytest.raises(BlockedAddressError):  # the name is allowed, not the address
         get(server.url("/img", "other.internal"), policy=policy, resolver=resolver)
     with pytest.raises(BlockedAddressError):
         get(server.url("/img"), policy=policy, resolver=resolver)
-    assert len(server.seen) == 1
+    assert len(server.requests) == 1
 
 
 def test_allowed_name_still_refuses_unspecified_addresses() -> None:
@@ -466,19 +351,19 @@ def test_allowed_name_still_refuses_unspecified_addresses() -> None:
     assert transport.requests == []
 
 
-def test_allow_localhost_with_the_system_resolver(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_allow_localhost_with_the_system_resolver(serve: Serve) -> None:
     server = serve({"/img": ok()})
     assert get(server.url("/img", "localhost"), policy=OutboundPolicy.parse("localhost")) == PNG
 
 
-def test_allowed_network_covers_the_mapped_form(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_allowed_network_covers_the_mapped_form(serve: Serve) -> None:
     server = serve({"/img": ok()})
     transport = real_transport()
     assert get(f"http://[::ffff:127.0.0.1]:{server.port}/img", policy=LOCAL, transport=transport) == PNG
     assert transport.requests[0].url.host == "127.0.0.1"  # dialled as the IPv4 address it is
 
 
-def test_dns_rebinding_cannot_change_the_address(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_dns_rebinding_cannot_change_the_address(serve: Serve) -> None:
     """The second answer would be private: it is never asked for while fetching, only on the next fetch."""
     server = serve({"/img": ok()})
     resolver = FakeResolver({"rebind.example": [["127.0.0.1"], ["10.0.0.1"]]})
@@ -488,14 +373,14 @@ def test_dns_rebinding_cannot_change_the_address(serve: Callable[[dict[str, Rout
     assert resolver.calls == [("rebind.example", server.port)]
     (request,) = transport.requests
     assert (request.url.host, request.headers["host"]) == ("127.0.0.1", f"rebind.example:{server.port}")
-    assert server.seen[0].headers["host"] == f"rebind.example:{server.port}"
+    assert server.requests[0].headers["host"] == f"rebind.example:{server.port}"
 
     with pytest.raises(BlockedAddressError, match="private"):  # a new fetch resolves again, and is checked again
         get(url, policy=LOCAL, transport=transport, resolver=resolver)
-    assert len(transport.requests) == 1 and len(server.seen) == 1
+    assert len(transport.requests) == 1 and len(server.requests) == 1
 
 
-def test_next_checked_address_is_tried_when_connecting_fails(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_next_checked_address_is_tried_when_connecting_fails(serve: Serve) -> None:
     server = serve({"/img": ok()})
     resolver = FakeResolver({"dual.example": ["127.0.0.2", "127.0.0.1"]})  # nothing listens on .2
     transport = real_transport()
@@ -508,7 +393,7 @@ def test_next_checked_address_is_tried_when_connecting_fails(serve: Callable[[di
 
 
 @pytest.fixture
-def two_servers(serve: Callable[[dict[str, Route]], LocalServer]) -> tuple[LocalServer, LocalServer, FakeResolver]:
+def two_servers(serve: Serve) -> tuple[HttpReceiver, HttpReceiver, FakeResolver]:
     """A (``public-a.example``, allowed by name) and B (``internal-b.example``, not allowed), both local."""
     b = serve({"/secret": ok(b"internal secret")})
     a = serve(
@@ -539,7 +424,7 @@ A_POLICY = OutboundPolicy.parse(["public-a.example"])
     ],
 )
 def test_redirect_to_a_refused_address_is_not_followed(
-    two_servers: tuple[LocalServer, LocalServer, FakeResolver], path: str, named: str
+    two_servers: tuple[HttpReceiver, HttpReceiver, FakeResolver], path: str, named: str
 ) -> None:
     a, b, resolver = two_servers
     transport = real_transport()
@@ -547,18 +432,18 @@ def test_redirect_to_a_refused_address_is_not_followed(
         get(a.url(path, "public-a.example"), policy=A_POLICY, transport=transport, resolver=resolver)
     assert_refused(caught.value, named, "a redirect from public-a.example")
     assert [request.url.port for request in transport.requests] == [a.port]  # only the first hop went out
-    assert b.seen == [] and len(a.seen) == 1
+    assert b.requests == [] and len(a.requests) == 1
     assert "secret" not in caught.value.message and "moved" not in caught.value.message
 
 
-def test_redirect_to_another_scheme_is_refused(two_servers: tuple[LocalServer, LocalServer, FakeResolver]) -> None:
+def test_redirect_to_another_scheme_is_refused(two_servers: tuple[HttpReceiver, HttpReceiver, FakeResolver]) -> None:
     a, _, resolver = two_servers
     with pytest.raises(BlockedAddressError, match="only http and https"):
         get(a.url("/to-file", "public-a.example"), policy=A_POLICY, resolver=resolver)
 
 
 def test_redirect_with_an_invalid_location_is_refused(
-    two_servers: tuple[LocalServer, LocalServer, FakeResolver],
+    two_servers: tuple[HttpReceiver, HttpReceiver, FakeResolver],
 ) -> None:
     a, _, resolver = two_servers
     with pytest.raises(BlockedAddressError, match="not a valid URL"):
@@ -566,23 +451,23 @@ def test_redirect_with_an_invalid_location_is_refused(
 
 
 def test_relative_redirect_is_joined_to_the_name_and_checked_again(
-    two_servers: tuple[LocalServer, LocalServer, FakeResolver],
+    two_servers: tuple[HttpReceiver, HttpReceiver, FakeResolver],
 ) -> None:
     a, _, resolver = two_servers
     assert get(a.url("/relative", "public-a.example"), policy=A_POLICY, resolver=resolver) == PNG
-    assert [seen.path for seen in a.seen] == ["/relative", "/img"]
-    assert {seen.headers["host"] for seen in a.seen} == {f"public-a.example:{a.port}"}
+    assert [seen.path for seen in a.requests] == ["/relative", "/img"]
+    assert {seen.headers["host"] for seen in a.requests} == {f"public-a.example:{a.port}"}
     assert resolver.calls == [("public-a.example", a.port)] * 2  # each hop resolved and checked
 
 
-def test_redirects_are_bounded(two_servers: tuple[LocalServer, LocalServer, FakeResolver]) -> None:
+def test_redirects_are_bounded(two_servers: tuple[HttpReceiver, HttpReceiver, FakeResolver]) -> None:
     a, _, resolver = two_servers
     with pytest.raises(ImageFetchError, match="more than 3 redirects"):
         get(a.url("/loop", "public-a.example"), policy=A_POLICY, resolver=resolver)
-    assert len(a.seen) == 4  # the first request and 3 redirects
+    assert len(a.requests) == 4  # the first request and 3 redirects
 
 
-def test_post_follows_only_method_keeping_redirects(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_post_follows_only_method_keeping_redirects(serve: Serve) -> None:
     server = serve({"/hook": ok(b"", "text/plain")})
     server.routes["/found"] = redirect(server.url("/hook"), 302)
     server.routes["/temporary"] = redirect(server.url("/hook"), 307)
@@ -595,7 +480,7 @@ def test_post_follows_only_method_keeping_redirects(serve: Callable[[dict[str, R
         return statuses
 
     assert with_client(LOCAL, post) == [302, 200]
-    assert [(seen.method, seen.path, seen.body) for seen in server.seen] == [
+    assert [(seen.method, seen.path, seen.body) for seen in server.requests] == [
         ("POST", "/found", b'{"data":[1]}'),
         ("POST", "/temporary", b'{"data":[1]}'),
         ("POST", "/hook", b'{"data":[1]}'),
@@ -605,36 +490,23 @@ def test_post_follows_only_method_keeping_redirects(serve: Callable[[dict[str, R
 # --------------------------------------------------------------------------- download limits and failures
 
 
-def test_size_cap_with_content_length(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
-    def declared(handler: RouteHandler, _n: int) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(LIMIT + 1))
-        handler.end_headers()
-        handler.wfile.write(b"x" * 10)  # the client must give up on the header alone
-
-    server = serve({"/big": declared})
+def test_size_cap_with_content_length(serve: Serve) -> None:
+    # Announces one byte over the limit, sends 10: the client must give up on the header alone.
+    server = serve({"/big": Reply(200, b"x" * 10, declared_length=LIMIT + 1)})
     with pytest.raises(ImageTooLargeError) as caught:
         get(server.url("/big"), policy=LOCAL)
     assert str(LIMIT) in caught.value.message and caught.value.parameter == "inputs.image"
 
 
-def test_size_cap_without_content_length(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
-    def streamed(handler: RouteHandler, _n: int) -> None:
-        handler.send_response(200)
-        handler.end_headers()  # HTTP/1.0, no length: the size is only known by reading
-        try:
-            for _ in range(LIMIT // 1024 + 64):
-                handler.wfile.write(b"x" * 1024)
-        except OSError:
-            pass  # the client hung up at the limit, as it should
-
-    server = serve({"/big": streamed})
+def test_size_cap_without_content_length(serve: Serve) -> None:
+    # HTTP/1.0 with no length: the size is only known by reading, and the client hangs up at the limit.
+    server = serve({"/big": Reply(200, b"x" * (LIMIT + 64 * 1024), close_delimited=True)})
     with pytest.raises(ImageTooLargeError):
         get(server.url("/big"), policy=LOCAL)
 
 
-def test_non_2xx_names_the_status_and_never_the_body(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
-    server = serve({"/missing": lambda handler, _n: handler.reply(404, b"AKIA-SECRET-BODY")})
+def test_non_2xx_names_the_status_and_never_the_body(serve: Serve) -> None:
+    server = serve({"/missing": Reply(404, b"AKIA-SECRET-BODY")})
     with pytest.raises(ImageFetchError) as caught:
         get(server.url("/missing"), policy=LOCAL)
     assert (caught.value.code, caught.value.parameter, caught.value.http_status) == (
@@ -645,22 +517,28 @@ def test_non_2xx_names_the_status_and_never_the_body(serve: Callable[[dict[str, 
     assert "HTTP 404" in caught.value.message and "AKIA" not in caught.value.message
 
 
-def test_empty_body_is_a_fetch_error(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
+def test_empty_body_is_a_fetch_error(serve: Serve) -> None:
     server = serve({"/empty": ok(b"")})
     with pytest.raises(ImageFetchError, match="empty"):
         get(server.url("/empty"), policy=LOCAL)
 
 
-def test_timeout_fails_quickly(serve: Callable[[dict[str, Route]], LocalServer]) -> None:
-    def stalls(handler: RouteHandler, _n: int) -> None:
-        handler.server.app.release.wait(10)  # until the test ends
-
-    server = serve({"/slow": stalls})
+def test_timeout_gives_up_on_a_peer_that_never_answers(serve: Serve) -> None:
+    """The receiver holds its answer until the test releases it: the client must give up first, on its own
+    timeout. (A safety release after 30 s turns a client that ignores its timeout into a 200, so the
+    test fails instead of hanging.)"""
+    answer = threading.Event()
+    server = serve({"/slow": http_receiver.held(answer, ok())})
+    safety = threading.Timer(30, answer.set)
+    safety.start()
     policy = OutboundPolicy(allow=("127.0.0.1/32",), total_timeout=0.5)
-    started = time.monotonic()
-    with pytest.raises(ImageFetchError, match=r"within 0\.5 s"):
-        get(server.url("/slow"), policy=policy)
-    assert time.monotonic() - started < 1.5
+    try:
+        with pytest.raises(ImageFetchError, match=r"within 0\.5 s"):
+            get(server.url("/slow"), policy=policy)
+        assert not answer.is_set(), "the client waited for the answer instead of timing out"
+    finally:
+        safety.cancel()
+    assert [request.path for request in server.requests] == ["/slow"] and server.answered == []
 
 
 def test_connection_refused_is_a_fetch_error() -> None:

@@ -183,7 +183,11 @@ def run_test_server(
     weights). ``api_key``: default a random one; the server accepts only that key. ``port``: default a
     free one (retried if another process takes it first). ``python``: the interpreter that runs the
     server, default ``$UPSCALE_TEST_SERVER_PYTHON`` or this one. ``env``: extra ``UPSCALE_*``
-    settings, e.g. ``{"UPSCALE_MAX_QUEUE": "2"}``.
+    settings, e.g. ``{"UPSCALE_MAX_QUEUE": "2"}`` or ``{"UPSCALE_RESIZE_DELAY_SECONDS": "5"}`` (each upscale
+    then stays in progress that long).
+
+    A second server on the same ``data_dir``, once the first has stopped (or was killed through
+    ``server.process``), is a restart: the same database and images, ``server.log`` appended to.
     """
     with contextlib.ExitStack() as stack:
         if data_dir is None:

@@ -1,79 +1,74 @@
-"""A real server: ``upscale-server serve`` in its own process on a free 127.0.0.1 port."""
+"""The end-to-end harness: real server processes, started by the pytest plugin's ``run_test_server``.
+
+A server here is exactly what a user's test gets from ``upscale_server.testing``: ``python -m
+upscale_server serve`` in its own process on a free 127.0.0.1 port, ready once ``/ready`` answers,
+stopped by PID. It runs the resize engine (test-target mode), so every upscale takes milliseconds
+and its output is deterministic; where a test needs a task to stay in progress it holds it on an
+event (an input URL on a local receiver that answers when the test says so) or on
+``UPSCALE_RESIZE_DELAY_SECONDS``, and waits for observable state (``getResponse`` says
+``processing``), never for a number of seconds. A test that needs the real network says so itself.
+
+Every test under ``tests/e2e/`` is marked ``e2e`` (by the root ``conftest.py``, which keeps the lanes):
+``scripts/test --fast`` leaves them out, CI runs them.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import MODELS
+from upscale_server.testing import UpscaleTestServer, run_test_server
+
+#: Inputs may come from 127.0.0.1: the server's own imageURLs, and the tests' local receivers.
+LOCAL_INPUTS = {"UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]'}
 
 
-@dataclass(frozen=True)
-class LiveServer:
-    url: str  # http://127.0.0.1:PORT
-    ws_url: str  # ws://127.0.0.1:PORT/v1
-    api_key: str
-    data_dir: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
+@contextlib.contextmanager
+def live_server_at(
+    data_dir: Path, *, env: Mapping[str, str] | None = None, api_key: str | None = None, **options: object
+) -> Iterator[UpscaleTestServer]:
+    """``run_test_server`` on ``data_dir`` with local inputs allowed and extra ``UPSCALE_*`` settings ``env``.
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_server(data_dir: Path, *, api_key: str = "test-key", env: dict[str, str] | None = None) -> LiveServer:
-    port = free_port()
-    log_path = data_dir / "server.log"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "upscale_server", "serve", "--port", str(port), "--data-dir", str(data_dir),
-        "--models-dir", str(MODELS), "--device", "cpu", "--api-key", api_key,
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        # Test fixtures (and the server's own image URLs, used as inputs) live on 127.0.0.1.
-        environment = {**os.environ, "UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]', **(env or {})}
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    server = LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1", api_key, data_dir, process, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            httpx.post(f"{server.url}/v1", json=[{"taskType": "ping", "ping": True}], timeout=1)
-            return server
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"server did not start:\n{server.log()}")
-
-
-def stop_server(server: LiveServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    A second call on the same ``data_dir`` is a restart: the same database and images (and ``server.log``,
+    appended to). Pass the same ``api_key`` to keep talking to it with one key.
+    """
+    settings = {**LOCAL_INPUTS, **(env or {})}
+    with run_test_server(data_dir=data_dir, env=settings, api_key=api_key, **options) as server:  # type: ignore[arg-type]
+        yield server
 
 
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = start_server(tmp_path_factory.mktemp("live-server"))
-    yield server
-    stop_server(server)
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpscaleTestServer]:
+    """One test-target server for the e2e session (SDK suites, frame limits), local inputs allowed."""
+    with live_server_at(tmp_path_factory.mktemp("live-server")) as server:
+        yield server
+
+
+# --------------------------------------------------------------------------- for bench/bench_server.py
+# The benchmark measures the real engine, outside pytest, and starts and stops its servers by hand under
+# the names this module used to have. They are the same run_test_server underneath.
+
+LiveServer = UpscaleTestServer
+_running: dict[int, contextlib.ExitStack] = {}
+
+
+def start_server(
+    data_dir: Path, *, api_key: str = "test-key", env: Mapping[str, str] | None = None
+) -> UpscaleTestServer:
+    """A real-engine server (the checkout's ``models/``) on ``data_dir``, ready; stop it with :func:`stop_server`."""
+    stack = contextlib.ExitStack()
+    real = {"UPSCALE_ENGINE": "realesrgan", **(env or {})}
+    server = stack.enter_context(
+        live_server_at(data_dir, env=real, api_key=api_key, models_dir=MODELS, startup_timeout=180.0)
+    )
+    _running[server.port] = stack
+    return server
+
+
+def stop_server(server: UpscaleTestServer) -> None:
+    """Stop a server from :func:`start_server` (SIGTERM, then SIGKILL) and clean up after it."""
+    _running.pop(server.port).close()

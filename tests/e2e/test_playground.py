@@ -4,7 +4,8 @@ Chromium and its driver come from Debian (``chromium``, ``chromium-driver``) and
 Selenium pointed at ``/usr/bin/chromedriver``, so Selenium Manager never downloads anything;
 ``scripts/setup-browser`` installs all three. A missing browser fails the test (it is not skipped).
 
-The server is ``upscale-server serve`` (``start_server``). A screenshot of the finished comparison
+The server is a test-target ``upscale-server serve`` (the resize engine: the page shows sizes, formats and
+errors, which are the same; how the pixels look is not checked). A screenshot of the finished comparison
 is saved to ``tests/artifacts/playground.png``.
 """
 
@@ -22,7 +23,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import PHOTO, REPO
-from tests.e2e.conftest import LiveServer, start_server, stop_server
+from tests.e2e.conftest import live_server_at
+from upscale_server.testing import UpscaleTestServer
 from upscale_server.web.routes import STATIC_DIR
 
 FAST_MODEL = "local:realesr-animevideov3@1"
@@ -40,18 +42,15 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--window-size=1280,900",
 )
-#: What the server needs for these tests, as UPSCALE_* variables (the CLI passes the key itself).
-SERVER_ENV = {"UPSCALE_DEVICE": "cpu", "UPSCALE_PRELOAD_DEFAULT_MODEL": "false"}
 
 
 # ---------------------------------------------------------------------------------------- the server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, provisioned_models_dir: Path) -> Iterator[LiveServer]:
-    live = start_server(tmp_path_factory.mktemp("playground-server"), api_key=API_KEY, env=SERVER_ENV)
-    yield live
-    stop_server(live)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpscaleTestServer]:
+    with live_server_at(tmp_path_factory.mktemp("playground-server"), api_key=API_KEY) as live:
+        yield live
 
 
 # ---------------------------------------------------------------------------------------- the browser
@@ -96,7 +95,7 @@ def js(driver: Any, script: str, *args: Any) -> Any:
     return driver.execute_script(script, *args)
 
 
-def open_page(driver: Any, server: LiveServer) -> None:
+def open_page(driver: Any, server: UpscaleTestServer) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(f"{server.url}/")
@@ -119,7 +118,7 @@ def fill_form(
     driver.find_element(By.ID, "file").send_keys(str(image))
 
 
-def run_and_wait(driver: Any, server: LiveServer, timeout: float = 180) -> str:
+def run_and_wait(driver: Any, server: UpscaleTestServer, timeout: float = 180) -> str:
     """Click Run and wait for the page to finish; the page's final state (``done`` or ``error``)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -138,7 +137,7 @@ def run_and_wait(driver: Any, server: LiveServer, timeout: float = 180) -> str:
 # ---------------------------------------------------------------------------------------- the tests
 
 
-def test_page_and_assets_are_served_without_the_internet(server: LiveServer) -> None:
+def test_page_and_assets_are_served_without_the_internet(server: UpscaleTestServer) -> None:
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
@@ -162,7 +161,7 @@ def test_page_and_assets_are_served_without_the_internet(server: LiveServer) -> 
         assert "@font-face" not in text
 
 
-def test_upscale_in_the_browser(browser: Any, server: LiveServer, small_photo: Path) -> None:
+def test_upscale_in_the_browser(browser: Any, server: UpscaleTestServer, small_photo: Path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -236,7 +235,7 @@ def test_upscale_in_the_browser(browser: Any, server: LiveServer, small_photo: P
     ids=["wrong-key", "no-key"],
 )
 def test_api_errors_are_shown(
-    browser: Any, server: LiveServer, small_photo: Path, key: str, expected: tuple[str, str]
+    browser: Any, server: UpscaleTestServer, small_photo: Path, key: str, expected: tuple[str, str]
 ) -> None:
     """A Runware error is shown in the page with its code and message, and the page can run again."""
     from selenium.webdriver.common.by import By

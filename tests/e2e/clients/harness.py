@@ -1,11 +1,11 @@
 """The pytest side of the SDK tests: run a client program, and check what the SDK handed back.
 
-The three ``tests/e2e/test_sdk_*.py`` files drive the official Runware SDKs through the client
-programs next to this file (``runware_client.py``, ``runware_sdk_client.py``) and
-``tests/e2e/js/client.mjs``. Each program runs a *plan* of steps in one process (starting an SDK and
-connecting is the slow part) and prints one JSON report (format in ``_plan.py``); the tests assert on
-the steps of that report, and on the images behind it: downloaded from ``imageURL`` or decoded from
-``imageBase64Data``/``imageDataURI``.
+``tests/e2e/test_sdks.py`` drives the official Runware SDKs through the client programs next to this
+file (``runware_client.py``, ``runware_sdk_client.py``) and ``tests/e2e/js/client.mjs``, one adapter
+per SDK and transport (``adapters.py``). Each program runs a *plan* of steps in one process (starting
+an SDK and connecting is the slow part) and prints one JSON report (format in ``_plan.py``); the tests
+assert on the steps of that report, and on the images behind it: downloaded from ``imageURL`` or
+decoded from ``imageBase64Data``/``imageDataURI``.
 
 The SDKs are installed by ``scripts/setup-sdks`` (``scripts/test`` runs it first). A missing SDK is a
 test *failure* that says so, never a skip.
@@ -29,7 +29,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 if TYPE_CHECKING:
-    from tests.e2e.conftest import LiveServer
+    from upscale_server.testing import UpscaleTestServer
 
 REPO = Path(__file__).resolve().parents[3]
 CLIENTS = Path(__file__).resolve().parent
@@ -40,7 +40,7 @@ RUNWARE_PYTHON = REPO / ".venv-sdk-runware" / "bin" / "python"
 RUNWARE_SDK_PYTHON = REPO / ".venv-sdk-runware-sdk" / "bin" / "python"
 JS_SDK_PACKAGE = JS_DIR / "node_modules" / "@runware" / "sdk-js" / "package.json"
 
-#: The fast model most cases use, and the server's default (RealESRGAN_x4plus).
+#: The model most cases name, and the server's default (RealESRGAN_x4plus): both served by the resize engine.
 FAST_MODEL = "local:realesr-animevideov3@1"
 DEFAULT_MODEL = "runware:504@1"
 #: A UUID no server has stored.
@@ -161,8 +161,8 @@ class SourceImage:
 def make_source(directory: Path) -> SourceImage:
     """A 24x16 RGB crop of the Grace Hopper photo (a sharp white/black edge), saved as PNG.
 
-    Tiny, so each upscale takes a fraction of a second on a CPU; with an edge, so a wrong, flipped
-    or blank result fails :func:`assert_same_picture`.
+    Tiny, so every upscale and download is quick; with an edge, so a wrong, flipped or blank result
+    fails :func:`assert_same_picture`.
     """
     image = Image.open(PHOTO).convert("RGB").crop((296, 392, 320, 408))
     buffer = io.BytesIO()
@@ -172,7 +172,7 @@ def make_source(directory: Path) -> SourceImage:
     return SourceImage(path=path, png=buffer.getvalue(), image=image)
 
 
-def fetch(url: str, server: LiveServer) -> bytes:
+def fetch(url: str, server: UpscaleTestServer) -> bytes:
     """Download an ``imageURL``: it must be served by this server and answer 200."""
     assert url.startswith(server.url + "/"), f"imageURL {url!r} is not on the server {server.url}"
     response = httpx.get(url, timeout=30)
@@ -180,7 +180,7 @@ def fetch(url: str, server: LiveServer) -> bytes:
     return response.content
 
 
-def output_bytes(item: dict[str, Any], output_type: str, output_format: str, server: LiveServer) -> bytes:
+def output_bytes(item: dict[str, Any], output_type: str, output_format: str, server: UpscaleTestServer) -> bytes:
     """The image bytes behind a result item, from the field ``output_type`` selects."""
     field = OUTPUT_FIELD[output_type]
     value = item.get(field)
@@ -213,7 +213,7 @@ def assert_same_picture(image: Image.Image, source: SourceImage, tolerance: floa
 def check_upscaled(
     item: dict[str, Any],
     *,
-    server: LiveServer,
+    server: UpscaleTestServer,
     source: SourceImage,
     factor: int,
     output_type: str = "URL",
@@ -235,7 +235,7 @@ def check_upscaled(
     return image
 
 
-def check_uploaded(item: dict[str, Any], *, server: LiveServer, source: SourceImage) -> None:
+def check_uploaded(item: dict[str, Any], *, server: UpscaleTestServer, source: SourceImage) -> None:
     """An ``imageUpload`` answer: a UUID, and an imageURL that serves the uploaded picture."""
     assert_uuid(item.get("imageUUID"))
     image = open_image(fetch(item["imageURL"], server))
@@ -296,7 +296,7 @@ UPSCALE_CASES = [
     UpscaleCase("datauri-datauri-webp", "data_uri", 3, "dataURI", "WEBP"),
     UpscaleCase("base64-url-webp", "base64", 4, "URL", "WEBP"),
     UpscaleCase("inputs-uuid-base64-png", "uuid", 2, "base64Data", "PNG", inputs_form=True),
-    # RealESRGAN_x4plus takes seconds even on 24x16 on two cores (the others a fraction): run it once.
+    # No model and no output fields: the server's defaults (RealESRGAN_x4plus's id, a URL to a JPG).
     UpscaleCase("default-model-and-output", "uuid", 2, None, None, model=None, include_cost=True),
 ]
 
@@ -310,14 +310,3 @@ def source_value(source: SourceImage, form: str, upload_step: str = "upload") ->
         "base64": source.base64,
         "path": str(source.path),
     }[form]
-
-
-def upscale_args(case: UpscaleCase, source: SourceImage) -> dict[str, Any]:
-    """The upscale task fields for a case, with the image in the field the case names."""
-    image = source_value(source, case.source)
-    args = case.options()
-    if case.inputs_form:
-        args["inputs"] = {"image": image}
-    else:
-        args["inputImage"] = image
-    return args
