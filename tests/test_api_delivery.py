@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,59 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api_helpers import data_uri, encode, photo_crop, resize_settings, upscale_task
+from tests.support import http_receiver
+from tests.support.http_receiver import Reply, Serve, held, ok, replies
 from upscale_server.app import create_app
 
 KEY = "delivery-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@dataclass
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that records requests and fails the first ``failures`` of them."""
-
-    failures: int = 0
-    status_after: int = 200
-    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
-    url: str = ""
-    #: While cleared, the first request is held (unanswered) until the test sets it.
-    release_first: threading.Event = field(default_factory=threading.Event)
-    first_arrived: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.release_first.set()
-
-    def serve(self) -> ThreadingHTTPServer:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def handle_any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append((self.command, self.path, dict(self.headers), body))
-                if len(receiver.requests) == 1:
-                    receiver.first_arrived.set()
-                    receiver.release_first.wait(30)
-                status = 500 if len(receiver.requests) <= receiver.failures else receiver.status_after
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            do_POST = do_PUT = do_GET = handle_any
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    server = found.serve()
-    yield found
-    server.shutdown()
+serve = http_receiver.serve  # serve(routes) -> a started HttpReceiver, closed after the test
 
 
 def make_client(tmp_path: Path, **overrides: Any) -> TestClient:
@@ -98,9 +50,10 @@ def test_non_public_input_urls_are_refused_by_default(tmp_path: Path, url: str) 
         assert "UPSCALE_OUTBOUND_ALLOW" in error["message"]
 
 
-def test_refused_webhook_is_reported_before_the_task_is_accepted(tmp_path: Path, receiver: Receiver) -> None:
+def test_refused_webhook_is_reported_before_the_task_is_accepted(tmp_path: Path, serve: Serve) -> None:
+    receiver = serve({"/hook": ok()})
     with make_client(tmp_path) as client:
-        task = upscale_task(data_uri(encode(photo_crop())), webhookURL=f"{receiver.url}/hook")
+        task = upscale_task(data_uri(encode(photo_crop())), webhookURL=receiver.url("/hook"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 400
         assert response.json()["errors"][0]["parameter"] == "webhookURL"
@@ -110,78 +63,63 @@ def test_refused_webhook_is_reported_before_the_task_is_accepted(tmp_path: Path,
         assert client.post("/v1", json=[task], headers=AUTH).status_code == 200
 
 
-def test_input_urls_on_allowed_hosts_are_fetched(tmp_path: Path, receiver: Receiver) -> None:
-    image = encode(photo_crop())
-
-    class ImageHandler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "image/png")
-            self.send_header("content-length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ImageHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
-            task = upscale_task(f"http://127.0.0.1:{server.server_address[1]}/cat.png")
-            response = client.post("/v1", json=[task], headers=AUTH)
-            assert response.status_code == 200, response.text
-    finally:
-        server.shutdown()
-
-
-def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path: Path, receiver: Receiver) -> None:
-    receiver.failures = 2  # the first two attempts get HTTP 500
-    receiver.release_first.clear()  # and the first is not even answered until the reply is in
+def test_input_urls_on_allowed_hosts_are_fetched(tmp_path: Path, serve: Serve) -> None:
+    receiver = serve({"/cat.png": ok(encode(photo_crop()), "image/png")})
     with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
-        task = upscale_task(data_uri(encode(photo_crop())), webhookURL=f"{receiver.url}/hook?token=abc")
+        task = upscale_task(receiver.url("/cat.png"))
+        response = client.post("/v1", json=[task], headers=AUTH)
+        assert response.status_code == 200, response.text
+    assert [(r.method, r.path) for r in receiver.requests] == [("GET", "/cat.png")]
+
+
+def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path: Path, serve: Serve) -> None:
+    first_answer = threading.Event()
+    # The first two attempts get HTTP 500, and the first is not even answered until the reply is in.
+    receiver = serve({"/hook": replies(held(first_answer, Reply(500)), 500, 200)})
+    with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
+        task = upscale_task(data_uri(encode(photo_crop())), webhookURL=receiver.url("/hook?token=abc"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 200  # the reply did not wait for the webhook, still held at its first attempt
-        assert receiver.first_arrived.wait(30)
-        assert len(receiver.requests) == 1
-        receiver.release_first.set()
-        while len(receiver.requests) < 3:  # the retries (about 1.5 s of backoff; bounded by the test timeout)
-            time.sleep(0.05)
-    methods = {(method, path) for method, path, _, _ in receiver.requests}
-    assert methods == {("POST", "/hook?token=abc")}
-    delivered = json.loads(receiver.requests[-1][3])
+        receiver.wait_for(1)
+        assert receiver.answered == []
+        first_answer.set()
+        attempts = receiver.wait_for(3)  # the retries, about 1.5 s of backoff
+    assert {(r.method, r.path) for r in attempts} == {("POST", "/hook?token=abc")}
+    delivered = json.loads(attempts[-1].body)
     assert delivered == response.json()  # the same JSON the API answered
 
 
-def test_webhook_receives_task_errors_too(tmp_path: Path, receiver: Receiver) -> None:
+def test_webhook_receives_task_errors_too(tmp_path: Path, serve: Serve) -> None:
+    receiver = serve({"/hook": ok()})
     with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(
-            "6b1d5bd8-0c7b-4bd4-9f93-7f7b07a6d6a1", webhookURL=f"{receiver.url}/hook", deliveryMethod="async"
+            "6b1d5bd8-0c7b-4bd4-9f93-7f7b07a6d6a1", webhookURL=receiver.url("/hook"), deliveryMethod="async"
         )
         assert client.post("/v1", json=[task], headers=AUTH).status_code == 200
-        assert receiver.first_arrived.wait(30)
-    error = json.loads(receiver.requests[0][3])["errors"][0]
+        [delivery] = receiver.wait_for(1)
+    error = json.loads(delivery.body)["errors"][0]
     assert error["code"] == "imageNotFound" and error["taskUUID"] == task["taskUUID"]
 
 
-def test_upload_endpoint_gets_the_raw_file(tmp_path: Path, receiver: Receiver) -> None:
+def test_upload_endpoint_gets_the_raw_file(tmp_path: Path, serve: Serve) -> None:
+    receiver = serve({"/bucket/out.png": ok()})
     with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(
-            data_uri(encode(photo_crop())), outputFormat="PNG", uploadEndpoint=f"{receiver.url}/bucket/out.png"
+            data_uri(encode(photo_crop())), outputFormat="PNG", uploadEndpoint=receiver.url("/bucket/out.png")
         )
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 200, response.text
         served = client.get(response.json()["data"][0]["imageURL"]).content
-    method, path, headers, body = receiver.requests[0]
-    assert (method, path) == ("PUT", "/bucket/out.png")
-    assert headers["Content-Type"] == "image/png"
-    assert body == served
+    [upload] = receiver.requests
+    assert (upload.method, upload.path) == ("PUT", "/bucket/out.png")
+    assert upload.headers["content-type"] == "image/png"
+    assert upload.body == served
 
 
-def test_failed_upload_is_a_task_error_and_the_result_is_kept(tmp_path: Path, receiver: Receiver) -> None:
-    receiver.status_after = 403
+def test_failed_upload_is_a_task_error_and_the_result_is_kept(tmp_path: Path, serve: Serve) -> None:
+    receiver = serve({"/expired": Reply(403)})
     with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
-        task = upscale_task(data_uri(encode(photo_crop())), uploadEndpoint=f"{receiver.url}/expired")
+        task = upscale_task(data_uri(encode(photo_crop())), uploadEndpoint=receiver.url("/expired"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 400
         error = response.json()["errors"][0]

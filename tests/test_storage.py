@@ -20,6 +20,8 @@ from upscale_server.storage.sqlite_records import SqliteTaskRecords
 from upscale_server.storage.sweeper import sweep_forever
 from upscale_server.vocabulary import ImageFormat, canonical_uuid
 
+#: A fixed UUID for parameters: test ids must be the same in every process (pytest-xdist compares them).
+SOME_UUID = "3f0d6c3e-9a41-4e0b-8f3c-2d5b7a1e9c44"
 DAY = 86400.0
 RETENTION = 30 * DAY
 TTL = 3600.0
@@ -183,12 +185,12 @@ def test_put_refuses_bad_arguments(images: LocalImageStore) -> None:
         "not-a-uuid",
         "../../etc",
         "../../etc/passwd",
-        "../" + str(uuid.uuid4()),
-        str(uuid.uuid4()) + "/../x",
-        str(uuid.uuid4()).replace("-", ""),
-        "{" + str(uuid.uuid4()) + "}",
-        str(uuid.uuid4()) + ".png",
-        str(uuid.uuid4()) + "\n",
+        "../" + SOME_UUID,
+        SOME_UUID + "/../x",
+        SOME_UUID.replace("-", ""),
+        "{" + SOME_UUID + "}",
+        SOME_UUID + ".png",
+        SOME_UUID + "\n",
     ],
 )
 def test_malformed_uuid_is_none(images: LocalImageStore, bad: str) -> None:
