@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -72,13 +74,33 @@ def released_at_the_latest_after(seconds: float, gate: threading.Event) -> threa
     return timer
 
 
+class CountingSender(WebhookSender):
+    """The sender as the metrics see it: every result it reports through ``on_result``, counted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.results: Counter[str] = Counter()
+        super().__init__(*args, on_result=lambda result: self.results.update([result]), **kwargs)
+
+    @property
+    def delivered(self) -> int:
+        return self.results["delivered"]
+
+    @property
+    def retried(self) -> int:
+        return self.results["retried"]
+
+    @property
+    def given_up(self) -> int:
+        return self.results["given_up"]
+
+
 async def deliver_all(
     urls: list[str], *, policy: OutboundPolicy = LOCAL, transport: RecordingTransport | None = None, **options: object
-) -> tuple[WebhookSender, RecordingSleep]:
+) -> tuple[CountingSender, RecordingSleep]:
     """Send ``PAYLOAD`` to each URL and wait for every delivery to finish."""
     sleep = RecordingSleep()
     client = OutboundClient(policy, transport=transport or real_transport())
-    sender = WebhookSender(client, sleep=sleep, clock=sleep.clock, **options)  # type: ignore[arg-type]
+    sender = CountingSender(client, sleep=sleep, clock=sleep.clock, **options)  # type: ignore[arg-type]
     try:
         for url in urls:
             sender.send(url, PAYLOAD, task_uuid=TASK)
@@ -100,7 +122,7 @@ def test_retried_on_5xx_then_delivered_with_the_payload_intact(serve: Serve) -> 
         assert seen.headers["content-type"] == "application/json"
         assert json.loads(seen.body) == PAYLOAD
     assert receiver.requests[0].body == receiver.requests[2].body
-    assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (1, 2, 0)
+    assert (sender.delivered, sender.retried, sender.given_up) == (1, 2, 0)
     assert len(sleep.delays) == 2
     assert 0.4 <= sleep.delays[0] < 0.6 and 0.8 <= sleep.delays[1] < 1.2  # 0.5 s, then 1 s, with jitter
     assert sleep.delays[0] < sleep.delays[1]
@@ -123,7 +145,7 @@ def test_408_and_429_are_retried_and_retry_after_is_honoured(serve: Serve) -> No
     sender, sleep = asyncio.run(
         deliver_all([receiver.url("/throttled"), receiver.url("/slow-ack")], jitter=lambda: 0.5)
     )
-    assert sender.stats.delivered == 2 and sender.stats.given_up == 0
+    assert sender.delivered == 2 and sender.given_up == 0
     assert sorted(sleep.delays) == [0.5, 7.0]
 
 
@@ -133,7 +155,7 @@ def test_other_statuses_give_up_after_one_attempt(serve: Serve, status: int, cap
     with caplog.at_level(logging.WARNING, logger="upscale_server.delivery"):
         sender, sleep = asyncio.run(deliver_all([receiver.url("/hook?token=secret-token")]))
     assert len(receiver.requests) == 1 and sleep.delays == []
-    assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 0, 1)
+    assert (sender.delivered, sender.retried, sender.given_up) == (0, 0, 1)
     (record,) = [r for r in caplog.records if "given up" in r.getMessage()]
     message = record.getMessage()
     assert TASK in message and f"HTTP {status}" in message and "after 1 attempt" in message
@@ -144,7 +166,7 @@ def test_unreachable_receiver_is_retried_then_given_up(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="upscale_server.delivery"):
         sender, sleep = asyncio.run(deliver_all([f"http://127.0.0.1:{free_port()}/hook"], max_attempts=4))
     assert len(sleep.delays) == 3 and sleep.delays == sorted(sleep.delays)
-    assert (sender.stats.delivered, sender.stats.retried, sender.stats.given_up) == (0, 3, 1)
+    assert (sender.delivered, sender.retried, sender.given_up) == (0, 3, 1)
     (record,) = [r for r in caplog.records if "given up" in r.getMessage()]
     assert TASK in record.getMessage() and "no attempts left" in record.getMessage()
 
@@ -156,7 +178,7 @@ def test_give_up_after_bounds_the_retry_window(serve: Serve) -> None:
     )
     # waits 1 s (t=1) and 2 s would end at t=3 > 2.5: given up after the second attempt
     assert sleep.delays == [1.0] and len(receiver.requests) == 2
-    assert sender.stats.given_up == 1
+    assert sender.given_up == 1
 
 
 def test_refused_address_is_given_up_at_once_without_connecting(caplog: pytest.LogCaptureFixture) -> None:
@@ -166,7 +188,7 @@ def test_refused_address_is_given_up_at_once_without_connecting(caplog: pytest.L
             deliver_all(["http://169.254.169.254/latest/meta-data/"], policy=OutboundPolicy(), transport=transport)
         )
     assert transport.requests == [] and sleep.delays == []
-    assert (sender.stats.given_up, sender.stats.retried) == (1, 0)
+    assert (sender.given_up, sender.retried) == (1, 0)
     assert any(TASK in r.getMessage() and "link-local" in r.getMessage() for r in caplog.records)
 
 
@@ -194,14 +216,14 @@ def test_send_returns_at_once_and_a_slow_receiver_blocks_nothing(serve: Serve) -
 
     async def scenario() -> tuple[WebhookSender, tuple[int, int], tuple[int, int, bool, list[str]]]:
         client = OutboundClient(LOCAL, transport=real_transport())
-        sender = WebhookSender(client)
+        sender = CountingSender(client)
         sender.send(receiver.url("/slow"), PAYLOAD, task_uuid=TASK)
-        after_send = (sender.stats.delivered, sender.in_flight)
+        after_send = (sender.delivered, sender.in_flight)
         await until(lambda: receiver.requests, "the slow receiver to get its webhook")
         sender.send(receiver.url("/fast"), PAYLOAD, task_uuid="other-task")
-        await until(lambda: sender.stats.delivered, "the fast delivery")
+        await until(lambda: sender.delivered, "the fast delivery")
         while_held = (
-            sender.stats.delivered,
+            sender.delivered,
             sender.in_flight,
             release_slow.is_set(),
             [request.path for request in receiver.answered],
@@ -217,7 +239,7 @@ def test_send_returns_at_once_and_a_slow_receiver_blocks_nothing(serve: Serve) -
         safety.cancel()
     assert after_send == (0, 1)  # send returned with its delivery still to do
     assert while_held == (1, 1, False, ["/fast"])  # delivered while the slow one was held, on the same loop
-    assert sender.stats.delivered == 2 and sender.in_flight == 0  # aclose waited for the slow one
+    assert sender.delivered == 2 and sender.in_flight == 0  # aclose waited for the slow one
     assert [request.path for request in receiver.requests] == ["/slow", "/fast"]
     assert [request.path for request in receiver.answered] == ["/fast", "/slow"]
 
@@ -229,7 +251,7 @@ def test_aclose_cancels_what_outlives_its_timeout(serve: Serve, caplog: pytest.L
 
     async def scenario() -> tuple[WebhookSender, bool]:
         client = OutboundClient(LOCAL, transport=real_transport())
-        sender = WebhookSender(client)
+        sender = CountingSender(client)
         sender.send(receiver.url("/slow"), PAYLOAD, task_uuid=TASK)
         await until(lambda: receiver.requests, "the receiver to get the webhook")
         await sender.aclose(timeout=0.2)
@@ -244,7 +266,7 @@ def test_aclose_cancels_what_outlives_its_timeout(serve: Serve, caplog: pytest.L
     finally:
         safety.cancel()
     assert still_held, "aclose waited for the receiver instead of cancelling after its timeout"
-    assert (sender.stats.delivered, sender.stats.given_up, sender.in_flight) == (0, 2, 0)
+    assert (sender.delivered, sender.given_up, sender.in_flight) == (0, 2, 0)
     assert len(receiver.requests) == 1 and receiver.answered == []
     messages = [r.getMessage() for r in caplog.records]
     assert any(TASK in m and "cancelled at shutdown" in m for m in messages)
@@ -254,17 +276,17 @@ def test_aclose_cancels_what_outlives_its_timeout(serve: Serve, caplog: pytest.L
 def test_send_never_raises() -> None:
     async def scenario() -> WebhookSender:
         client = OutboundClient(LOCAL, transport=real_transport())
-        sender = WebhookSender(client)
+        sender = CountingSender(client)
         sender.send("http://127.0.0.1:9/hook", {"data": {1, 2}}, task_uuid=TASK)  # a set is not JSON
         sender.send("http://127.0.0.1:9/hook", {"data": [float("nan")]}, task_uuid=TASK)  # nor is NaN
         await client.aclose()
         return sender
 
     sender = asyncio.run(scenario())
-    assert sender.stats.given_up == 2 and sender.in_flight == 0
-    outside = WebhookSender(OutboundClient(LOCAL, transport=real_transport()))
+    assert sender.given_up == 2 and sender.in_flight == 0
+    outside = CountingSender(OutboundClient(LOCAL, transport=real_transport()))
     outside.send("http://127.0.0.1:9/hook", PAYLOAD, task_uuid=TASK)  # no running loop
-    assert outside.stats.given_up == 1
+    assert outside.given_up == 1
 
 
 def test_sender_rejects_bad_settings() -> None:

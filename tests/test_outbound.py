@@ -30,6 +30,7 @@ from upscale_server.outbound import (
     OutboundClient,
     OutboundError,
     OutboundPolicy,
+    encode_json,
     refusal_reason,
 )
 
@@ -145,6 +146,13 @@ def with_client(
             await client.aclose()
 
     return run(go)
+
+
+async def post_json(client: OutboundClient, url: str, payload: dict[str, object]) -> httpx.Response:
+    """POST ``payload`` as JSON once, as the webhook sender does."""
+    return await client.request(
+        "POST", url, content=encode_json(payload), content_type="application/json", parameter="webhookURL"
+    )
 
 
 def assert_refused(exc: BlockedAddressError, *fragments: str) -> None:
@@ -306,7 +314,7 @@ def test_url_credentials_become_basic_auth_for_that_host_only() -> None:
     resolver = FakeResolver({"a.example": ["93.184.216.34"], "b.example": ["93.184.216.35"]})
 
     async def post(client: OutboundClient) -> int:
-        response = await client.post_json("http://hook%40user:p%3Ass@a.example/h", {}, parameter="webhookURL")
+        response = await post_json(client, "http://hook%40user:p%3Ass@a.example/h", {})
         return response.status_code
 
     assert with_client(NO_ALLOW, post, transport=httpx.MockTransport(answer), resolver=resolver) == 204
@@ -475,7 +483,7 @@ def test_post_follows_only_method_keeping_redirects(serve: Serve) -> None:
     async def post(client: OutboundClient) -> list[int]:
         statuses = []
         for path in ("/found", "/temporary"):
-            response = await client.post_json(server.url(path), {"data": [1]}, parameter="webhookURL")
+            response = await post_json(client, server.url(path), {"data": [1]})
             statuses.append(response.status_code)
         return statuses
 
@@ -574,7 +582,7 @@ def test_check_url_refuses_without_connecting_and_tolerates_unresolved_names() -
 
 def test_request_raises_outbound_error_for_network_failures() -> None:
     async def post(client: OutboundClient) -> None:
-        await client.post_json(f"http://127.0.0.1:{free_port()}/hook", {}, parameter="webhookURL")
+        await post_json(client, f"http://127.0.0.1:{free_port()}/hook", {})
 
     with pytest.raises(OutboundError) as caught:
         with_client(LOCAL, post)

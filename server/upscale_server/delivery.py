@@ -52,15 +52,6 @@ async def upload_output(client: OutboundClient, url: str, data: bytes, content_t
 # --------------------------------------------------------------------------- webhooks
 
 
-@dataclass
-class WebhookStats:
-    """Counters for metrics. ``retried`` counts resends, not deliveries that needed one."""
-
-    delivered: int = 0
-    retried: int = 0
-    given_up: int = 0
-
-
 class _Verdict(Enum):
     DELIVERED = "delivered"
     RETRY = "retry"
@@ -113,8 +104,7 @@ class WebhookSender:
         self._jitter = jitter
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.stats = WebhookStats()
-        self._on_result = on_result  # "delivered", "retried" or "given_up", beside each stats count: metrics
+        self._on_result = on_result  # "delivered", "retried" or "given_up" (the metrics count them)
 
     @property
     def in_flight(self) -> int:
@@ -136,7 +126,6 @@ class WebhookSender:
                 self._deliver(url, body, task_uuid), name=f"webhook {task_uuid}"
             )
         except Exception as exc:
-            self.stats.given_up += 1
             self._on_result("given_up")
             log.error("webhook for task %s to %s not sent: %s", task_uuid, origin(url), exc)
             return
@@ -174,7 +163,6 @@ class WebhookSender:
                 attempt += 1
                 outcome = await self._attempt(url, body, task_uuid)
                 if outcome.verdict is _Verdict.DELIVERED:
-                    self.stats.delivered += 1
                     self._on_result("delivered")
                     log.info("webhook for task %s delivered to %s (attempt %d)", task_uuid, target, attempt)
                     return
@@ -197,7 +185,6 @@ class WebhookSender:
                     outcome.detail,
                     delay,
                 )
-                self.stats.retried += 1
                 self._on_result("retried")
                 await self._sleep(delay)
         except asyncio.CancelledError:
@@ -224,7 +211,6 @@ class WebhookSender:
         return _Attempt(_Verdict.GIVE_UP, f"HTTP {status}")
 
     def _give_up(self, task_uuid: str, target: str, attempts: int, reason: str) -> None:
-        self.stats.given_up += 1
         self._on_result("given_up")
         log.warning("webhook for task %s to %s given up after %d attempt(s): %s", task_uuid, target, attempts, reason)
 

@@ -354,11 +354,6 @@ class OutboundClient:
                 f"Could not download {parameter} from {exc.host}: {exc.reason}.", parameter=parameter
             ) from exc
 
-    async def post_json(self, url: str, payload: Mapping[str, object], *, parameter: str) -> httpx.Response:
-        """POST ``payload`` as JSON once (no retry: see ``upscale_server.delivery.WebhookSender``)."""
-        body = encode_json(payload)
-        return await self.request("POST", url, content=body, content_type="application/json", parameter=parameter)
-
     async def put_bytes(self, url: str, data: bytes, *, content_type: str, parameter: str) -> httpx.Response:
         """PUT ``data`` as the raw request body (presigned upload URLs expect exactly this)."""
         return await self.request("PUT", url, content=data, content_type=content_type, parameter=parameter)
