@@ -49,8 +49,7 @@ from bench.bench_engine import MODELS, REPO, cpu_model, test_input
 from tests.e2e.conftest import LiveServer, start_server, stop_server
 from upscale_server.config import Settings
 from upscale_server.imaging import encode_image
-from upscale_server.inference.registry import ComputeConfig, tune_process
-from upscale_server.inference.service import InferenceService
+from upscale_server.inference import ComputeConfig, InferenceService, tune_process
 from upscale_server.protocol import DEFAULT_OUTPUT_QUALITY
 from upscale_server.tasks.media import OUTPUT_FORMATS, decode_input
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from upscale_server.config import Settings
-from upscale_server.inference.loading import LoadedNetwork, load_network
-from upscale_server.inference.manifest import Manifest, load_manifest
-from upscale_server.inference.provision import WeightStore
-from upscale_server.inference.registry import ComputeConfig, ModelRegistry
+from upscale_server.inference import ComputeConfig
+from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.weights.loading import LoadedNetwork, load_network
+from upscale_server.inference.weights.manifest import Manifest, load_manifest
+from upscale_server.inference.weights.provision import WeightStore
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"

@@ -12,9 +12,9 @@ import torch
 
 from tests.test_engine import CPU, Recording, TinyNet, image, network
 from upscale_server.errors import InferenceError
-from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.tiling import plan_tiles
+from upscale_server.inference.engine.tiling import plan_tiles
+from upscale_server.inference.engine.upscaler import Upscaler
+from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from upscale_server.inference import devices
-from upscale_server.inference.devices import (
+from upscale_server.inference.runtime import devices
+from upscale_server.inference.runtime.devices import (
     configure_threads,
     free_memory_bytes,
     resolve_device,
@@ -67,12 +67,12 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
-    with caplog.at_level("WARNING", logger="upscale_server.inference.devices"):
+    with caplog.at_level("WARNING", logger="upscale_server.inference.runtime.devices"):
         assert resolve_dtype("bf16", CPU) == torch.bfloat16
     assert "slower than fp32" in caplog.text
     caplog.clear()
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
-    with caplog.at_level("WARNING", logger="upscale_server.inference.devices"):
+    with caplog.at_level("WARNING", logger="upscale_server.inference.runtime.devices"):
         resolve_dtype("bf16", CPU)
         resolve_dtype("bf16", CUDA)
     assert caplog.text == ""

@@ -16,12 +16,12 @@ from torch import nn
 
 from tests.conftest import MODELS
 from upscale_server.errors import InferenceError
-from upscale_server.inference import engine as engine_module
-from upscale_server.inference.engine import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, bytes_per_input_pixel
-from upscale_server.inference.loading import ArchInfo, LoadedNetwork, load_network
-from upscale_server.inference.manifest import load_manifest
-from upscale_server.inference.provision import WeightStore
-from upscale_server.inference.tiling import plan_tiles
+from upscale_server.inference.engine import upscaler as engine_module
+from upscale_server.inference.engine.tiling import plan_tiles
+from upscale_server.inference.engine.upscaler import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, bytes_per_input_pixel
+from upscale_server.inference.weights.loading import ArchInfo, LoadedNetwork, load_network
+from upscale_server.inference.weights.manifest import load_manifest
+from upscale_server.inference.weights.provision import WeightStore
 
 CPU = torch.device("cpu")
 PHOTO = Path(__file__).resolve().parent / "data" / "photo_grace_hopper.jpg"
@@ -251,7 +251,7 @@ def test_out_of_memory_halves_the_tile_and_retries(message_only: bool, caplog: p
     up = Upscaler(network(module, 2), device=CPU, dtype=torch.float32, tile_size=128, tile_overlap=4)
     rgb = image(100, 90)
     progress: list[tuple[int, int]] = []
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb, progress=lambda d, t: progress.append((d, t)))
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)
     # 100 x 90 whole -> OOM; tile 50 (58-px windows) fits.
@@ -278,7 +278,7 @@ def test_other_network_errors_become_inference_errors(caplog: pytest.LogCaptureF
 
     up = Upscaler(network(Broken(), 2), device=CPU, dtype=torch.float32)
     with (
-        caplog.at_level(logging.ERROR, logger="upscale_server.inference.engine"),
+        caplog.at_level(logging.ERROR, logger="upscale_server.inference.engine.upscaler"),
         pytest.raises(InferenceError) as info,
     ):
         up.upscale(image(8, 8))
@@ -308,7 +308,7 @@ def test_bad_low_precision_tiles_are_redone_in_fp32(mode: str, caplog: pytest.Lo
     module = BadInLowPrecision(net, mode)
     up = Upscaler(network(module, 2), device=CPU, dtype=torch.bfloat16, tile_size=16, tile_overlap=4)
     rgb = image(40, 50) * 0.5 + 0.25  # visible everywhere, so a black tile is suspicious
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb)
         up.upscale(rgb)
     # Every tile failed in bf16 and was redone in fp32: the result is the exact fp32 one.

@@ -15,9 +15,9 @@ from torch import nn
 
 from tests.test_engine import CPU, TinyNet, Unshuffle2, _levels, _photo_crop, _real_network, image, network, untiled
 from upscale_server.imaging import Picture, encode_image, resize_pixels
-from upscale_server.inference import engine as engine_module
 from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.engine import DEFAULT_TILE_OVERLAP, Upscaler
+from upscale_server.inference.engine import upscaler as engine_module
+from upscale_server.inference.engine.upscaler import DEFAULT_TILE_OVERLAP, Upscaler
 
 
 def whole_then_resized(module: nn.Module, rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -150,7 +150,7 @@ def test_compile_module_matches_eager(caplog: pytest.LogCaptureFixture) -> None:
     eager = Upscaler(network(tiny_srvgg(), 2), device=CPU, dtype=torch.float32).upscale(rgb)
     up = Upscaler(network(tiny_srvgg(), 2), device=CPU, dtype=torch.float32, compile_module=True)
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb)
     if up._compile_failed:  # no working compiler toolchain here: the fallback path ran instead
         assert "running it eagerly" in caplog.text
@@ -177,7 +177,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(
     net = TinyNet(2, seed=3)
     rgb = image(40, 30)
     up = Upscaler(network(net, 2), device=CPU, dtype=torch.float32, tile_size=16, tile_overlap=4, compile_module=True)
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb)
         again = up.upscale(rgb)
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)

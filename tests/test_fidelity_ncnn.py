@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from upscale_server.inference import winograd
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.loading import LoadedNetwork
-from upscale_server.inference.manifest import Manifest
+from upscale_server.inference.cpu import winograd
+from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
+from upscale_server.inference.weights.loading import LoadedNetwork
+from upscale_server.inference.weights.manifest import Manifest
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from upscale_server.errors import ModelLoadError
 from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
-from upscale_server.inference.loading import (
+from upscale_server.inference.weights.loading import (
     ArchInfo,
     build_network,
     detect_architecture,

@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from upscale_server.errors import ModelLoadError
 from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.loading import ArchInfo, build_network, load_network
-from upscale_server.inference.manifest import Manifest, ModelSpec
-from upscale_server.inference.ncnn_convert import (
+from upscale_server.inference.weights.loading import ArchInfo, build_network, load_network
+from upscale_server.inference.weights.manifest import Manifest, ModelSpec
+from upscale_server.inference.weights.ncnn_convert import (
     METADATA_KEY,
     TAG_FP16,
     TAG_FP32,
@@ -26,7 +26,7 @@ from upscale_server.inference.ncnn_convert import (
     sha256_file,
     source_metadata,
 )
-from upscale_server.inference.provision import ncnn_package_dir
+from upscale_server.inference.weights.provision import ncnn_package_dir
 
 PARAM_COUNTS = {
     "runware:504@1": 16_697_987,

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 from upscale_server.errors import ModelLoadError, ModelUnavailableError
 from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.loading import load_network
-from upscale_server.inference.manifest import Manifest, ModelSpec, UrlSource
-from upscale_server.inference.ncnn_convert import convert_ncnn, sha256_file
-from upscale_server.inference.provision import WeightStore, default_client
+from upscale_server.inference.weights.loading import load_network
+from upscale_server.inference.weights.manifest import Manifest, ModelSpec, UrlSource
+from upscale_server.inference.weights.ncnn_convert import convert_ncnn, sha256_file
+from upscale_server.inference.weights.provision import WeightStore, default_client
 
 V3 = "local:realesr-animevideov3@1"  # the small ncnn-backed model: converts in well under a second
 
@@ -232,7 +232,7 @@ def test_two_threads_convert_once(store: WeightStore, v3: ModelSpec, monkeypatch
         time.sleep(0.2)  # widen the window in which a second thread could start converting too
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("upscale_server.inference.provision.convert_ncnn", slow_convert)
+    monkeypatch.setattr("upscale_server.inference.weights.provision.convert_ncnn", slow_convert)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(store.ensure(v3))) for _ in range(2)]
     for t in threads:

@@ -11,9 +11,9 @@ import torch
 from tests.conftest import make_registry
 from upscale_server.config import Settings
 from upscale_server.imaging import Picture
-from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
-from upscale_server.inference.engine import Upscaler
+from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.pipeline import UpscalePipeline
+from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
 
 ANIME = "local:realesr-animevideov3@1"
 

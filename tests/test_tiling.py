@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from upscale_server.inference.tiling import (
+from upscale_server.inference.engine.tiling import (
     Span,
     axis_weights,
     blend_into,

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from upscale_server.inference import winograd
 from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
-from upscale_server.inference.loading import LoadedNetwork
+from upscale_server.inference.cpu import winograd
+from upscale_server.inference.weights.loading import LoadedNetwork
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: the Winograd path is off"
@@ -119,7 +119,7 @@ def test_without_a_compiler_the_kernel_is_unavailable(
     monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level("INFO", logger="upscale_server.inference.winograd"):
+    with caplog.at_level("INFO", logger="upscale_server.inference.cpu.winograd"):
         assert winograd.available() is False
         assert winograd.winograd_module(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
     assert "using direct convolutions" in caplog.text
@@ -155,7 +155,7 @@ def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.Monke
 
 
 def _toy_network() -> LoadedNetwork:
-    from upscale_server.inference.loading import ArchInfo
+    from upscale_server.inference.weights.loading import ArchInfo
 
     torch.manual_seed(5)
     net = RRDBNet(num_feat=8, num_block=1, num_grow_ch=4).eval()
@@ -164,7 +164,7 @@ def _toy_network() -> LoadedNetwork:
 
 @pytest.mark.parametrize(("convolution", "expected"), [("auto", winograd.WinogradRRDBNet), ("direct", RRDBNet)])
 def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str, expected: type) -> None:
-    from upscale_server.inference.engine import Upscaler
+    from upscale_server.inference.engine.upscaler import Upscaler
 
     network = _toy_network()
     reference = Upscaler(_toy_network(), device=torch.device("cpu"), dtype=torch.float32, convolution="direct")
@@ -175,7 +175,7 @@ def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str
 
 
 def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from upscale_server.inference.engine import Upscaler
+    from upscale_server.inference.engine.upscaler import Upscaler
 
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="convolution must be one of auto, winograd, direct"):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from upscale_server.errors import InternalError, ServiceUnavailableError
-from upscale_server.inference.worker import InferenceWorker, Job, WorkerState
+from upscale_server.inference.runtime.worker import InferenceWorker, Job, WorkerState
 
 
 def test_runs_jobs_in_order_and_propagates_errors() -> None:

@@ -25,8 +25,7 @@ from upscale_server.api.sessions import SessionRegistry
 from upscale_server.api.state import ServerState
 from upscale_server.config import Settings
 from upscale_server.delivery import WebhookSender
-from upscale_server.inference.registry import ComputeConfig
-from upscale_server.inference.service import InferenceService
+from upscale_server.inference import ComputeConfig, InferenceService
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource
 from upscale_server.observability.metrics import Metrics

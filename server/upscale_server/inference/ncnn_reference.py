@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from upscale_server.inference.manifest import ModelSpec
-from upscale_server.inference.ncnn_convert import parse_param
-from upscale_server.inference.provision import ncnn_package_dir
+from upscale_server.inference.weights.manifest import ModelSpec
+from upscale_server.inference.weights.ncnn_convert import parse_param
+from upscale_server.inference.weights.provision import ncnn_package_dir
 
 
 def ncnn_files(spec: ModelSpec) -> tuple[Path, Path]:

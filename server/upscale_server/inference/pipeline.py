@@ -8,19 +8,17 @@ and enforces the output-size rule, so the CLI and the API give identical results
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from upscale_server.errors import InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.manifest import ModelSpec
+from upscale_server.inference.engine.base import Progress
+from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.weights.manifest import ModelSpec
 from upscale_server.vocabulary import UPSCALE_FACTORS
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from upscale_server.config import Settings
-from upscale_server.inference.manifest import Manifest, load_manifest
+from upscale_server.inference.weights.manifest import Manifest, load_manifest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 

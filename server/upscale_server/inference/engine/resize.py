@@ -14,14 +14,11 @@ whose results could drift.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 
 from upscale_server.imaging import resize_pixels
-from upscale_server.inference.engine import FloatImage, validate_rgb
-
-Progress = Callable[[int, int], None]
+from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
 
 
 class ResizeUpscaler:

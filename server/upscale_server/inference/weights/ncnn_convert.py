@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from upscale_server.errors import ModelLoadError
-from upscale_server.inference.loading import ArchInfo, build_network
+from upscale_server.inference.weights.loading import ArchInfo, build_network
 from upscale_server.vocabulary import atomic_write
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/ancho
   the whole image does not prevent out-of-memory).
 * **Tiled equals untiled.** Windows carry ``tile_overlap`` pixels of real context (64 for RRDB,
   whose zero-padding effect reaches far inward) and seams are feather-blended
-  (:mod:`upscale_server.inference.tiling`), so the output matches an untiled run within 1 level on the
+  (:mod:`upscale_server.inference.engine.tiling`), so the output matches an untiled run within 1 level on the
   0..255 scale for the real models.
 * **Precision fallbacks.** fp16 on CUDA sometimes yields NaN or black output (Real-ESRGAN#632,
   #330): such tiles are redone in fp32. CUDA out-of-memory halves the tile and retries; any other
@@ -23,7 +23,7 @@ Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/ancho
 * **The device is kept busy.** On CUDA windows are copied from pinned memory on a side stream while the
   previous window computes; one-window 8-bit results are quantised on the device (a quarter of the
   bytes to copy back); tiles of concurrent requests can share one pass through a
-  :class:`~upscale_server.inference.batching.DynamicBatcher`; ``torch.compile`` is opt-in.
+  :class:`~upscale_server.inference.runtime.batching.DynamicBatcher`; ``torch.compile`` is opt-in.
 """
 
 from __future__ import annotations
@@ -37,22 +37,27 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Final, Protocol, get_args
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
 from upscale_server.config import Convolution
 from upscale_server.errors import InferenceError
 from upscale_server.imaging import resize_pixels
-from upscale_server.inference import winograd
-from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
-from upscale_server.inference.devices import free_memory_bytes
-from upscale_server.inference.tiling import Tile, TilePlan, blend_into, max_feather, plan_tiles, tile_weights, trim_tile
+from upscale_server.inference.cpu import winograd
+from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
+from upscale_server.inference.engine.tiling import (
+    Tile,
+    TilePlan,
+    blend_into,
+    max_feather,
+    plan_tiles,
+    tile_weights,
+    trim_tile,
+)
+from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.runtime.devices import free_memory_bytes
 
 logger = logging.getLogger(__name__)
-
-FloatImage = npt.NDArray[np.float32]
-Progress = Callable[[int, int], None]
 
 #: Context pixels on each side of a tile, per architecture, when the caller gives none. Measured on
 #: the real weights (fp32 CPU, photo crops, max |window - untiled| on 0..255 at distance d from a
@@ -165,22 +170,6 @@ def _cpu_exact_module(module: nn.Module, convolution: str) -> nn.Module:
     return module
 
 
-def validate_rgb(rgb: object) -> FloatImage:
-    """Check the engine's input contract; ValueError (a caller's bug, not a user error) if broken."""
-    if not isinstance(rgb, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(rgb).__name__}")
-    if rgb.dtype != np.float32:
-        raise ValueError(f"expected float32 pixels, got {rgb.dtype}")
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 RGB array, got shape {rgb.shape}")
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ValueError(f"expected a non-empty image, got shape {rgb.shape}")
-    lo, hi = float(rgb.min()), float(rgb.max())
-    if not (lo >= 0.0 and hi <= 1.0):  # also false for NaN
-        raise ValueError(f"expected values in [0, 1], got min {lo} max {hi}")
-    return rgb
-
-
 class Upscaler:
     """Runs one network over RGB images.
 
@@ -192,7 +181,7 @@ class Upscaler:
 
     Precision modes, by ``(device, dtype)``:
 
-    * CPU fp32 (exact): Winograd F(4x4, 3x3) convolutions (:mod:`upscale_server.inference.winograd`) where the
+    * CPU fp32 (exact): Winograd F(4x4, 3x3) convolutions (:mod:`upscale_server.inference.cpu.winograd`) where the
       kernel builds, else oneDNN's direct ones with the module in ``channels_last``.
     * CPU bf16 (fast, a few levels off): ``torch.autocast("cpu", bfloat16)`` over the fp32 module.
     * CUDA fp16/bf16: a reduced-precision copy of the module on the device; a tile that comes out
@@ -230,7 +219,7 @@ class Upscaler:
         upscalers) that send same-shaped windows; ``compile_module`` runs the network through
         ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails.
         ``convolution`` picks the CPU exact mode's 3x3 convolutions: ``"winograd"``
-        (:mod:`upscale_server.inference.winograd`, ValueError when its kernel cannot be built), ``"direct"``
+        (:mod:`upscale_server.inference.cpu.winograd`, ValueError when its kernel cannot be built), ``"direct"``
         (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
         if tile_overlap is None:
             tile_overlap = DEFAULT_TILE_OVERLAP.get(network.info.arch, _FALLBACK_TILE_OVERLAP)

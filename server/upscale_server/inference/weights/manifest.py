@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from upscale_server.errors import InvalidModelError
-from upscale_server.inference.loading import ARCH_NAMES, ArchInfo, ArchName
+from upscale_server.inference.weights.loading import ARCH_NAMES, ArchInfo, ArchName
 
 MANIFEST_NAME = "manifest.toml"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -22,8 +22,8 @@ from typing import Literal
 import httpx
 
 from upscale_server.errors import ModelLoadError, ModelUnavailableError
-from upscale_server.inference.manifest import ModelSpec, NcnnSource, UrlSource
-from upscale_server.inference.ncnn_convert import (
+from upscale_server.inference.weights.manifest import ModelSpec, NcnnSource, UrlSource
+from upscale_server.inference.weights.ncnn_convert import (
     convert_ncnn,
     reproducible_bytes,
     sha256_file,
