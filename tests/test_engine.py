@@ -16,10 +16,15 @@ from torch import nn
 
 from tests.conftest import MODELS
 from upscale_server.errors import InferenceError
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompactArchitecture
 from upscale_server.inference.engine import upscaler as engine_module
 from upscale_server.inference.engine.tiling import plan_tiles
-from upscale_server.inference.engine.upscaler import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, bytes_per_input_pixel
-from upscale_server.inference.weights.loading import ArchInfo, LoadedNetwork, load_network
+from upscale_server.inference.engine.upscaler import MIN_TILE, Upscaler, bytes_per_input_pixel
+from upscale_server.inference.weights.loading import LoadedNetwork, load_network
 from upscale_server.inference.weights.manifest import load_manifest
 from upscale_server.inference.weights.provision import WeightStore
 
@@ -110,8 +115,8 @@ class Unshuffle2(nn.Module):
 
 
 def network(module: nn.Module, scale: int, arch: str = "SRVGGNetCompact") -> LoadedNetwork:
-    info = ArchInfo(arch=arch, scale=scale, params={})  # type: ignore[arg-type]
-    return LoadedNetwork(module=module.eval(), info=info, path=Path("fake.safetensors"))
+    info = ArchInfo(arch=arch, scale=scale, params={})
+    return LoadedNetwork(module=module.eval(), arch=archs.by_name(arch), info=info, path=Path("fake.safetensors"))
 
 
 def untiled(module: nn.Module, rgb: np.ndarray) -> np.ndarray:
@@ -218,7 +223,7 @@ def test_unshuffle_models_get_padded_inputs_and_cropped_outputs() -> None:
 
 def test_tile_size_for(monkeypatch: pytest.MonkeyPatch) -> None:
     up = Upscaler(network(TinyNet(4), 4, "RRDBNet"), device=CPU, dtype=torch.float32, tile_overlap=16)
-    per_px = bytes_per_input_pixel("RRDBNet", 4, torch.float32)
+    per_px = bytes_per_input_pixel(RRDBNET, 4, torch.float32)
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 64 << 30)
     assert up.tile_size_for(300, 500) == 500  # fits: not tiled
     share = engine_module.MEMORY_FRACTION["cpu"]
@@ -237,8 +242,8 @@ def test_tile_size_for(monkeypatch: pytest.MonkeyPatch) -> None:
     explicit = Upscaler(network(TinyNet(4), 4), device=CPU, dtype=torch.float32, tile_size=200)
     assert explicit.tile_size_for(2000, 3000) == 200
     # SRVGG needs far less memory per pixel than RRDB, fp16 half of fp32.
-    assert bytes_per_input_pixel("SRVGGNetCompact", 4, torch.float32) < per_px / 5
-    assert bytes_per_input_pixel("RRDBNet", 4, torch.float16) * 2 == pytest.approx(per_px, rel=0.01)
+    assert bytes_per_input_pixel(SRVGG, 4, torch.float32) < per_px / 5
+    assert bytes_per_input_pixel(RRDBNET, 4, torch.float16) * 2 == pytest.approx(per_px, rel=0.01)
 
 
 # --------------------------------------------------------------------------- failures and fallbacks
@@ -316,6 +321,23 @@ def test_bad_low_precision_tiles_are_redone_in_fp32(mode: str, caplog: pytest.Lo
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)
     fallbacks = [r for r in caplog.records if "redoing such tiles in fp32" in r.getMessage()]
     assert len(fallbacks) == 1  # logged once per upscaler, not per tile
+
+
+def test_an_architecture_without_a_bf16_mode_runs_in_fp32(caplog: pytest.LogCaptureFixture) -> None:
+    class NoBf16(SRVGGNetCompactArchitecture):
+        supports_bf16 = False
+
+    net = TinyNet(2)
+    module = BadInLowPrecision(net, "nan")
+    info = ArchInfo("SRVGGNetCompact", 2, {})
+    network = LoadedNetwork(module=module.eval(), arch=NoBf16(), info=info, path=Path("fake.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
+        up = Upscaler(network, device=CPU, dtype=torch.bfloat16, tile_size=16, tile_overlap=4)
+    assert up.dtype == torch.float32
+    assert "SRVGGNetCompact has no bfloat16 mode; running it in float32" in caplog.text
+    rgb = image(40, 50)
+    np.testing.assert_allclose(up.upscale(rgb), untiled(net, rgb), atol=2e-6)
+    assert module.low_precision_calls == 0  # never ran in bf16, so nothing needed redoing
 
 
 def test_black_output_from_black_input_is_not_a_fallback() -> None:
@@ -402,7 +424,7 @@ def test_real_x4plus_tiled_matches_untiled() -> None:
     whole = Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
-    assert up.tile_overlap == DEFAULT_TILE_OVERLAP["RRDBNet"] == 64
+    assert up.tile_overlap == RRDBNET.default_tile_overlap == 64
     tiled = up.upscale(rgb, progress=lambda done, total: tiles.append(total))
     assert tiles[-1] == 4
     assert tiled.shape == whole.shape == (564, 556, 3)
@@ -417,7 +439,7 @@ def test_real_animevideov3_tiled_matches_untiled() -> None:
     whole = Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
-    assert up.tile_overlap == DEFAULT_TILE_OVERLAP["SRVGGNetCompact"]
+    assert up.tile_overlap == SRVGG.default_tile_overlap
     tiled = up.upscale(rgb, progress=lambda done, total: tiles.append(total))
     assert tiles[-1] > 4
     assert tiled.shape == whole.shape == (300, 400, 3)

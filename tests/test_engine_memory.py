@@ -15,9 +15,10 @@ from torch import nn
 
 from tests.test_engine import CPU, TinyNet, Unshuffle2, _levels, _photo_crop, _real_network, image, network, untiled
 from upscale_server.imaging import Picture, encode_image, resize_pixels
-from upscale_server.inference.archs import SRVGGNetCompact
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
 from upscale_server.inference.engine import upscaler as engine_module
-from upscale_server.inference.engine.upscaler import DEFAULT_TILE_OVERLAP, Upscaler
+from upscale_server.inference.engine.upscaler import Upscaler
 
 
 def whole_then_resized(module: nn.Module, rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -88,7 +89,7 @@ def test_real_animevideov3_per_window_resize_matches_resizing_the_whole(factor: 
     whole = resize_pixels(Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb), 100 * factor, 75 * factor)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
-    assert up.tile_overlap == DEFAULT_TILE_OVERLAP["SRVGGNetCompact"]
+    assert up.tile_overlap == SRVGG.default_tile_overlap
     got = up.upscale(rgb, out_size=(100 * factor, 75 * factor), progress=lambda done, total: tiles.append(total))
     assert tiles[-1] > 4
     assert got.shape == whole.shape == (75 * factor, 100 * factor, 3)

@@ -12,8 +12,8 @@ from tests.conftest import MODELS
 from upscale_server import config
 from upscale_server.config import Settings, default_models_dir
 from upscale_server.errors import InvalidModelError
+from upscale_server.inference.archs.base import ArchInfo
 from upscale_server.inference.weights import manifest as manifest_module
-from upscale_server.inference.weights.loading import ArchInfo
 from upscale_server.inference.weights.manifest import Manifest, load_manifest, parse_manifest
 
 GOOD = """

@@ -12,8 +12,10 @@ import torch
 from safetensors import safe_open
 
 from upscale_server.errors import ModelLoadError
-from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.weights.loading import ArchInfo, build_network, load_network
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
+from upscale_server.inference.weights.loading import load_network
 from upscale_server.inference.weights.manifest import Manifest, ModelSpec
 from upscale_server.inference.weights.ncnn_convert import (
     METADATA_KEY,
@@ -49,7 +51,7 @@ def test_real_ncnn_files_convert_reproducibly_to_the_pinned_hash(manifest: Manif
     param, bin_path = _files(spec)
     state = convert_ncnn(param, bin_path, spec.arch_info)
 
-    module = build_network(spec.arch_info)
+    module = archs.build(spec.arch_info)
     module.load_state_dict(state, strict=True)
     assert sum(p.numel() for p in module.parameters()) == PARAM_COUNTS[model_id]
     assert {t.dtype for k, t in state.items() if k.endswith(".weight") and t.ndim == 4} == {torch.float16}
@@ -188,7 +190,7 @@ def test_synthetic_graph_round_trips_with_padding(tmp_path: Path, tags: list[int
             assert got.dtype == torch.float32
             assert torch.equal(got, want)
     assert torch.equal(state["body.1.weight"], net.state_dict()["body.1.weight"])
-    build_network(info).load_state_dict(state, strict=True)
+    archs.build(info).load_state_dict(state, strict=True)
 
 
 def test_unknown_storage_tag_is_refused(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from tests.conftest import MODELS, make_registry
 from upscale_server.config import Settings
 from upscale_server.errors import InvalidModelError, InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, read_image_file, resize_pixels
-from upscale_server.inference.archs import RRDBNet
+from upscale_server.inference.archs.rrdbnet import RRDBNet
 from upscale_server.inference.pipeline import UpscalePipeline, fit_input_size
 
 ANIME = "local:realesr-animevideov3@1"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from upscale_server.errors import ModelLoadError, ModelUnavailableError
-from upscale_server.inference.archs import SRVGGNetCompact
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
 from upscale_server.inference.weights.loading import load_network
 from upscale_server.inference.weights.manifest import Manifest, ModelSpec, UrlSource
 from upscale_server.inference.weights.ncnn_convert import convert_ncnn, sha256_file

@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
+from upscale_server.inference.archs.rrdbnet import RRDBNet, WinogradRRDBNet
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact, WinogradSRVGGNet
 from upscale_server.inference.cpu import winograd
 from upscale_server.inference.weights.loading import LoadedNetwork
 
@@ -71,8 +75,8 @@ def test_weight_transform_shape_and_refusals() -> None:
 def test_rrdbnet_forward_equals_the_module(scale: int) -> None:
     torch.manual_seed(2)
     net = RRDBNet(scale=scale, num_feat=16, num_block=2, num_grow_ch=8).eval()
-    fast = winograd.winograd_module(net)
-    assert isinstance(fast, winograd.WinogradRRDBNet)
+    fast = RRDBNET.winograd_form(net)
+    assert isinstance(fast, WinogradRRDBNet)
     x = torch.rand(2, 3, 12, 20)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
@@ -86,15 +90,19 @@ def test_srvgg_forward_equals_the_module(act_type: str) -> None:
         for module in net.modules():
             if isinstance(module, torch.nn.PReLU):
                 module.weight.uniform_(0.0, 0.3)  # distinct per-channel slopes
-    fast = winograd.winograd_module(net)
-    assert isinstance(fast, winograd.WinogradSRVGGNet)
+    fast = SRVGG.winograd_form(net)
+    assert isinstance(fast, WinogradSRVGGNet)
     x = torch.rand(1, 3, 10, 9)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
 
 
 def test_other_modules_have_no_winograd_form() -> None:
-    assert winograd.winograd_module(torch.nn.Conv2d(3, 3, 3, 1, 1)) is None
+    conv = torch.nn.Conv2d(3, 3, 3, 1, 1)
+    assert RRDBNET.winograd_form(conv) is None and SRVGG.winograd_form(conv) is None
+    # Each descriptor forms only its own architecture's modules.
+    assert RRDBNET.winograd_form(SRVGGNetCompact(num_feat=4, num_conv=1)) is None
+    assert SRVGG.winograd_form(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
 
 
 @pytest.mark.parametrize("model_id", ["runware:504@1", "local:realesr-animevideov3@1"])
@@ -102,8 +110,9 @@ def test_real_weights_match_the_direct_path(
     model_id: str, photo_path: Path, load_real_network: Callable[[str], LoadedNetwork]
 ) -> None:
     # Exact mode's promise: within 1 level max and 0.01 mean (0..255) of fp32 direct convolution.
-    net = load_real_network(model_id).module.eval()
-    fast = winograd.winograd_module(net)
+    network = load_real_network(model_id)
+    net = network.module.eval()
+    fast = network.arch.winograd_form(net)
     assert fast is not None
     image = Image.open(photo_path).convert("RGB").resize((48, 40))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
@@ -121,7 +130,6 @@ def test_without_a_compiler_the_kernel_is_unavailable(
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with caplog.at_level("INFO", logger="upscale_server.inference.cpu.winograd"):
         assert winograd.available() is False
-        assert winograd.winograd_module(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
     assert "using direct convolutions" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
 
@@ -155,14 +163,13 @@ def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.Monke
 
 
 def _toy_network() -> LoadedNetwork:
-    from upscale_server.inference.weights.loading import ArchInfo
-
     torch.manual_seed(5)
     net = RRDBNet(num_feat=8, num_block=1, num_grow_ch=4).eval()
-    return LoadedNetwork(module=net, info=ArchInfo(arch="RRDBNet", scale=4, params={}), path=Path("toy.pth"))
+    info = ArchInfo(arch="RRDBNet", scale=4, params={})
+    return LoadedNetwork(module=net, arch=RRDBNET, info=info, path=Path("toy.pth"))
 
 
-@pytest.mark.parametrize(("convolution", "expected"), [("auto", winograd.WinogradRRDBNet), ("direct", RRDBNet)])
+@pytest.mark.parametrize(("convolution", "expected"), [("auto", WinogradRRDBNet), ("direct", RRDBNet)])
 def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str, expected: type) -> None:
     from upscale_server.inference.engine.upscaler import Upscaler
 

@@ -8,9 +8,11 @@ Real-ESRGAN's networks are almost entirely 3x3 stride-1 convolutions, so we do t
 * inputs are gathered into 6x6 patches and transformed by a small C kernel (``winograd.c``), the
   36 products are batched GEMMs in torch (MKL), and the inverse transform, bias, activation and
   residual are fused in the same C kernel's second loop;
-* RRDB's dense blocks concatenate each new feature map onto the block input; in the transformed
-  domain that concatenation is free (each map is transformed once, straight into its channel slice,
-  and every later conv reads the slice), where the direct path copies the growing tensor five times.
+* the transformed domain is exposed (:func:`transform_input`, :func:`products`,
+  :func:`transform_output`) for forms that keep data there, like RRDB's dense blocks
+  (:mod:`upscale_server.inference.archs.rrdbnet`).
+
+Each architecture builds its Winograd form on these primitives (``Architecture.winograd_form``).
 
 F(4x4, 3x3) in float32 differs from a direct convolution by about 1e-6 relative per layer; through
 x4plus's 350 layers that stays below 0.01 levels on the 0..255 scale (the engine's fidelity tests
@@ -33,13 +35,10 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from upscale_server.inference.archs import LRELU_SLOPE, RESIDUAL_SCALE, RRDBNet, SRVGGNetCompact
 
 log = logging.getLogger(__name__)
 
@@ -327,108 +326,15 @@ def _conv_whole(
     return transform_output(m, out, layer.bias, slope=slope, slopes=slopes, scale=scale, residual=residual)
 
 
-class _DenseBlock:
-    """ResidualDenseBlock in the transformed domain: the concatenation is a slice of one buffer."""
+class FusedActivation(TypedDict, total=False):
+    """The activation arguments of :func:`conv` for one activation layer."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.convs = [WinogradConv.of(getattr(block, f"conv{k}")) for k in range(1, 6)]
-        self.feat = self.convs[0].cin
-        self.grow = self.convs[0].cout
-        self.width = self.convs[4].cin  # channels of the full concatenation
-
-    def __call__(self, x: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-        """``x``: NHWC block input; returns the block output (a new tensor)."""
-        v, grown = scratch.v, scratch.grown
-        transform_input(x, v, 0)
-        offset = self.feat
-        for layer in self.convs[:4]:
-            products(v[:, :, :offset], layer.u, scratch.m_grow)
-            transform_output(scratch.m_grow, grown, layer.bias, slope=LRELU_SLOPE)
-            transform_input(grown, v, offset)
-            offset += self.grow
-        last = self.convs[4]
-        products(v, last.u, scratch.m_feat)
-        return transform_output(scratch.m_feat, torch.empty_like(x), last.bias, scale=RESIDUAL_SCALE, residual=x)
+    slope: float
+    slopes: torch.Tensor
 
 
-@dataclass
-class _Scratch:
-    """Buffers one forward pass reuses across all dense blocks (allocated once per call)."""
-
-    v: torch.Tensor  # [36, T, width]: the transformed concatenation
-    m_grow: torch.Tensor  # [36, T, grow]: products of conv1-4
-    m_feat: torch.Tensor  # [36, T, feat]: products of conv5
-    grown: torch.Tensor  # NHWC [N, H, W, grow]: conv1-4 output before its transform
-
-    @classmethod
-    def for_input(cls, x: torch.Tensor, block: _DenseBlock) -> _Scratch:
-        n, h, w, _ = x.shape
-        t = tiles(n, h, w)
-        return cls(
-            v=x.new_empty(POSITIONS, t, block.width),
-            m_grow=x.new_empty(POSITIONS, t, block.grow),
-            m_feat=x.new_empty(POSITIONS, t, block.feat),
-            grown=x.new_empty(n, h, w, block.grow),
-        )
-
-
-class WinogradRRDBNet(nn.Module):
-    """RRDBNet's forward with Winograd convolutions; same inputs, outputs and weights (shared, read-only)."""
-
-    def __init__(self, net: RRDBNet) -> None:
-        super().__init__()
-        self.net = net
-        self.blocks = [[_DenseBlock(getattr(rrdb, f"rdb{k}")) for k in range(1, 4)] for rrdb in net.body]
-        self.conv_body = WinogradConv.of(net.conv_body)
-        self.conv_up1 = WinogradConv.of(net.conv_up1)
-        self.conv_up2 = WinogradConv.of(net.conv_up2)
-        self.conv_hr = WinogradConv.of(net.conv_hr)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        unshuffle = net._unshuffle
-        feat = F.pixel_unshuffle(x, unshuffle) if unshuffle > 1 else x
-        feat = net.conv_first(feat.contiguous(memory_format=torch.channels_last))
-        trunk = _nhwc(feat)
-        scratch = _Scratch.for_input(trunk, self.blocks[0][0])
-        body = trunk
-        for rrdb in self.blocks:
-            inner = body
-            for block in rrdb:
-                inner = block(inner, scratch)
-            body = torch.add(body, inner, alpha=RESIDUAL_SCALE)
-        del scratch
-        feat_nhwc = conv(body, self.conv_body, residual=trunk)
-        up = _nhwc_upsample(feat_nhwc)
-        up = conv(up, self.conv_up1, slope=LRELU_SLOPE)
-        up = conv(_nhwc_upsample(up), self.conv_up2, slope=LRELU_SLOPE)
-        up = conv(up, self.conv_hr, slope=LRELU_SLOPE)
-        out: torch.Tensor = net.conv_last(_nchw(up))
-        return out
-
-
-class WinogradSRVGGNet(nn.Module):
-    """SRVGGNetCompact's forward with Winograd convolutions and fused activations."""
-
-    def __init__(self, net: SRVGGNetCompact) -> None:
-        super().__init__()
-        self.net = net
-        layers = list(net.body)
-        self.convs = [WinogradConv.of(layer) for layer in layers[0::2] if isinstance(layer, nn.Conv2d)]
-        self.acts = [_activation_args(layer) for layer in layers[1::2]]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        out = _nhwc(x.contiguous(memory_format=torch.channels_last))
-        for layer, act in zip(self.convs[:-1], self.acts, strict=True):
-            out = conv(out, layer, **act)  # type: ignore[arg-type]
-        res = net.upsampler(_nchw(conv(out, self.convs[-1])))
-        base = F.interpolate(x, scale_factor=float(net.upscale), mode="nearest")
-        result: torch.Tensor = res + base
-        return result
-
-
-def _activation_args(layer: nn.Module) -> dict[str, object]:
+def fused_activation(layer: nn.Module) -> FusedActivation:
+    """How :func:`conv` applies ``layer`` (PReLU, LeakyReLU or ReLU) inside its output transform."""
     if isinstance(layer, nn.PReLU):
         return {"slopes": layer.weight.detach().float().contiguous()}
     if isinstance(layer, nn.LeakyReLU):
@@ -438,26 +344,17 @@ def _activation_args(layer: nn.Module) -> dict[str, object]:
     raise ValueError(f"no fused form for activation {type(layer).__name__}")
 
 
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
+def nhwc(x: torch.Tensor) -> torch.Tensor:
     """NCHW channels_last -> its NHWC view (contiguous, no copy)."""
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-def _nchw(x: torch.Tensor) -> torch.Tensor:
+def nchw(x: torch.Tensor) -> torch.Tensor:
     """NHWC contiguous -> the NCHW channels_last view of it (no copy)."""
     return x.permute(0, 3, 1, 2)
 
 
-def _nhwc_upsample(x: torch.Tensor) -> torch.Tensor:
+def nhwc_upsample2x(x: torch.Tensor) -> torch.Tensor:
     """Nearest x2 upsampling of NHWC ``x`` (what ``F.interpolate(..., 2, "nearest")`` does)."""
     n, h, w, c = x.shape
     return x[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
-
-
-def winograd_module(module: nn.Module) -> nn.Module | None:
-    """The Winograd form of a network, or None when it has none (or the kernel is unavailable)."""
-    if not isinstance(module, RRDBNet | SRVGGNetCompact) or not available():
-        return None
-    if isinstance(module, RRDBNet):
-        return WinogradRRDBNet(module)
-    return WinogradSRVGGNet(module)
