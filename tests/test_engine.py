@@ -16,12 +16,14 @@ from torch import nn
 
 from tests.conftest import MODELS
 from upscale_server.errors import InferenceError
+from upscale_server.imaging import resize_pixels
 from upscale_server.inference import archs
 from upscale_server.inference.archs.base import ArchInfo
 from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
 from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
 from upscale_server.inference.archs.srvgg import SRVGGNetCompactArchitecture
 from upscale_server.inference.engine import upscaler as engine_module
+from upscale_server.inference.engine.resize import ResizeUpscaler
 from upscale_server.inference.engine.tiling import plan_tiles
 from upscale_server.inference.engine.upscaler import MIN_TILE, Upscaler, bytes_per_input_pixel
 from upscale_server.inference.weights.loading import LoadedNetwork, load_network
@@ -216,6 +218,25 @@ def test_unshuffle_models_get_padded_inputs_and_cropped_outputs() -> None:
     rgb = image(31, 45, seed=2)
     padded = np.pad(rgb, ((0, 1), (0, 1), (0, 0)), mode="reflect")
     np.testing.assert_allclose(up.upscale(rgb), untiled(net, padded)[:62, :90], atol=2e-6)
+
+
+def test_the_resize_engine_makes_the_size_asked_for_like_the_network_engine() -> None:
+    """Both engines take the same call (the pipeline no longer tells them apart): ``out_size`` is the
+    native output resized, ``quantize_8bit`` may be ignored."""
+    resize = ResizeUpscaler(4)
+    rgb = image(13, 21, seed=4)
+    native = resize.upscale(rgb)
+    assert native.shape == (52, 84, 3)
+    for out_size in ((42, 26), (63, 39), (84, 52)):
+        got = resize.upscale(rgb, out_size=out_size, quantize_8bit=True)
+        np.testing.assert_array_equal(got, resize_pixels(native, *out_size))
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+    calls: list[tuple[int, int]] = []
+    resize.upscale(rgb, out_size=(42, 26), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
+    for up in (resize, Upscaler(network(TinyNet(4), 4), device=CPU, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="out_size must be positive"):
+            up.upscale(rgb, out_size=(0, 10))
 
 
 # --------------------------------------------------------------------------- tile size

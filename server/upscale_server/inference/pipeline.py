@@ -15,7 +15,6 @@ import numpy as np
 from upscale_server.errors import InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
 from upscale_server.inference.engine.base import Progress
-from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.registry import ModelRegistry
 from upscale_server.inference.weights.manifest import ModelSpec
 from upscale_server.vocabulary import UPSCALE_FACTORS
@@ -104,16 +103,11 @@ class UpscalePipeline:
 
         rgb = np.ascontiguousarray(rgb, dtype=np.float32)
         out_w, out_h = plan.output_size
-        if isinstance(upscaler, Upscaler):
-            # The engine makes the output size itself (window by window), so the x4 image of a factor-2
-            # request never exists; 8-bit RGB results may come back quantised on the device (the
-            # encoders would round them to the same values).
-            eight_bit_rgb = picture.bit_depth == 8 and channels == 3
-            out = upscaler.upscale(rgb, progress=progress, out_size=(out_w, out_h), quantize_8bit=eight_bit_rgb)
-        else:
-            out = upscaler.upscale(rgb, progress=progress)
-            if (out.shape[1], out.shape[0]) != (out_w, out_h):
-                out = resize_pixels(out, out_w, out_h)
+        # The engine makes the output size itself (a network's window by window, so the x4 image of a
+        # factor-2 request never exists); 8-bit RGB results may come back quantised (the encoders would
+        # round them to the same values).
+        eight_bit_rgb = picture.bit_depth == 8 and channels == 3
+        out = upscaler.upscale(rgb, progress=progress, out_size=(out_w, out_h), quantize_8bit=eight_bit_rgb)
         del rgb
 
         # Every plane is float32 in [0, 1] already (the engine and resize_pixels clamp, a mean of

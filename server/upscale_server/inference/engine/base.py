@@ -14,14 +14,34 @@ Progress = Callable[[int, int], None]
 
 
 class ImageUpscaler(Protocol):
-    """What the pipeline needs from an engine: :class:`Upscaler` (a network) or :class:`ResizeUpscaler`."""
+    """An engine: :class:`~upscale_server.inference.engine.upscaler.Upscaler` (a network) or
+    :class:`~upscale_server.inference.engine.resize.ResizeUpscaler` (test-target mode).
+
+    Contract of :meth:`upscale`: input float32 numpy H x W x 3, RGB, values in [0, 1] (anything else
+    is a caller's bug: ValueError, see :func:`validate_rgb`); output float32 numpy, C-contiguous,
+    values in [0, 1], at ``out_size`` (width, height), by default ``scale`` times the input.
+    ``progress(done, total)`` is called after each tile; an exception it raises aborts the call.
+    ``quantize_8bit`` says the caller stores the result in 8 bits: an engine may then return the
+    exact floats ``k / 255`` that the encoders would round the result to.
+    """
 
     @property
-    def scale(self) -> int: ...
+    def scale(self) -> int:
+        """The native scale: the output size when no ``out_size`` is asked for."""
+        ...
 
-    def tile_size_for(self, height: int, width: int) -> int: ...
+    def tile_size_for(self, height: int, width: int) -> int:
+        """The tile edge (input pixels, without context) a ``height`` x ``width`` input is cut into."""
+        ...
 
-    def upscale(self, rgb: np.ndarray, *, progress: Progress | None = None) -> FloatImage: ...
+    def upscale(
+        self,
+        rgb: np.ndarray,
+        *,
+        progress: Progress | None = None,
+        out_size: tuple[int, int] | None = None,
+        quantize_8bit: bool = False,
+    ) -> FloatImage: ...
 
 
 def validate_rgb(rgb: object) -> FloatImage:
