@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.ncnn_reference import NcnnUpscaler, ncnn_files
 from upscale_server.inference.cpu import winograd
 from upscale_server.inference.engine.upscaler import Upscaler
-from upscale_server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
 from upscale_server.inference.weights.loading import LoadedNetwork
 from upscale_server.inference.weights.manifest import Manifest
 

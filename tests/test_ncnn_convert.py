@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bench.ncnn_reference import blob_names
 from upscale_server.errors import ModelLoadError
 from upscale_server.inference import archs
 from upscale_server.inference.archs.base import ArchInfo
@@ -67,7 +68,7 @@ def test_parse_param_reads_the_graph(manifest: Manifest) -> None:
     param, _ = _files(manifest.get("local:realesr-animevideov3@1"))
     graph = parse_param(param)
     assert len(graph.layers) == 40
-    assert (graph.input_name, graph.output_name) == ("data", "output")
+    assert blob_names(graph) == ("data", "output")
     conv = graph.layers[2]
     assert (conv.type, conv.name, conv.int_param(0, 0), conv.int_param(6, 0)) == (
         "Convolution",

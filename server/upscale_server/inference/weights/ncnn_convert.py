@@ -81,23 +81,6 @@ class NcnnGraph:
 
     layers: tuple[NcnnLayer, ...]
 
-    @property
-    def input_name(self) -> str:
-        """The blob fed by the ``Input`` layer (``data`` in the Real-ESRGAN files)."""
-        for layer in self.layers:
-            if layer.type == "Input":
-                return layer.tops[0]
-        raise ValueError("graph has no Input layer")
-
-    @property
-    def output_name(self) -> str:
-        """The blob no layer consumes (``output`` in the Real-ESRGAN files)."""
-        consumed = {b for layer in self.layers for b in layer.bottoms}
-        produced = [t for layer in self.layers for t in layer.tops if t not in consumed]
-        if len(produced) != 1:
-            raise ValueError(f"graph has {len(produced)} unconsumed blobs, expected one output")
-        return produced[0]
-
 
 def _number(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
