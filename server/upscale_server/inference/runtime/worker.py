@@ -76,15 +76,6 @@ class InferenceWorker:
         """Jobs accepted and not started yet."""
         return len(self._jobs)
 
-    @property
-    def running(self) -> int:
-        """Jobs running now (at most ``concurrency``)."""
-        return self._running
-
-    @property
-    def busy(self) -> bool:
-        return self._running > 0
-
     def start(self) -> None:
         with self._cond:
             self._state = WorkerState.RUNNING

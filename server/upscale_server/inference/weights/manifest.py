@@ -85,9 +85,6 @@ class Manifest:
                 return spec
         raise InvalidModelError(f"unknown model {model_id!r}; known models: {', '.join(self.ids())}", parameter="model")
 
-    def __contains__(self, model_id: object) -> bool:
-        return any(m.id == model_id for m in self.models)
-
 
 def _str(entry: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> str:
     value = entry.get(key, None if required else "")

@@ -29,7 +29,6 @@ import torch
 from upscale_server.errors import ModelLoadError
 from upscale_server.inference import archs
 from upscale_server.inference.archs.base import ArchInfo, NcnnSlot
-from upscale_server.vocabulary import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +257,3 @@ def reproducible_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping
     meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"))}
     data: bytes = save(tensors, metadata=meta)
     return data
-
-
-def save_reproducible(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> str:
-    """Write ``state_dict`` to ``path`` as reproducible safetensors; returns the file's sha256 hex."""
-    data = reproducible_bytes(state_dict, metadata)
-    atomic_write(path, data)
-    return hashlib.sha256(data).hexdigest()
