@@ -1,8 +1,9 @@
-"""Winograd F(4x4, 3x3) convolutions: equal to torch's direct convolution, on toy and real networks."""
+"""Winograd F(4x4, 3x3) convolutions: equal to torch's direct convolution, on toy and real networks.
+
+The kernel is the one built before the session (tests/conftest.py); tests/test_kernel.py covers building it."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,12 +18,8 @@ from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
 from upscale_server.inference.archs.rrdbnet import RRDBNet, WinogradRRDBNet
 from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
 from upscale_server.inference.archs.srvgg import SRVGGNetCompact, WinogradSRVGGNet
-from upscale_server.inference.cpu import winograd
+from upscale_server.inference.cpu import kernel, winograd
 from upscale_server.inference.weights.loading import LoadedNetwork
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: the Winograd path is off"
-)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -122,29 +119,6 @@ def test_real_weights_match_the_direct_path(
     assert float(diff.mean()) < 0.01
 
 
-def test_without_a_compiler_the_kernel_is_unavailable(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level("INFO", logger="upscale_server.inference.cpu.winograd"):
-        assert winograd.available() is False
-    assert "using direct convolutions" in caplog.text
-    assert not list(tmp_path.rglob("*.so"))
-
-
-def test_the_kernel_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert winograd.available() is True
-    (built,) = tmp_path.rglob("winograd-*.so")
-    stamp = built.stat().st_mtime_ns
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
-    assert winograd.available() is True
-    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
-
-
 def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(4)
     conv = torch.nn.Conv2d(8, 8, 3, 1, 1)
@@ -187,7 +161,7 @@ def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="convolution must be one of auto, winograd, direct"):
         Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="fft")
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
+    monkeypatch.setattr(kernel, "_kernel", kernel._KernelState())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(ValueError, match="Winograd convolutions are not available"):

@@ -18,32 +18,20 @@ F(4x4, 3x3) in float32 differs from a direct convolution by about 1e-6 relative 
 x4plus's 350 layers that stays below 0.01 levels on the 0..255 scale (the engine's fidelity tests
 hold it to ncnn within 1 level max, 0.01 mean).
 
-The C kernel is compiled on first use with the system C compiler (``cc``, OpenMP) into a per-user
-cache; without a compiler, :func:`available` is False and the engine keeps oneDNN's direct path.
+The C kernel is built and loaded by :mod:`upscale_server.inference.cpu.kernel`; where it cannot be
+had, ``kernel.available()`` is False and the engine keeps oneDNN's direct path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Final, TypedDict
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from upscale_server.inference.cpu import kernel
 
-_SOURCE: Final = Path(__file__).with_name("winograd.c")
-_CFLAGS: Final = ("-O3", "-fno-tree-loop-distribute-patterns", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 #: Transformed positions per tile: 6x6 for F(4x4, 3x3).
 POSITIONS: Final = 36
 
@@ -58,110 +46,6 @@ _G: Final = torch.tensor(
     ],
     dtype=torch.float64,
 )
-
-
-@dataclass
-class _KernelState:
-    """The process's one compiled kernel, or why there is none (remembered: a build is tried once)."""
-
-    lib: ctypes.CDLL | None = None
-    error: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_kernel = _KernelState()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "upscale-server" / "kernels"
-
-
-def _isa_flags() -> tuple[str, ...]:
-    """AVX2+FMA code where the CPU has it (every x86-64 server since 2013), portable code elsewhere.
-
-    Not ``-march=native``: the flags, not the exact CPU, decide the build, so a kernel built into a
-    container image at build time is reused on any host with the same instruction sets.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ()
-    try:
-        flags = next(
-            (
-                line.split(":", 1)[1].split()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    except OSError:
-        return ()
-    return ("-mavx2", "-mfma") if {"avx2", "fma"} <= set(flags) else ()
-
-
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc or gcc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *_CFLAGS, *_isa_flags(), str(_SOURCE), "-o", str(built)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        built.replace(target)  # atomic: a concurrent process sees the old file or the whole new one
-
-
-def _load() -> ctypes.CDLL:
-    """The compiled kernel, built on first use; OSError when it cannot be built or loaded."""
-    lib = _kernel.lib  # every transform calls this: no lock once loaded
-    if lib is not None:
-        return lib
-    with _kernel.lock:
-        if _kernel.lib is not None:
-            return _kernel.lib
-        if _kernel.error is not None:
-            raise OSError(_kernel.error)
-        flags = " ".join((*_CFLAGS, *_isa_flags()))
-        key = hashlib.sha256(_SOURCE.read_bytes() + flags.encode()).hexdigest()
-        target = _cache_dir() / f"winograd-{platform.machine()}-{key[:16]}.so"
-        try:
-            if not target.exists():
-                _build(target)
-            lib = ctypes.CDLL(str(target))
-        except (OSError, subprocess.SubprocessError) as exc:
-            _kernel.error = str(exc)
-            raise OSError(_kernel.error) from exc
-        f32p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.wino_input.argtypes = [f32p, i32, i32, i32, i32, i32, i32, f32p, i32, i32, i32]
-        lib.wino_input.restype = None
-        lib.wino_output.argtypes = [
-            *(f32p, i32, i32, i32, i32, i32, i32),
-            *(f32p, i32, f32, f32p, f32),
-            *(f32p, i32, i32),
-            *(f32p, i32, i32, i32),
-        ]
-        lib.wino_output.restype = None
-        lib.wino_gemm.argtypes = [f32p, i32, f32p, i32, i32, f32p, i32, ctypes.c_int64, i32]
-        lib.wino_gemm.restype = i32
-        _kernel.lib = lib
-        return lib
-
-
-def available() -> bool:
-    """True when the kernel is (or can be) compiled and loaded on this machine."""
-    try:
-        _load()
-    except OSError as exc:
-        log.info("Winograd kernel unavailable (%s); using direct convolutions", exc)
-        return False
-    return True
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -213,7 +97,7 @@ def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int) -> None:
     """Transform NHWC ``x`` into the channels ``v[:, :, offset:offset + C]`` (``v`` is ``[36, T, ldc]``)."""
     n, h, w, c = x.shape
     _check_layout(v, x)
-    _load().wino_input(_ptr(x), n, h, w, c, c, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
+    kernel.load().wino_input(_ptr(x), n, h, w, c, c, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
 
 
 def transform_output(
@@ -230,7 +114,7 @@ def transform_output(
     n, h, w, c = out.shape
     _check_layout(m, out, residual)
     activate = slope is not None or slopes is not None
-    _load().wino_output(
+    kernel.load().wino_output(
         _ptr(m),
         m.shape[2],
         0,
@@ -263,7 +147,7 @@ def products(v: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tenso
         raise ValueError("products() needs row-major operands (v may be a channel slice of a buffer)")
     _, t, k = v.shape
     n = u.shape[2]
-    done = _load().wino_gemm(_ptr(v), v.stride(1), _ptr(u), k, n, _ptr(out), n, t, torch.get_num_threads())
+    done = kernel.load().wino_gemm(_ptr(v), v.stride(1), _ptr(u), k, n, _ptr(out), n, t, torch.get_num_threads())
     if not done:
         torch.bmm(v, u, out=out)
     return out

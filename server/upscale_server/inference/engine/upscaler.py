@@ -45,7 +45,7 @@ from upscale_server.config import Convolution
 from upscale_server.errors import InferenceError
 from upscale_server.imaging import resize_pixels
 from upscale_server.inference.archs.base import Architecture
-from upscale_server.inference.cpu import winograd
+from upscale_server.inference.cpu import kernel
 from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
 from upscale_server.inference.engine.tiling import (
     Tile,
@@ -147,7 +147,7 @@ def _cpu_exact_module(arch: Architecture, module: nn.Module, convolution: str) -
     """
     if convolution == "direct":
         return module
-    fast = arch.winograd_form(module) if winograd.available() else None
+    fast = arch.winograd_form(module) if kernel.available() else None
     if fast is not None:
         return fast
     if convolution == "winograd":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from upscale_server.config import Settings, UnusableSettingError
-from upscale_server.inference.cpu import winograd
+from upscale_server.inference.cpu import kernel
 from upscale_server.inference.runtime.devices import (
     configure_threads,
     resolve_device,
@@ -44,7 +44,7 @@ class ComputeConfig:
             dtype = resolve_dtype(settings.precision, device)
         except ValueError as exc:
             raise UnusableSettingError(str(exc)) from None
-        if device.type == "cpu" and settings.cpu_convolution == "winograd" and not winograd.available():
+        if device.type == "cpu" and settings.cpu_convolution == "winograd" and not kernel.available():
             raise UnusableSettingError(
                 "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
                 "use 'auto' or 'direct'"
