@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tests.conftest import MODELS
 from upscale_server.errors import InferenceError
 from upscale_server.imaging import resize_pixels
 from upscale_server.inference import archs
@@ -26,9 +26,7 @@ from upscale_server.inference.engine import upscaler as engine_module
 from upscale_server.inference.engine.resize import ResizeUpscaler
 from upscale_server.inference.engine.tiling import plan_tiles
 from upscale_server.inference.engine.upscaler import MIN_TILE, Upscaler, bytes_per_input_pixel
-from upscale_server.inference.weights.loading import LoadedNetwork, load_network
-from upscale_server.inference.weights.manifest import load_manifest
-from upscale_server.inference.weights.provision import WeightStore
+from upscale_server.inference.weights.loading import LoadedNetwork
 
 CPU = torch.device("cpu")
 PHOTO = Path(__file__).resolve().parent / "data" / "photo_grace_hopper.jpg"
@@ -421,12 +419,6 @@ def test_concurrent_calls_match_sequential_calls() -> None:
 # --------------------------------------------------------------------------- real models
 
 
-def _real_network(model_id: str) -> LoadedNetwork:
-    """Weights converted offline from the installed ncnn package into the repo's models/ folder."""
-    path = WeightStore(MODELS).ensure(load_manifest().get(model_id))
-    return load_network(path)
-
-
 def _photo_crop(top: int, left: int, height: int, width: int) -> np.ndarray:
     with Image.open(PHOTO) as img:
         pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -438,10 +430,10 @@ def _levels(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_real_x4plus_tiled_matches_untiled() -> None:
+def test_real_x4plus_tiled_matches_untiled(load_real_network: Callable[[str], LoadedNetwork]) -> None:
     """RealESRGAN_x4plus, fp32 CPU: a 2 x 2 tile grid with the default overlap is within 1 level."""
     rgb = _photo_crop(150, 150, 141, 139)  # odd sizes, not a multiple of the tile
-    net = _real_network("runware:504@1")
+    net = load_real_network("runware:504@1")
     whole = Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
@@ -453,10 +445,10 @@ def test_real_x4plus_tiled_matches_untiled() -> None:
 
 
 @pytest.mark.slow
-def test_real_animevideov3_tiled_matches_untiled() -> None:
+def test_real_animevideov3_tiled_matches_untiled(load_real_network: Callable[[str], LoadedNetwork]) -> None:
     """realesr-animevideov3, fp32 CPU: many small tiles with the default overlap, within 1 level."""
     rgb = _photo_crop(60, 100, 75, 100)
-    net = _real_network("local:realesr-animevideov3@1")
+    net = load_real_network("local:realesr-animevideov3@1")
     whole = Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)

@@ -52,9 +52,7 @@ def test_real_ncnn_files_convert_reproducibly_to_the_pinned_hash(manifest: Manif
     param, bin_path = _files(spec)
     state = convert_ncnn(param, bin_path, spec.arch_info)
 
-    module = archs.build(spec.arch_info)
-    module.load_state_dict(state, strict=True)
-    assert sum(p.numel() for p in module.parameters()) == PARAM_COUNTS[model_id]
+    assert sum(t.numel() for t in state.values()) == PARAM_COUNTS[model_id]  # the official models' counts
     assert {t.dtype for k, t in state.items() if k.endswith(".weight") and t.ndim == 4} == {torch.float16}
 
     meta = source_metadata(param, bin_path, spec.arch_info)
@@ -110,7 +108,25 @@ def test_converted_file_records_its_sources(manifest: Manifest, tmp_path: Path) 
     assert meta["ncnn_bin"] == bin_path.name
     assert meta["ncnn_bin_sha256"] == sha256_file(bin_path)
     assert str(tmp_path) not in json.dumps(meta)  # no machine-specific paths in a reproducible file
-    assert load_network(out).info == spec.arch_info
+    assert spec.ncnn is not None and sha256_file(out) == spec.ncnn.sha256  # the bytes provisioning writes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", sorted(PARAM_COUNTS))
+def test_converted_weights_load_strictly_as_the_manifest_declares(
+    manifest: Manifest, provisioned_models_dir: Path, model_id: str
+) -> None:
+    """The conversion fills the declared architecture exactly, and the file provisioning writes (pinned
+    by sha256, so the same bytes every conversion above produces) loads as the manifest declares."""
+    spec = manifest.get(model_id)
+    assert spec.ncnn is not None
+    module = archs.build(spec.arch_info)
+    module.load_state_dict(convert_ncnn(*_files(spec), spec.arch_info), strict=True)
+    assert sum(p.numel() for p in module.parameters()) == PARAM_COUNTS[model_id]
+    converted = provisioned_models_dir / spec.ncnn.converted
+    assert sha256_file(converted) == spec.ncnn.sha256
+    loaded = load_network(converted)
+    assert loaded.info == spec.arch_info and loaded.arch is archs.by_name(spec.arch)
 
 
 # --- strictness on files that do not match ----------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Image-level rules on the real networks, through the inference service: exact factors, the output cap,
-gray, alpha, bit depth."""
+"""Image-level rules through the inference service: exact factors, the output cap, gray, alpha, bit depth.
+
+The pixels are the point: the rules run on the real networks (``slow``); planning needs no weights.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.conftest import MODELS, make_registry
 from upscale_server.config import Settings
 from upscale_server.errors import InvalidModelError, InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, read_image_file, resize_pixels
@@ -46,6 +46,7 @@ def photo_crop(photo_path: Path) -> Picture:
     return picture(full.pixels[200:223, 220:257])  # 37 x 23: odd on both sides
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [ANIME, X4PLUS])
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_output_is_exactly_factor_times_input(
@@ -57,6 +58,7 @@ def test_output_is_exactly_factor_times_input(
     assert out.pixels.min() >= 0.0 and out.pixels.max() <= 1.0
 
 
+@pytest.mark.slow
 def test_factor_below_native_is_the_x4_result_downscaled(inference: InferenceService, photo_crop: Picture) -> None:
     source = picture(photo_crop.pixels, bit_depth=16)  # 16 bits: no 8-bit rounding of the x4 result
     x4 = inference.upscale(source, 4, ANIME).pixels
@@ -96,6 +98,7 @@ def test_fit_input_size_keeps_aspect_and_fits(size, factor, expected) -> None:
     assert width * factor <= 4096 and height * factor <= 4096
 
 
+@pytest.mark.slow
 def test_oversized_output_shrinks_the_input_first(photo_crop: Picture) -> None:
     capped = service(Settings(device="cpu", max_output_side=64))
     plan = capped.plan(37, 23, 4, ANIME)
@@ -104,6 +107,7 @@ def test_oversized_output_shrinks_the_input_first(photo_crop: Picture) -> None:
     assert out.pixels.shape == (36, 64, 3)
 
 
+@pytest.mark.slow
 def test_gray_stays_gray(inference: InferenceService, photo_crop: Picture) -> None:
     gray = photo_crop.pixels.mean(axis=2, keepdims=True)
     out = inference.upscale(picture(gray), 2, ANIME)
@@ -114,6 +118,7 @@ def test_gray_stays_gray(inference: InferenceService, photo_crop: Picture) -> No
     assert out.mode == "LA"
 
 
+@pytest.mark.slow
 def test_rgba_keeps_an_upscaled_alpha_without_dark_halos(inference: InferenceService) -> None:
     yy, xx = np.mgrid[0:32, 0:32]
     inside = ((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 10**2
@@ -128,12 +133,14 @@ def test_rgba_keeps_an_upscaled_alpha_without_dark_halos(inference: InferenceSer
     assert out[..., 0][edge].min() > 0.8  # ...and it stays red instead of fading to black
 
 
+@pytest.mark.slow
 def test_constant_alpha_stays_constant(inference: InferenceService, photo_crop: Picture) -> None:
     rgba = np.concatenate([photo_crop.pixels, np.full((23, 37, 1), 0.5, np.float32)], axis=2)
     out = inference.upscale(picture(rgba), 3, ANIME).pixels
     assert np.all(out[..., 3] == 0.5)
 
 
+@pytest.mark.slow
 def test_bit_depth_and_profile_are_kept(inference: InferenceService, photo_crop: Picture) -> None:
     source = Picture(photo_crop.pixels, bit_depth=16, icc_profile=b"profile", source_format="PNG")
     out = inference.upscale(source, 2, ANIME)
@@ -146,10 +153,3 @@ def test_bad_factor_and_model_are_refused_before_any_work(inference: InferenceSe
     assert bad_factor.value.parameter == "upscaleFactor"
     with pytest.raises(InvalidModelError):
         inference.plan(10, 10, 4, "runware:999@9")
-
-
-def test_registry_shares_one_upscaler_per_model() -> None:
-    registry = make_registry(Settings(device="cpu", models_dir=MODELS))
-    spec = registry.spec(ANIME)
-    assert registry.upscaler(spec) is registry.upscaler(spec)
-    assert registry.compute.device == torch.device("cpu")

