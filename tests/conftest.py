@@ -33,11 +33,13 @@ MODELS = REPO / "models"
 def pytest_configure(config: pytest.Config) -> None:
     """Load the prebuilt Winograd kernel for the whole session, or stop it with one line: a test never
     compiles the kernel, and never skips the Winograd path for want of it."""
-    if not kernel.prebuilt():
+    try:
+        kernel.load(build=False)
+    except OSError:
         raise pytest.UsageError(
             f"the Winograd CPU kernel is not built for this machine ({kernel.library_path()}); "
             f"build it first: {sys.executable} -m upscale_server.inference.cpu"
-        )
+        ) from None
 
 
 @pytest.fixture(autouse=True)

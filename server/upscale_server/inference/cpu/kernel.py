@@ -154,15 +154,6 @@ def available() -> bool:
     return True
 
 
-def prebuilt() -> bool:
-    """True when a prebuilt kernel loads; never compiles."""
-    try:
-        load(build=False)
-    except OSError:
-        return False
-    return True
-
-
 def main() -> int:
     """``python -m upscale_server.inference.cpu``: build the kernel (if not built yet) and load it."""
     try:
