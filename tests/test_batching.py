@@ -190,10 +190,10 @@ def test_different_keys_never_share_a_batch(batcher: Callable[..., DynamicBatche
         return forward
 
     keys = ["a", "b", "a", "b", "a"]
-    threads = [
-        started(lambda i=i: b.run(keys[i], torch.full((1, 1), float(i)), forward_for(keys[i]))) for i in range(5)
-    ]
-    clock.wait_arrivals(5)
+    threads = []
+    for i, key in enumerate(keys):  # queued in this order
+        threads.append(started(lambda i=i, key=key: b.run(key, torch.full((1, 1), float(i)), forward_for(key))))
+        clock.wait_arrivals(i + 1)
     clock.advance(1.0)  # every window has passed: everything queued goes, one batch per key
     for thread, _ in threads:
         finished(thread)
