@@ -14,9 +14,10 @@ Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` and the issues 
   and seams are feather-blended (:mod:`upscale_server.inference.engine.tiling`), so the output matches
   an untiled run within 1 level on the 0..255 scale for the real models.
 * **Precision fallbacks.** fp16 on CUDA sometimes yields NaN or black output (Real-ESRGAN#632,
-  #330): such tiles are redone in fp32. An architecture without a half or bf16 mode
-  (``supports_half``/``supports_bf16``) runs in fp32. CUDA out-of-memory halves the tile and retries; any other
-  failure is an :class:`~upscale_server.errors.InferenceError` with the traceback logged.
+  #330): such tiles are redone in fp32. An architecture without a half or bf16 mode (its
+  descriptor's ``supports_half``/``supports_bf16``) runs in fp32. CUDA out-of-memory halves the tile
+  and retries; any other failure is an :class:`~upscale_server.errors.InferenceError` with the
+  traceback logged.
 * **The output is made at the size asked for.** With ``out_size`` below the native scale (x4 network,
   factor 2) each window's output is Lanczos-resized to the target scale before blending, so the full
   native-scale canvas (805 MB for 2048x2048 at x4) never exists. Windows keep their context through
@@ -169,8 +170,9 @@ class Upscaler:
 
     Precision modes, by ``(device, dtype)``:
 
-    * CPU fp32 (exact): Winograd F(4x4, 3x3) convolutions (:mod:`upscale_server.inference.cpu.winograd`) where the
-      kernel builds, else oneDNN's direct ones with the module in ``channels_last``.
+    * CPU fp32 (exact): the architecture's Winograd form (F(4x4, 3x3) convolutions,
+      :mod:`upscale_server.inference.cpu.winograd`) where the kernel can be had, else oneDNN's direct
+      convolutions with the module in ``channels_last``.
     * CPU bf16 (fast, a few levels off): ``torch.autocast("cpu", bfloat16)`` over the fp32 module.
     * CUDA fp16/bf16: a reduced-precision copy of the module on the device; a tile that comes out
       NaN/Inf, or black from a visible input, is redone with an fp32 copy made on first need.
@@ -180,10 +182,11 @@ class Upscaler:
     place (no second copy of the weights); on CUDA it stays the untouched fp32 host master from
     which device copies are made.
 
-    Models that pixel-unshuffle (RRDBNet at scale 2 or 1) need input sides divisible by 2 or 4: the
-    image is padded at its bottom/right by reflection to the next multiple, run, and the output is
-    cropped, so callers can pass any size. Tile windows then start and end on that grid too, so a
-    tiled run sees the same unshuffle phase as an untiled one.
+    Architectures whose input sides must be a multiple (the descriptor's ``size_multiple``: RRDBNet
+    pixel-unshuffles by 2 or 4 at scale 2 or 1) get the image padded at its bottom/right by
+    reflection to the next multiple, run, and the output cropped, so callers can pass any size. Tile
+    windows then start and end on that grid too, so a tiled run sees the same unshuffle phase as an
+    untiled one.
     """
 
     def __init__(
@@ -201,14 +204,14 @@ class Upscaler:
     ) -> None:
         """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
         the context in input pixels on each side of a tile (None: the architecture's
-        ``default_tile_overlap``); ``feather`` the half-width of the seam blend band (default a quarter of the
-        overlap, so every pixel with weight keeps at least 3/4 of the context; reduced where a
-        plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
+        ``default_tile_overlap``); ``feather`` the half-width of the seam blend band (default a
+        quarter of the overlap, so every pixel with weight keeps at least 3/4 of the context; reduced
+        where a plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
         upscalers) that send same-shaped windows; ``compile_module`` runs the network through
         ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails.
         ``convolution`` picks the CPU exact mode's 3x3 convolutions: ``"winograd"``
-        (:mod:`upscale_server.inference.cpu.winograd`, ValueError when its kernel cannot be built), ``"direct"``
-        (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
+        (:mod:`upscale_server.inference.cpu.winograd`, ValueError when its kernel cannot be had),
+        ``"direct"`` (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
         arch = network.arch
         if tile_overlap is None:
             tile_overlap = arch.default_tile_overlap
