@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.ncnn_reference import NcnnUpscaler, ncnn_files
 from upscale_server.config import Settings
 from upscale_server.imaging import read_image_file, resize_pixels
-from upscale_server.inference.devices import configure_threads, resolve_dtype, tune_cpu_allocator
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.loading import LoadedNetwork, load_network
-from upscale_server.inference.manifest import load_manifest
-from upscale_server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
-from upscale_server.inference.provision import WeightStore
+from upscale_server.inference.engine.upscaler import Upscaler
+from upscale_server.inference.runtime.devices import configure_threads, resolve_dtype, tune_cpu_allocator
+from upscale_server.inference.weights.loading import LoadedNetwork, load_network
+from upscale_server.inference.weights.manifest import load_manifest
+from upscale_server.inference.weights.provision import WeightStore
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests" / "data" / "photo_grace_hopper.jpg"

@@ -43,16 +43,15 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
+from upscale_server.tasks.media import OUTPUT_FORMATS, decode_input
 from websockets.sync.client import connect as ws_connect
 
 from bench.bench_engine import MODELS, REPO, cpu_model, test_input
 from tests.e2e.conftest import LiveServer, start_server, stop_server
 from upscale_server.config import Settings
 from upscale_server.imaging import encode_image
-from upscale_server.inference.registry import ComputeConfig, tune_process
-from upscale_server.inference.service import InferenceService
+from upscale_server.inference import ComputeConfig, InferenceService, tune_process
 from upscale_server.protocol import DEFAULT_OUTPUT_QUALITY
-from upscale_server.tasks.media import OUTPUT_FORMATS, decode_input
 
 API_KEY = "bench-key"
 FACTOR = 4  # the overhead and concurrency runs; --memory uses --memory-factor

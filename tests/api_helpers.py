@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import PHOTO
 from upscale_server.config import Settings
-from upscale_server.inference.resize_engine import ResizeUpscaler
+from upscale_server.inference.engine.resize import ResizeUpscaler
 
 
 def photo_crop(width: int = 24, height: int = 16, *, left: int = 220, top: int = 200) -> Image.Image:

@@ -1,17 +1,26 @@
-"""Shared fixtures: paths to the real test images, and a scratch models folder."""
+"""Shared fixtures (the real test images, the real weights, a model registry) and session-wide rules.
+
+Session rules: the Winograd CPU kernel must have been built before the tests (they load it, never
+compile it), and every test leaves torch's thread count as it found it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from upscale_server.config import Settings
-from upscale_server.inference.loading import LoadedNetwork, load_network
-from upscale_server.inference.manifest import Manifest, load_manifest
-from upscale_server.inference.provision import WeightStore
-from upscale_server.inference.registry import ComputeConfig, ModelRegistry
+from upscale_server.inference import ComputeConfig
+from upscale_server.inference.cpu import kernel
+from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.weights.loading import LoadedNetwork, load_network
+from upscale_server.inference.weights.manifest import Manifest, load_manifest
+from upscale_server.inference.weights.provision import WeightStore
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -19,6 +28,26 @@ PHOTO = DATA / "photo_grace_hopper.jpg"
 CLIPART_RGBA = DATA / "clipart_rgba.png"
 #: The checkout's models folder: where a server run from this checkout keeps its weights.
 MODELS = REPO / "models"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the prebuilt Winograd kernel for the whole session, or stop it with one line: a test never
+    compiles the kernel, and never skips the Winograd path for want of it."""
+    try:
+        kernel.load(build=False)
+    except OSError:
+        raise pytest.UsageError(
+            f"the Winograd CPU kernel is not built for this machine ({kernel.library_path()}); "
+            f"build it first: {sys.executable} -m upscale_server.inference.cpu"
+        ) from None
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """Tests may change torch's process-wide thread count (the ncnn comparison runs on 2); not beyond."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_registry(settings: Settings) -> ModelRegistry:
@@ -52,7 +81,8 @@ def provisioned_models_dir(manifest: Manifest) -> Path:
     store = WeightStore(MODELS)
     for spec in manifest.models:
         if spec.ncnn is not None:
-            store.ensure_converted(spec)
+            # Without its dropped-in names and its URL, the ncnn conversion is the only source.
+            store.ensure(dataclasses.replace(spec, files=(), url=None))
     return MODELS
 
 

@@ -1,4 +1,4 @@
-"""The plain-torch architectures: BasicSR names, sizes, and the behaviour the docs promise."""
+"""The plain-torch architectures (BasicSR names, sizes, behaviour) and their descriptors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
+from upscale_server.inference.archs.rrdbnet import RRDBNet
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -86,3 +91,73 @@ def test_unknown_activation_and_scale_are_refused() -> None:
         SRVGGNetCompact(act_type="gelu")
     with pytest.raises(ValueError, match="scale"):
         RRDBNet(scale=3)
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+def test_the_registry_knows_each_descriptor_by_name() -> None:
+    assert archs.names() == ("RRDBNet", "SRVGGNetCompact")
+    assert archs.ARCHITECTURES == (RRDBNET, SRVGG)
+    assert archs.by_name("RRDBNet") is RRDBNET and archs.by_name("SRVGGNetCompact") is SRVGG
+    with pytest.raises(ValueError, match=r"unknown architecture 'SwinIR' \(known: RRDBNet, SRVGGNetCompact\)"):
+        archs.by_name("SwinIR")
+
+
+def test_detection_names_the_descriptor() -> None:
+    rrdb = RRDBNet(scale=2, num_feat=8, num_block=2, num_grow_ch=4).state_dict()
+    srvgg = SRVGGNetCompact(num_feat=8, num_conv=3, upscale=3).state_dict()
+    assert archs.detect(rrdb) == (RRDBNET, ArchInfo("RRDBNet", 2, {"num_block": 2, "num_feat": 8, "num_grow_ch": 4}))
+    assert archs.detect(srvgg) == (
+        SRVGG,
+        ArchInfo("SRVGGNetCompact", 3, {"num_feat": 8, "num_conv": 3, "act_type": "prelu"}),
+    )
+    assert RRDBNET.claims(rrdb) and not SRVGG.claims(rrdb)
+    assert SRVGG.claims(srvgg) and not RRDBNET.claims(srvgg)
+
+
+def test_descriptors_build_their_modules_with_the_manifest_parameters() -> None:
+    info = ArchInfo("RRDBNet", 1, {"num_block": 1, "num_feat": 8, "num_grow_ch": 4})
+    built = RRDBNET.build(info)
+    assert isinstance(built, RRDBNet) and built.scale == 1 and len(built.body) == 1
+    assert RRDBNET.params == ("num_block", "num_feat", "num_grow_ch")
+    assert SRVGG.params == ("num_feat", "num_conv", "act_type")
+    relu = SRVGG.build(ArchInfo("SRVGGNetCompact", 2, {"num_feat": 4, "num_conv": 2, "act_type": "relu"}))
+    assert isinstance(relu, SRVGGNetCompact) and relu.upscale == 2 and isinstance(relu.body[1], torch.nn.ReLU)
+
+
+def test_descriptors_give_the_engine_what_it_plans_with() -> None:
+    # Scale 2 and 1 unshuffle the input by 2 and 4; everything else takes any size.
+    assert [RRDBNET.size_multiple(s) for s in (4, 2, 1)] == [1, 2, 4]
+    assert [SRVGG.size_multiple(s) for s in (4, 2, 1)] == [1, 1, 1]
+    assert RRDBNET.scales == (1, 2, 4) and SRVGG.scales is None
+    assert (RRDBNET.default_tile_overlap, SRVGG.default_tile_overlap) == (64, 32)
+    assert all(arch.supports_half and arch.supports_bf16 for arch in archs.ARCHITECTURES)
+    # The memory model: RRDB peaks at output resolution, SRVGG at input resolution.
+    assert RRDBNET.peak_values_per_input_pixel(4) == 3 * 64 * 16 + 1000
+    assert SRVGG.peak_values_per_input_pixel(4) == 4 * 64 + 2 * 3 * 16 + 48
+
+
+def test_ncnn_layouts_follow_the_official_graphs() -> None:
+    rrdb = RRDBNET.ncnn_layout(ArchInfo("RRDBNet", 4, {"num_block": 2, "num_feat": 8, "num_grow_ch": 4}))
+    assert len(rrdb.slots) == 1 + 2 * 15 + 5 and rrdb.pixel_shuffle is None
+    assert {slot.kind for slot in rrdb.slots} == {"Convolution"}
+    assert [s.prefix for s in rrdb.slots if s.leaky_slope == 0.2][:4] == [f"body.0.rdb1.conv{c}" for c in range(1, 5)]
+    assert [s.prefix for s in rrdb.slots if s.leaky_slope is None][-2:] == ["conv_body", "conv_last"]
+    info = ArchInfo("SRVGGNetCompact", 3, {"num_feat": 8, "num_conv": 1, "act_type": "prelu"})
+    srvgg = SRVGG.ncnn_layout(info)
+    assert [(s.prefix, s.kind) for s in srvgg.slots] == [
+        ("body.0", "Convolution"),
+        ("body.1", "PReLU"),
+        ("body.2", "Convolution"),
+        ("body.3", "PReLU"),
+        ("body.4", "Convolution"),
+    ]
+    assert srvgg.pixel_shuffle == 3
+    # Every slot names a tensor of the built module, so a conversion fills it exactly.
+    for arch, layout, arch_info in (
+        (SRVGG, srvgg, info),
+        (RRDBNET, rrdb, ArchInfo("RRDBNet", 4, {"num_block": 2, "num_feat": 8, "num_grow_ch": 4})),
+    ):
+        names = {name.rsplit(".", 1)[0] for name in arch.build(arch_info).state_dict()}
+        assert {slot.prefix for slot in layout.slots} == names

@@ -1,9 +1,13 @@
-"""Dynamic batching of tiles: grouping, the window, max_batch, errors, close, and the engine hook."""
+"""Dynamic batching of tiles: grouping, the window, max_batch, errors, close, and the engine hook.
+
+Deterministic on a busy machine: the window is measured on a fake clock that moves only when a test
+moves it, so a batch goes either because it is full or because the test let its window pass; no
+assertion depends on how fast threads run.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -12,18 +16,69 @@ import torch
 
 from tests.test_engine import CPU, Recording, TinyNet, image, network
 from upscale_server.errors import InferenceError
-from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.tiling import plan_tiles
+from upscale_server.inference.engine.tiling import plan_tiles
+from upscale_server.inference.engine.upscaler import Upscaler
+from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
+
+#: How long a test waits for threads that should already be done: a hang guard, not a measurement.
+PATIENCE_S = 30
+
+
+class FakeClock:
+    """A monotonic clock that stands still until :meth:`advance`, and knows who read it.
+
+    The batcher reads it once when it queues an item (an arrival, on the caller's thread, under the
+    batcher's lock) and each time it weighs its queue (a look, on its own thread, under that lock).
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.arrivals = 0
+        self.looks = 0
+        self._looks_before = 0  # looks before the last arrival or advance
+        self._cond = threading.Condition()
+
+    def __call__(self) -> float:
+        with self._cond:
+            if threading.current_thread().name == "tile-batcher":
+                self.looks += 1
+            else:
+                self.arrivals += 1
+                self._looks_before = self.looks
+            self._cond.notify_all()
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._cond:
+            self.now += seconds
+            self._looks_before = self.looks
+
+    def wait_arrivals(self, count: int) -> None:
+        """Until ``count`` items have been queued in all."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.arrivals >= count, PATIENCE_S)
+
+    def wait_seen(self, arrivals: int) -> None:
+        """Until ``arrivals`` items have been queued and the batcher has weighed its queue since the
+        last arrival or :meth:`advance`: it has decided with everything the test has done so far."""
+        with self._cond:
+            assert self._cond.wait_for(
+                lambda: self.arrivals >= arrivals and self.looks > self._looks_before, PATIENCE_S
+            )
 
 
 @pytest.fixture
-def batcher() -> Iterator[Callable[..., DynamicBatcher]]:
-    """A factory of batchers, all closed at the end of the test."""
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def batcher(clock: FakeClock) -> Iterator[Callable[..., DynamicBatcher]]:
+    """A factory of batchers on the test's fake clock, all closed at the end of the test."""
     made: list[DynamicBatcher] = []
 
     def make(window_s: float = 0.2, max_batch: int = 8) -> DynamicBatcher:
-        made.append(DynamicBatcher(window_s=window_s, max_batch=max_batch))
+        made.append(DynamicBatcher(window_s=window_s, max_batch=max_batch, clock=clock))
         return made[-1]
 
     yield make
@@ -34,13 +89,11 @@ def batcher() -> Iterator[Callable[..., DynamicBatcher]]:
 class CountingForward:
     """``x * 2 + 1`` that records the batch size of every call (on the batcher thread)."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self) -> None:
         self.sizes: list[int] = []
-        self.delay_s = delay_s
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.sizes.append(batch.shape[0])
-        time.sleep(self.delay_s)
         return batch * 2 + 1
 
 
@@ -61,84 +114,115 @@ def in_threads(count: int, work: Callable[[int], object]) -> tuple[dict[int, obj
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=PATIENCE_S)
+    assert not any(t.is_alive() for t in threads), "a caller never got its result"
     return results, errors
 
 
+def started(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """``work()`` on a thread of its own; the list receives its result."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(work()))
+    thread.start()
+    return thread, out
+
+
+def finished(thread: threading.Thread) -> None:
+    thread.join(timeout=PATIENCE_S)
+    assert not thread.is_alive(), "a caller never got its result"
+
+
 def test_items_of_concurrent_callers_share_one_forward(batcher: Callable[..., DynamicBatcher]) -> None:
-    b = batcher(window_s=0.5, max_batch=8)
+    b = batcher(window_s=1.0, max_batch=6)  # the clock stands still: the batch goes when it is full
     forward = CountingForward()
     items = [torch.full((1, 3, 4, 4), float(i)) for i in range(6)]
     results, errors = in_threads(6, lambda i: b.run("k", items[i], forward))
     assert not errors
-    assert sum(forward.sizes) == 6 and len(forward.sizes) < 6
+    assert forward.sizes == [6]
     for i in range(6):
         torch.testing.assert_close(results[i], items[i] * 2 + 1)
 
 
-def test_the_first_item_waits_at_most_the_window(batcher: Callable[..., DynamicBatcher]) -> None:
-    b = batcher(window_s=0.3, max_batch=8)
+def test_an_item_waits_for_its_window_then_goes_alone(batcher: Callable[..., DynamicBatcher], clock: FakeClock) -> None:
+    b = batcher(window_s=0.5, max_batch=8)
     forward = CountingForward()
-    start = time.monotonic()
-    out = b.run("k", torch.ones(1, 2), forward)
-    elapsed = time.monotonic() - start
-    assert 0.25 <= elapsed < 2.0
+    thread, out = started(lambda: b.run("k", torch.ones(1, 2), forward))
+    clock.wait_seen(arrivals=1)
+    assert forward.sizes == []  # the batcher has seen it, and waits while its window is open
+    clock.advance(0.25)
+    clock.wait_seen(arrivals=1)
+    assert forward.sizes == []
+    clock.advance(0.25)  # the window has passed: it goes without company
+    finished(thread)
     assert forward.sizes == [1]
-    torch.testing.assert_close(out, torch.full((1, 2), 3.0))
-    # An item arriving after the window closed goes into the next batch.
-    late: list[torch.Tensor] = []
-    thread = threading.Thread(target=lambda: late.append(b.run("k", torch.zeros(1, 2), forward)))
-    first = threading.Thread(target=lambda: b.run("k", torch.ones(1, 2), forward))
-    first.start()
-    time.sleep(0.5)
-    thread.start()
-    first.join()
-    thread.join()
-    assert forward.sizes == [1, 1, 1]
+    torch.testing.assert_close(out[0], torch.full((1, 2), 3.0))
+    # An item arriving after that batch went goes into the next one, after its own window.
+    late, late_out = started(lambda: b.run("k", torch.zeros(1, 2), forward))
+    clock.wait_seen(arrivals=2)
+    assert forward.sizes == [1]
+    clock.advance(0.5)
+    finished(late)
+    assert forward.sizes == [1, 1]
+    torch.testing.assert_close(late_out[0], torch.ones(1, 2))
 
 
 def test_a_full_batch_goes_without_waiting_and_max_batch_holds(batcher: Callable[..., DynamicBatcher]) -> None:
-    b = batcher(window_s=5.0, max_batch=2)
+    b = batcher(window_s=1.0, max_batch=2)  # the clock stands still: only full batches can go
     forward = CountingForward()
-    start = time.monotonic()
     results, errors = in_threads(4, lambda i: b.run("k", torch.full((1, 1), float(i)), forward))
     assert not errors
-    assert time.monotonic() - start < 4.0  # two full batches, never the 5 s window
     assert forward.sizes == [2, 2]
     for i in range(4):
         torch.testing.assert_close(results[i], torch.full((1, 1), 2.0 * i + 1))
 
 
-def test_different_keys_never_share_a_batch(batcher: Callable[..., DynamicBatcher]) -> None:
+def test_different_keys_never_share_a_batch(batcher: Callable[..., DynamicBatcher], clock: FakeClock) -> None:
     b = batcher(window_s=0.3, max_batch=8)
     seen: dict[str, list[int]] = {"a": [], "b": []}
+    order: list[str] = []
 
     def forward_for(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
             seen[key].append(x.shape[0])
+            order.append(key)
             return x + (10 if key == "a" else 20)
 
         return forward
 
     keys = ["a", "b", "a", "b", "a"]
-    results, errors = in_threads(5, lambda i: b.run(keys[i], torch.full((1, 1), float(i)), forward_for(keys[i])))
-    assert not errors
-    assert sum(seen["a"]) == 3 and sum(seen["b"]) == 2
-    for i, key in enumerate(keys):
-        torch.testing.assert_close(results[i], torch.full((1, 1), i + (10.0 if key == "a" else 20.0)))
+    threads = []
+    for i, key in enumerate(keys):  # queued in this order
+        threads.append(started(lambda i=i, key=key: b.run(key, torch.full((1, 1), float(i)), forward_for(key))))
+        clock.wait_arrivals(i + 1)
+    clock.advance(1.0)  # every window has passed: everything queued goes, one batch per key
+    for thread, _ in threads:
+        finished(thread)
+    assert seen == {"a": [3], "b": [2]}
+    assert order[0] == keys[0]  # the oldest item's key is served first
+    for i, (_, out) in enumerate(threads):
+        torch.testing.assert_close(out[0], torch.full((1, 1), i + (10.0 if keys[i] == "a" else 20.0)))
 
 
-def test_an_error_in_forward_reaches_every_caller_of_the_batch(batcher: Callable[..., DynamicBatcher]) -> None:
-    b = batcher(window_s=0.3, max_batch=8)
+def test_an_error_in_forward_reaches_every_caller_of_the_batch(
+    batcher: Callable[..., DynamicBatcher], clock: FakeClock
+) -> None:
+    b = batcher(window_s=1.0, max_batch=3)
+    calls: list[int] = []
 
     def broken(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
         raise RuntimeError(f"boom on {x.shape[0]}")
 
     results, errors = in_threads(3, lambda i: b.run("k", torch.zeros(1, 1), broken))
+    assert calls == [3]  # one batch
     assert not results and len(errors) == 3
-    assert all(isinstance(e, RuntimeError) and str(e).startswith("boom") for e in errors)
+    assert all(isinstance(e, RuntimeError) and str(e) == "boom on 3" for e in errors)
     # The batcher keeps working afterwards.
-    torch.testing.assert_close(b.run("k", torch.ones(1, 1), CountingForward()), torch.full((1, 1), 3.0))
+    thread, out = started(lambda: b.run("k", torch.ones(1, 1), CountingForward()))
+    clock.wait_arrivals(4)
+    clock.advance(1.0)
+    finished(thread)
+    torch.testing.assert_close(out[0], torch.full((1, 1), 3.0))
 
 
 def test_a_forward_that_drops_rows_is_an_error(batcher: Callable[..., DynamicBatcher]) -> None:
@@ -147,7 +231,7 @@ def test_a_forward_that_drops_rows_is_an_error(batcher: Callable[..., DynamicBat
         b.run("k", torch.zeros(2, 1), lambda x: x[:1])
 
 
-def test_close_fails_pending_items_and_later_calls(batcher: Callable[..., DynamicBatcher]) -> None:
+def test_close_fails_pending_items_and_later_calls(batcher: Callable[..., DynamicBatcher], clock: FakeClock) -> None:
     b = batcher(window_s=30.0, max_batch=8)
     errors: list[BaseException] = []
 
@@ -159,12 +243,11 @@ def test_close_fails_pending_items_and_later_calls(batcher: Callable[..., Dynami
 
     thread = threading.Thread(target=wait_forever)
     thread.start()
-    time.sleep(0.2)
-    start = time.monotonic()
+    clock.wait_seen(arrivals=1)  # queued, and the batcher is waiting out its window
     b.close()
-    thread.join(timeout=5)
-    assert time.monotonic() - start < 5
+    finished(thread)
     assert len(errors) == 1 and isinstance(errors[0], BatcherClosedError)
+    assert "closed before this item ran" in str(errors[0])
     with pytest.raises(BatcherClosedError):
         b.run("k", torch.zeros(1, 1), CountingForward())
     b.close()  # idempotent
@@ -183,7 +266,8 @@ def test_engine_batches_windows_of_concurrent_calls(batcher: Callable[..., Dynam
     net = TinyNet(2, seed=4)
     plain = Upscaler(network(TinyNet(2, seed=4), 2), device=CPU, dtype=torch.float32, tile_size=16, tile_overlap=4)
     rec = Recording(net)
-    shared = batcher(window_s=0.05, max_batch=8)
+    # The clock stands still: a pass runs only with one window of each of the four calls.
+    shared = batcher(window_s=1.0, max_batch=4)
     up = Upscaler(network(rec, 2), device=CPU, dtype=torch.float32, tile_size=16, tile_overlap=4, batcher=shared)
     images = [image(40, 40, seed=s) for s in range(4)]
     expected = [plain.upscale(rgb) for rgb in images]
@@ -191,8 +275,9 @@ def test_engine_batches_windows_of_concurrent_calls(batcher: Callable[..., Dynam
     assert not errors
     for i in range(4):
         np.testing.assert_allclose(np.asarray(results[i]), expected[i], atol=1e-6)
-    windows = len(plan_tiles(40, 40, 16, 4)) * 4
-    assert len(rec.sizes) < windows  # some forward calls carried several windows
+    windows = len(plan_tiles(40, 40, 16, 4))
+    assert windows > 1
+    assert len(rec.sizes) == windows  # every forward call carried four windows, one per call
 
 
 def test_engine_turns_a_closed_batcher_into_an_inference_error(batcher: Callable[..., DynamicBatcher]) -> None:

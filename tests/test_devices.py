@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from upscale_server.inference import devices
-from upscale_server.inference.devices import (
+from upscale_server.inference.runtime import devices
+from upscale_server.inference.runtime.devices import (
     configure_threads,
     free_memory_bytes,
     resolve_device,
@@ -67,12 +67,12 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
-    with caplog.at_level("WARNING", logger="upscale_server.inference.devices"):
+    with caplog.at_level("WARNING", logger="upscale_server.inference.runtime.devices"):
         assert resolve_dtype("bf16", CPU) == torch.bfloat16
     assert "slower than fp32" in caplog.text
     caplog.clear()
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
-    with caplog.at_level("WARNING", logger="upscale_server.inference.devices"):
+    with caplog.at_level("WARNING", logger="upscale_server.inference.runtime.devices"):
         resolve_dtype("bf16", CPU)
         resolve_dtype("bf16", CUDA)
     assert caplog.text == ""
@@ -104,9 +104,11 @@ def test_cpu_free_memory_reads_meminfo(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert free_memory_bytes(CPU) > 0
 
 
-def test_cpu_free_memory_counts_what_malloc_keeps_for_reuse() -> None:
+def test_cpu_free_memory_counts_what_malloc_keeps_for_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
     # With the tuned allocator a freed buffer stays resident in the process (so MemAvailable drops),
-    # yet the next image reuses it: the free estimate must not shrink by its size.
+    # yet the next image reuses it: the free estimate must not shrink by its size. MemAvailable is
+    # system-wide (every other process moves it), so it is held still; this process's heap is measured.
+    monkeypatch.setattr(devices, "_meminfo_available", lambda: 1 << 30)
     assert tune_cpu_allocator()
     size = 512 * 2**20
     buffer = torch.ones(size // 4)

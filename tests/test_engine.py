@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tests.conftest import MODELS
 from upscale_server.errors import InferenceError
-from upscale_server.inference import engine as engine_module
-from upscale_server.inference.engine import DEFAULT_TILE_OVERLAP, MIN_TILE, Upscaler, bytes_per_input_pixel
-from upscale_server.inference.loading import ArchInfo, LoadedNetwork, load_network
-from upscale_server.inference.manifest import load_manifest
-from upscale_server.inference.provision import WeightStore
-from upscale_server.inference.tiling import plan_tiles
+from upscale_server.imaging import resize_pixels
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompactArchitecture
+from upscale_server.inference.engine import upscaler as engine_module
+from upscale_server.inference.engine.resize import ResizeUpscaler
+from upscale_server.inference.engine.tiling import plan_tiles
+from upscale_server.inference.engine.upscaler import MIN_TILE, Upscaler, bytes_per_input_pixel
+from upscale_server.inference.weights.loading import LoadedNetwork
 
 CPU = torch.device("cpu")
 PHOTO = Path(__file__).resolve().parent / "data" / "photo_grace_hopper.jpg"
@@ -110,8 +115,8 @@ class Unshuffle2(nn.Module):
 
 
 def network(module: nn.Module, scale: int, arch: str = "SRVGGNetCompact") -> LoadedNetwork:
-    info = ArchInfo(arch=arch, scale=scale, params={})  # type: ignore[arg-type]
-    return LoadedNetwork(module=module.eval(), info=info, path=Path("fake.safetensors"))
+    info = ArchInfo(arch=arch, scale=scale, params={})
+    return LoadedNetwork(module=module.eval(), arch=archs.by_name(arch), info=info, path=Path("fake.safetensors"))
 
 
 def untiled(module: nn.Module, rgb: np.ndarray) -> np.ndarray:
@@ -213,12 +218,31 @@ def test_unshuffle_models_get_padded_inputs_and_cropped_outputs() -> None:
     np.testing.assert_allclose(up.upscale(rgb), untiled(net, padded)[:62, :90], atol=2e-6)
 
 
+def test_the_resize_engine_makes_the_size_asked_for_like_the_network_engine() -> None:
+    """Both engines take the same call (the pipeline no longer tells them apart): ``out_size`` is the
+    native output resized, ``quantize_8bit`` may be ignored."""
+    resize = ResizeUpscaler(4)
+    rgb = image(13, 21, seed=4)
+    native = resize.upscale(rgb)
+    assert native.shape == (52, 84, 3)
+    for out_size in ((42, 26), (63, 39), (84, 52)):
+        got = resize.upscale(rgb, out_size=out_size, quantize_8bit=True)
+        np.testing.assert_array_equal(got, resize_pixels(native, *out_size))
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+    calls: list[tuple[int, int]] = []
+    resize.upscale(rgb, out_size=(42, 26), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
+    for up in (resize, Upscaler(network(TinyNet(4), 4), device=CPU, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="out_size must be positive"):
+            up.upscale(rgb, out_size=(0, 10))
+
+
 # --------------------------------------------------------------------------- tile size
 
 
 def test_tile_size_for(monkeypatch: pytest.MonkeyPatch) -> None:
     up = Upscaler(network(TinyNet(4), 4, "RRDBNet"), device=CPU, dtype=torch.float32, tile_overlap=16)
-    per_px = bytes_per_input_pixel("RRDBNet", 4, torch.float32)
+    per_px = bytes_per_input_pixel(RRDBNET, 4, torch.float32)
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 64 << 30)
     assert up.tile_size_for(300, 500) == 500  # fits: not tiled
     share = engine_module.MEMORY_FRACTION["cpu"]
@@ -237,8 +261,8 @@ def test_tile_size_for(monkeypatch: pytest.MonkeyPatch) -> None:
     explicit = Upscaler(network(TinyNet(4), 4), device=CPU, dtype=torch.float32, tile_size=200)
     assert explicit.tile_size_for(2000, 3000) == 200
     # SRVGG needs far less memory per pixel than RRDB, fp16 half of fp32.
-    assert bytes_per_input_pixel("SRVGGNetCompact", 4, torch.float32) < per_px / 5
-    assert bytes_per_input_pixel("RRDBNet", 4, torch.float16) * 2 == pytest.approx(per_px, rel=0.01)
+    assert bytes_per_input_pixel(SRVGG, 4, torch.float32) < per_px / 5
+    assert bytes_per_input_pixel(RRDBNET, 4, torch.float16) * 2 == pytest.approx(per_px, rel=0.01)
 
 
 # --------------------------------------------------------------------------- failures and fallbacks
@@ -251,7 +275,7 @@ def test_out_of_memory_halves_the_tile_and_retries(message_only: bool, caplog: p
     up = Upscaler(network(module, 2), device=CPU, dtype=torch.float32, tile_size=128, tile_overlap=4)
     rgb = image(100, 90)
     progress: list[tuple[int, int]] = []
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb, progress=lambda d, t: progress.append((d, t)))
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)
     # 100 x 90 whole -> OOM; tile 50 (58-px windows) fits.
@@ -278,7 +302,7 @@ def test_other_network_errors_become_inference_errors(caplog: pytest.LogCaptureF
 
     up = Upscaler(network(Broken(), 2), device=CPU, dtype=torch.float32)
     with (
-        caplog.at_level(logging.ERROR, logger="upscale_server.inference.engine"),
+        caplog.at_level(logging.ERROR, logger="upscale_server.inference.engine.upscaler"),
         pytest.raises(InferenceError) as info,
     ):
         up.upscale(image(8, 8))
@@ -308,7 +332,7 @@ def test_bad_low_precision_tiles_are_redone_in_fp32(mode: str, caplog: pytest.Lo
     module = BadInLowPrecision(net, mode)
     up = Upscaler(network(module, 2), device=CPU, dtype=torch.bfloat16, tile_size=16, tile_overlap=4)
     rgb = image(40, 50) * 0.5 + 0.25  # visible everywhere, so a black tile is suspicious
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb)
         up.upscale(rgb)
     # Every tile failed in bf16 and was redone in fp32: the result is the exact fp32 one.
@@ -316,6 +340,23 @@ def test_bad_low_precision_tiles_are_redone_in_fp32(mode: str, caplog: pytest.Lo
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)
     fallbacks = [r for r in caplog.records if "redoing such tiles in fp32" in r.getMessage()]
     assert len(fallbacks) == 1  # logged once per upscaler, not per tile
+
+
+def test_an_architecture_without_a_bf16_mode_runs_in_fp32(caplog: pytest.LogCaptureFixture) -> None:
+    class NoBf16(SRVGGNetCompactArchitecture):
+        supports_bf16 = False
+
+    net = TinyNet(2)
+    module = BadInLowPrecision(net, "nan")
+    info = ArchInfo("SRVGGNetCompact", 2, {})
+    network = LoadedNetwork(module=module.eval(), arch=NoBf16(), info=info, path=Path("fake.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
+        up = Upscaler(network, device=CPU, dtype=torch.bfloat16, tile_size=16, tile_overlap=4)
+    assert up.dtype == torch.float32
+    assert "SRVGGNetCompact has no bfloat16 mode; running it in float32" in caplog.text
+    rgb = image(40, 50)
+    np.testing.assert_allclose(up.upscale(rgb), untiled(net, rgb), atol=2e-6)
+    assert module.low_precision_calls == 0  # never ran in bf16, so nothing needed redoing
 
 
 def test_black_output_from_black_input_is_not_a_fallback() -> None:
@@ -378,12 +419,6 @@ def test_concurrent_calls_match_sequential_calls() -> None:
 # --------------------------------------------------------------------------- real models
 
 
-def _real_network(model_id: str) -> LoadedNetwork:
-    """Weights converted offline from the installed ncnn package into the repo's models/ folder."""
-    path = WeightStore(MODELS).ensure(load_manifest().get(model_id))
-    return load_network(path)
-
-
 def _photo_crop(top: int, left: int, height: int, width: int) -> np.ndarray:
     with Image.open(PHOTO) as img:
         pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -395,14 +430,14 @@ def _levels(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_real_x4plus_tiled_matches_untiled() -> None:
+def test_real_x4plus_tiled_matches_untiled(load_real_network: Callable[[str], LoadedNetwork]) -> None:
     """RealESRGAN_x4plus, fp32 CPU: a 2 x 2 tile grid with the default overlap is within 1 level."""
     rgb = _photo_crop(150, 150, 141, 139)  # odd sizes, not a multiple of the tile
-    net = _real_network("runware:504@1")
+    net = load_real_network("runware:504@1")
     whole = Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
-    assert up.tile_overlap == DEFAULT_TILE_OVERLAP["RRDBNet"] == 64
+    assert up.tile_overlap == RRDBNET.default_tile_overlap == 64
     tiled = up.upscale(rgb, progress=lambda done, total: tiles.append(total))
     assert tiles[-1] == 4
     assert tiled.shape == whole.shape == (564, 556, 3)
@@ -410,14 +445,14 @@ def test_real_x4plus_tiled_matches_untiled() -> None:
 
 
 @pytest.mark.slow
-def test_real_animevideov3_tiled_matches_untiled() -> None:
+def test_real_animevideov3_tiled_matches_untiled(load_real_network: Callable[[str], LoadedNetwork]) -> None:
     """realesr-animevideov3, fp32 CPU: many small tiles with the default overlap, within 1 level."""
     rgb = _photo_crop(60, 100, 75, 100)
-    net = _real_network("local:realesr-animevideov3@1")
+    net = load_real_network("local:realesr-animevideov3@1")
     whole = Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
-    assert up.tile_overlap == DEFAULT_TILE_OVERLAP["SRVGGNetCompact"]
+    assert up.tile_overlap == SRVGG.default_tile_overlap
     tiled = up.upscale(rgb, progress=lambda done, total: tiles.append(total))
     assert tiles[-1] > 4
     assert tiled.shape == whole.shape == (300, 400, 3)

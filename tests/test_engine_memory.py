@@ -4,8 +4,8 @@ torch.compile and its fallback, and the CUDA upload path (on a GPU only)."""
 from __future__ import annotations
 
 import logging
-import time
 import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,11 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_engine import CPU, TinyNet, Unshuffle2, _levels, _photo_crop, _real_network, image, network, untiled
+from tests.test_engine import CPU, TinyNet, Unshuffle2, _levels, _photo_crop, image, network, untiled
 from upscale_server.imaging import Picture, encode_image, resize_pixels
-from upscale_server.inference import engine as engine_module
-from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.engine import DEFAULT_TILE_OVERLAP, Upscaler
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
+from upscale_server.inference.engine import upscaler as engine_module
+from upscale_server.inference.engine.upscaler import Upscaler
+from upscale_server.inference.weights.loading import LoadedNetwork
 
 
 def whole_then_resized(module: nn.Module, rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -80,15 +82,17 @@ def test_padded_unshuffle_models_resize_the_cropped_output() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("factor", [2, 3])
-def test_real_animevideov3_per_window_resize_matches_resizing_the_whole(factor: int) -> None:
+def test_real_animevideov3_per_window_resize_matches_resizing_the_whole(
+    factor: int, load_real_network: Callable[[str], LoadedNetwork]
+) -> None:
     """realesr-animevideov3, fp32 CPU, many small tiles: resizing window by window gives what
     "upscale untiled, then resize the whole image" gives, within 1 level (mean < 0.05 levels)."""
     rgb = _photo_crop(60, 100, 75, 100)
-    net = _real_network("local:realesr-animevideov3@1")
+    net = load_real_network("local:realesr-animevideov3@1")
     whole = resize_pixels(Upscaler(net, device=CPU, dtype=torch.float32).upscale(rgb), 100 * factor, 75 * factor)
     tiles: list[int] = []
     up = Upscaler(net, device=CPU, dtype=torch.float32, tile_size=8)
-    assert up.tile_overlap == DEFAULT_TILE_OVERLAP["SRVGGNetCompact"]
+    assert up.tile_overlap == SRVGG.default_tile_overlap
     got = up.upscale(rgb, out_size=(100 * factor, 75 * factor), progress=lambda done, total: tiles.append(total))
     assert tiles[-1] > 4
     assert got.shape == whole.shape == (75 * factor, 100 * factor, 3)
@@ -145,20 +149,46 @@ def tiny_srvgg() -> SRVGGNetCompact:
     return SRVGGNetCompact(num_feat=8, num_conv=1, upscale=2).eval()
 
 
-def test_compile_module_matches_eager(caplog: pytest.LogCaptureFixture) -> None:
-    rgb = image(24, 32, seed=6)
-    eager = Upscaler(network(tiny_srvgg(), 2), device=CPU, dtype=torch.float32).upscale(rgb)
-    up = Upscaler(network(tiny_srvgg(), 2), device=CPU, dtype=torch.float32, compile_module=True)
-    start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
-        got = up.upscale(rgb)
-    if up._compile_failed:  # no working compiler toolchain here: the fallback path ran instead
-        assert "running it eagerly" in caplog.text
-    else:
-        assert up._compiled
-        assert not [r for r in caplog.records if r.name == engine_module.__name__]
+def test_compile_module_runs_the_compiled_graph(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``compile_module`` runs the network through ``torch.compile``: dynamo captures its graph, and the
+    captured graph computes every window. A recording backend stands in for inductor, whose C++ build
+    of even a tiny network takes most of a minute on a small CPU (and is torch's to test), so a silent
+    fall back to eager would fail here instead of passing."""
+    graphs: list[torch.fx.GraphModule] = []
+    runs: list[bool] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        graphs.append(gm)
+
+        def run(*args: torch.Tensor) -> Any:
+            runs.append(any(tuple(a.shape) == (1, 3, 24, 32) for a in args))  # the window among the weights
+            return gm.forward(*args)
+
+        return run
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend=recording, **kwargs))
+    torch._dynamo.reset()  # nothing compiled by an earlier test is reused
+    try:
+        rgb = image(24, 32, seed=6)
+        eager = Upscaler(network(tiny_srvgg(), 2), device=CPU, dtype=torch.float32, convolution="direct").upscale(rgb)
+        up = Upscaler(
+            network(tiny_srvgg(), 2), device=CPU, dtype=torch.float32, convolution="direct", compile_module=True
+        )
+        with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
+            got = up.upscale(rgb)
+            again = up.upscale(rgb)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1  # captured once and whole: the tiny network's three convolutions
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"].count(torch.conv2d) == 3
+    assert runs == [True, True]  # and the captured graph computed both calls
+    assert up._compiled and not up._compile_failed
+    assert not [r for r in caplog.records if r.name == engine_module.__name__]
     np.testing.assert_allclose(got, eager, atol=1e-5)
-    assert time.monotonic() - start < 120
+    np.testing.assert_array_equal(got, again)
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(
@@ -177,7 +207,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(
     net = TinyNet(2, seed=3)
     rgb = image(40, 30)
     up = Upscaler(network(net, 2), device=CPU, dtype=torch.float32, tile_size=16, tile_overlap=4, compile_module=True)
-    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="upscale_server.inference.engine.upscaler"):
         got = up.upscale(rgb)
         again = up.upscale(rgb)
     np.testing.assert_allclose(got, untiled(net, rgb), atol=2e-6)

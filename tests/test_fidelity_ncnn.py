@@ -16,11 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from upscale_server.inference import winograd
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.loading import LoadedNetwork
-from upscale_server.inference.manifest import Manifest
-from upscale_server.inference.ncnn_reference import NcnnUpscaler, ncnn_files
+from bench.ncnn_reference import NcnnUpscaler, ncnn_files
+from upscale_server.inference.engine.upscaler import Upscaler
+from upscale_server.inference.weights.loading import LoadedNetwork
+from upscale_server.inference.weights.manifest import Manifest
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +44,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("model_id", list(CASES))
-@pytest.mark.parametrize(
-    "convolution",
-    [
-        pytest.param(
-            "winograd",
-            marks=pytest.mark.skipif(not winograd.available(), reason="no C compiler: the Winograd path is off"),
-        ),
-        "direct",
-    ],
-)
+@pytest.mark.parametrize("convolution", ["winograd", "direct"])
 def test_torch_port_matches_ncnn_runtime(
     model_id: str,
     convolution: str,

@@ -11,14 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from upscale_server.errors import ModelLoadError
-from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
-from upscale_server.inference.loading import (
-    ArchInfo,
-    build_network,
-    detect_architecture,
-    load_network,
-    read_state_dict,
-)
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.rrdbnet import RRDBNet
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
+from upscale_server.inference.weights.loading import load_network, read_state_dict
 
 CASES: dict[str, tuple[Callable[[], torch.nn.Module], ArchInfo]] = {
     "rrdb_x4": (
@@ -75,6 +72,7 @@ def test_round_trip_gives_same_arch_and_outputs(case: str, wrapping: str, tmp_pa
     loaded = load_network(path)
 
     assert loaded.info == expected
+    assert loaded.arch is archs.by_name(expected.arch)
     assert loaded.path == path
     assert isinstance(loaded.module, type(net))
     x = torch.rand(1, 3, 8, 12)
@@ -102,11 +100,13 @@ def test_params_ema_is_preferred_over_params(tmp_path: Path) -> None:
     assert all(torch.equal(state[k], ema[k]) for k in ema)
 
 
-def test_build_network_matches_detected_info() -> None:
+def test_build_matches_detected_info() -> None:
     for factory, info in CASES.values():
         _, state = _random_state(factory)
-        assert detect_architecture(state) == info
-        assert set(build_network(info).state_dict()) == set(state)
+        arch, detected = archs.detect(state)
+        assert detected == info and arch.name == info.arch
+        assert set(archs.build(info).state_dict()) == set(state)
+        assert set(arch.build(info).state_dict()) == set(state)
 
 
 class _Payload:
@@ -197,11 +197,11 @@ def test_missing_or_extra_keys_are_refused(tmp_path: Path) -> None:
 def test_non_rgb_models_are_refused() -> None:
     gray = RRDBNet(num_in_ch=1, num_out_ch=1, num_feat=8, num_block=1, num_grow_ch=4).state_dict()
     with pytest.raises(ModelLoadError, match="not an RGB model"):
-        detect_architecture(gray, source=Path("gray.pth"))
+        archs.detect(gray, source=Path("gray.pth"))
 
 
 def test_srvgg_without_prelu_slopes_is_relu() -> None:
     state = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=4, act_type="relu").state_dict()
-    info = detect_architecture(state)
+    _, info = archs.detect(state)
     assert info.params["act_type"] == "relu"
-    build_network(info).load_state_dict(state, strict=True)
+    archs.build(info).load_state_dict(state, strict=True)

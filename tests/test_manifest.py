@@ -12,9 +12,9 @@ from tests.conftest import MODELS
 from upscale_server import config
 from upscale_server.config import Settings, default_models_dir
 from upscale_server.errors import InvalidModelError
-from upscale_server.inference import manifest as manifest_module
-from upscale_server.inference.loading import ArchInfo
-from upscale_server.inference.manifest import Manifest, load_manifest, parse_manifest
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.weights import manifest as manifest_module
+from upscale_server.inference.weights.manifest import Manifest, load_manifest, parse_manifest
 
 GOOD = """
 [[model]]
@@ -61,7 +61,7 @@ def test_unknown_id_lists_the_known_ones(manifest: Manifest) -> None:
     assert info.value.parameter == "model"
     assert "runware:999@1" in info.value.message
     assert all(model_id in info.value.message for model_id in manifest.ids())
-    assert "runware:504@1" in manifest and "nope" not in manifest
+    assert "runware:504@1" in manifest.ids() and "nope" not in manifest.ids()
 
 
 def test_specs_are_immutable(manifest: Manifest) -> None:

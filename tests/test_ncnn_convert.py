@@ -11,22 +11,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bench.ncnn_reference import blob_names
 from upscale_server.errors import ModelLoadError
-from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.loading import ArchInfo, build_network, load_network
-from upscale_server.inference.manifest import Manifest, ModelSpec
-from upscale_server.inference.ncnn_convert import (
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
+from upscale_server.inference.weights.loading import load_network
+from upscale_server.inference.weights.manifest import Manifest, ModelSpec
+from upscale_server.inference.weights.ncnn_convert import (
     METADATA_KEY,
     TAG_FP16,
     TAG_FP32,
     convert_ncnn,
     parse_param,
     reproducible_bytes,
-    save_reproducible,
     sha256_file,
     source_metadata,
 )
-from upscale_server.inference.provision import ncnn_package_dir
+from upscale_server.inference.weights.provision import ncnn_package_dir
+from upscale_server.vocabulary import atomic_write
 
 PARAM_COUNTS = {
     "runware:504@1": 16_697_987,
@@ -49,9 +52,7 @@ def test_real_ncnn_files_convert_reproducibly_to_the_pinned_hash(manifest: Manif
     param, bin_path = _files(spec)
     state = convert_ncnn(param, bin_path, spec.arch_info)
 
-    module = build_network(spec.arch_info)
-    module.load_state_dict(state, strict=True)
-    assert sum(p.numel() for p in module.parameters()) == PARAM_COUNTS[model_id]
+    assert sum(t.numel() for t in state.values()) == PARAM_COUNTS[model_id]  # the official models' counts
     assert {t.dtype for k, t in state.items() if k.endswith(".weight") and t.ndim == 4} == {torch.float16}
 
     meta = source_metadata(param, bin_path, spec.arch_info)
@@ -65,7 +66,7 @@ def test_parse_param_reads_the_graph(manifest: Manifest) -> None:
     param, _ = _files(manifest.get("local:realesr-animevideov3@1"))
     graph = parse_param(param)
     assert len(graph.layers) == 40
-    assert (graph.input_name, graph.output_name) == ("data", "output")
+    assert blob_names(graph) == ("data", "output")
     conv = graph.layers[2]
     assert (conv.type, conv.name, conv.int_param(0, 0), conv.int_param(6, 0)) == (
         "Convolution",
@@ -78,12 +79,16 @@ def test_parse_param_reads_the_graph(manifest: Manifest) -> None:
     assert leaky.params[10] == (0.2,)  # array parameter -23310=1,0.2
 
 
-def test_save_reproducible_is_atomic_and_carries_one_sorted_metadata_key(tmp_path: Path) -> None:
+def test_reproducible_bytes_carry_one_sorted_metadata_key_and_are_written_atomically(tmp_path: Path) -> None:
     state = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
     meta = {"zeta": "1", "alpha": "2"}
-    digest = save_reproducible(state, tmp_path / "w.safetensors", meta)
-    assert digest == sha256_file(tmp_path / "w.safetensors")
-    assert save_reproducible(dict(reversed(state.items())), tmp_path / "w2.safetensors", dict(meta)) == digest
+    data = reproducible_bytes(state, meta)
+    assert reproducible_bytes(dict(reversed(state.items())), dict(meta)) == data  # insertion order is irrelevant
+    # Written the way provisioning writes a conversion.
+    atomic_write(tmp_path / "w.safetensors", data)
+    atomic_write(tmp_path / "w2.safetensors", reproducible_bytes(dict(reversed(state.items())), dict(meta)))
+    assert sha256_file(tmp_path / "w.safetensors") == sha256_file(tmp_path / "w2.safetensors")
+    assert sha256_file(tmp_path / "w.safetensors") == hashlib.sha256(data).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w2.safetensors"]  # no temp left
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as fh:
         stored = fh.metadata()
@@ -96,15 +101,32 @@ def test_converted_file_records_its_sources(manifest: Manifest, tmp_path: Path) 
     spec = manifest.get("local:realesr-animevideov3@1")
     param, bin_path = _files(spec)
     out = tmp_path / "v3.safetensors"
-    save_reproducible(
-        convert_ncnn(param, bin_path, spec.arch_info), out, source_metadata(param, bin_path, spec.arch_info)
-    )
+    state = convert_ncnn(param, bin_path, spec.arch_info)
+    atomic_write(out, reproducible_bytes(state, source_metadata(param, bin_path, spec.arch_info)))
     with safe_open(str(out), framework="pt") as fh:
         meta = json.loads(fh.metadata()[METADATA_KEY])
     assert meta["ncnn_bin"] == bin_path.name
     assert meta["ncnn_bin_sha256"] == sha256_file(bin_path)
     assert str(tmp_path) not in json.dumps(meta)  # no machine-specific paths in a reproducible file
-    assert load_network(out).info == spec.arch_info
+    assert spec.ncnn is not None and sha256_file(out) == spec.ncnn.sha256  # the bytes provisioning writes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", sorted(PARAM_COUNTS))
+def test_converted_weights_load_strictly_as_the_manifest_declares(
+    manifest: Manifest, provisioned_models_dir: Path, model_id: str
+) -> None:
+    """The conversion fills the declared architecture exactly, and the file provisioning writes (pinned
+    by sha256, so the same bytes every conversion above produces) loads as the manifest declares."""
+    spec = manifest.get(model_id)
+    assert spec.ncnn is not None
+    module = archs.build(spec.arch_info)
+    module.load_state_dict(convert_ncnn(*_files(spec), spec.arch_info), strict=True)
+    assert sum(p.numel() for p in module.parameters()) == PARAM_COUNTS[model_id]
+    converted = provisioned_models_dir / spec.ncnn.converted
+    assert sha256_file(converted) == spec.ncnn.sha256
+    loaded = load_network(converted)
+    assert loaded.info == spec.arch_info and loaded.arch is archs.by_name(spec.arch)
 
 
 # --- strictness on files that do not match ----------------------------------------------------------
@@ -188,7 +210,7 @@ def test_synthetic_graph_round_trips_with_padding(tmp_path: Path, tags: list[int
             assert got.dtype == torch.float32
             assert torch.equal(got, want)
     assert torch.equal(state["body.1.weight"], net.state_dict()["body.1.weight"])
-    build_network(info).load_state_dict(state, strict=True)
+    archs.build(info).load_state_dict(state, strict=True)
 
 
 def test_unknown_storage_tag_is_refused(tmp_path: Path) -> None:

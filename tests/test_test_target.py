@@ -31,9 +31,9 @@ from tests.api_helpers import data_uri, encode, photo_crop
 from tests.conftest import REPO, make_registry
 from upscale_server.app import create_app
 from upscale_server.config import Settings
-from upscale_server.inference import resize_engine
-from upscale_server.inference.manifest import load_manifest
-from upscale_server.inference.resize_engine import ResizeUpscaler
+from upscale_server.inference.engine import resize as resize_engine
+from upscale_server.inference.engine.resize import ResizeUpscaler
+from upscale_server.inference.weights.manifest import load_manifest
 
 if TYPE_CHECKING:
     from upscale_server.testing import UpscaleTestServer

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from upscale_server.inference.tiling import (
+from upscale_server.inference.engine.tiling import (
     Span,
     axis_weights,
     blend_into,
@@ -83,7 +83,7 @@ def test_tile_count_and_equal_window_shapes() -> None:
     plan = plan_tiles(75, 100, tile=48, overlap=16)
     # Rows: 75 <= 80 -> 1; columns: ceil((100 - 32) / 48) = 2.
     assert len(plan) == 2
-    assert plan.window_shape == (75, 80)
+    assert {(t.rows.win_size, t.cols.win_size) for t in plan.tiles} == {(75, 80)}
     big = plan_tiles(1000, 513, tile=128, overlap=16)
     assert {(t.rows.win_size, t.cols.win_size) for t in big.tiles} == {(160, 160)}
     assert [t.index for t in big.tiles] == list(range(len(big)))

@@ -1,8 +1,9 @@
-"""Winograd F(4x4, 3x3) convolutions: equal to torch's direct convolution, on toy and real networks."""
+"""Winograd F(4x4, 3x3) convolutions: equal to torch's direct convolution, on toy and real networks.
+
+The kernel is the one built before the session (tests/conftest.py); tests/test_kernel.py covers building it."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from upscale_server.inference import winograd
-from upscale_server.inference.archs import RRDBNet, SRVGGNetCompact
-from upscale_server.inference.loading import LoadedNetwork
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: the Winograd path is off"
-)
+from upscale_server.inference.archs.base import ArchInfo
+from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
+from upscale_server.inference.archs.rrdbnet import RRDBNet, WinogradRRDBNet
+from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
+from upscale_server.inference.archs.srvgg import SRVGGNetCompact, WinogradSRVGGNet
+from upscale_server.inference.cpu import kernel, winograd
+from upscale_server.inference.weights.loading import LoadedNetwork
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,8 @@ def test_weight_transform_shape_and_refusals() -> None:
 def test_rrdbnet_forward_equals_the_module(scale: int) -> None:
     torch.manual_seed(2)
     net = RRDBNet(scale=scale, num_feat=16, num_block=2, num_grow_ch=8).eval()
-    fast = winograd.winograd_module(net)
-    assert isinstance(fast, winograd.WinogradRRDBNet)
+    fast = RRDBNET.winograd_form(net)
+    assert isinstance(fast, WinogradRRDBNet)
     x = torch.rand(2, 3, 12, 20)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
@@ -86,24 +87,30 @@ def test_srvgg_forward_equals_the_module(act_type: str) -> None:
         for module in net.modules():
             if isinstance(module, torch.nn.PReLU):
                 module.weight.uniform_(0.0, 0.3)  # distinct per-channel slopes
-    fast = winograd.winograd_module(net)
-    assert isinstance(fast, winograd.WinogradSRVGGNet)
+    fast = SRVGG.winograd_form(net)
+    assert isinstance(fast, WinogradSRVGGNet)
     x = torch.rand(1, 3, 10, 9)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
 
 
 def test_other_modules_have_no_winograd_form() -> None:
-    assert winograd.winograd_module(torch.nn.Conv2d(3, 3, 3, 1, 1)) is None
+    conv = torch.nn.Conv2d(3, 3, 3, 1, 1)
+    assert RRDBNET.winograd_form(conv) is None and SRVGG.winograd_form(conv) is None
+    # Each descriptor forms only its own architecture's modules.
+    assert RRDBNET.winograd_form(SRVGGNetCompact(num_feat=4, num_conv=1)) is None
+    assert SRVGG.winograd_form(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", ["runware:504@1", "local:realesr-animevideov3@1"])
 def test_real_weights_match_the_direct_path(
     model_id: str, photo_path: Path, load_real_network: Callable[[str], LoadedNetwork]
 ) -> None:
     # Exact mode's promise: within 1 level max and 0.01 mean (0..255) of fp32 direct convolution.
-    net = load_real_network(model_id).module.eval()
-    fast = winograd.winograd_module(net)
+    network = load_real_network(model_id)
+    net = network.module.eval()
+    fast = network.arch.winograd_form(net)
     assert fast is not None
     image = Image.open(photo_path).convert("RGB").resize((48, 40))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
@@ -111,30 +118,6 @@ def test_real_weights_match_the_direct_path(
         diff = (fast(x).clamp(0, 1) - net(x).clamp(0, 1)).abs() * 255
     assert float(diff.max()) < 1.0
     assert float(diff.mean()) < 0.01
-
-
-def test_without_a_compiler_the_kernel_is_unavailable(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level("INFO", logger="upscale_server.inference.winograd"):
-        assert winograd.available() is False
-        assert winograd.winograd_module(RRDBNet(num_feat=8, num_block=1, num_grow_ch=4)) is None
-    assert "using direct convolutions" in caplog.text
-    assert not list(tmp_path.rglob("*.so"))
-
-
-def test_the_kernel_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert winograd.available() is True
-    (built,) = tmp_path.rglob("winograd-*.so")
-    stamp = built.stat().st_mtime_ns
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
-    assert winograd.available() is True
-    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
 
 
 def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,16 +138,15 @@ def test_tall_inputs_run_in_bands_with_the_same_result(monkeypatch: pytest.Monke
 
 
 def _toy_network() -> LoadedNetwork:
-    from upscale_server.inference.loading import ArchInfo
-
     torch.manual_seed(5)
     net = RRDBNet(num_feat=8, num_block=1, num_grow_ch=4).eval()
-    return LoadedNetwork(module=net, info=ArchInfo(arch="RRDBNet", scale=4, params={}), path=Path("toy.pth"))
+    info = ArchInfo(arch="RRDBNet", scale=4, params={})
+    return LoadedNetwork(module=net, arch=RRDBNET, info=info, path=Path("toy.pth"))
 
 
-@pytest.mark.parametrize(("convolution", "expected"), [("auto", winograd.WinogradRRDBNet), ("direct", RRDBNet)])
+@pytest.mark.parametrize(("convolution", "expected"), [("auto", WinogradRRDBNet), ("direct", RRDBNet)])
 def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str, expected: type) -> None:
-    from upscale_server.inference.engine import Upscaler
+    from upscale_server.inference.engine.upscaler import Upscaler
 
     network = _toy_network()
     reference = Upscaler(_toy_network(), device=torch.device("cpu"), dtype=torch.float32, convolution="direct")
@@ -175,12 +157,12 @@ def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str
 
 
 def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from upscale_server.inference.engine import Upscaler
+    from upscale_server.inference.engine.upscaler import Upscaler
 
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="convolution must be one of auto, winograd, direct"):
         Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="fft")
-    monkeypatch.setattr(winograd, "_kernel", winograd._KernelState())
+    monkeypatch.setattr(kernel, "_kernel", kernel._KernelState())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(ValueError, match="Winograd convolutions are not available"):

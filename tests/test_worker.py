@@ -9,7 +9,16 @@ from collections.abc import Callable
 import pytest
 
 from upscale_server.errors import InternalError, ServiceUnavailableError
-from upscale_server.inference.worker import InferenceWorker, Job, WorkerState
+from upscale_server.inference.runtime.worker import InferenceWorker, Job, WorkerState
+
+
+def blocker(started: threading.Event, release: threading.Event, value: str) -> Callable[[], str]:
+    def run() -> str:
+        started.set()
+        assert release.wait(10), "never released"
+        return value
+
+    return run
 
 
 def test_runs_jobs_in_order_and_propagates_errors() -> None:
@@ -45,24 +54,14 @@ def test_stop_lets_accepted_work_finish_then_refuses_new_work() -> None:
 def test_jobs_left_after_the_grace_period_fail_instead_of_hanging() -> None:
     worker = InferenceWorker()
     worker.start()
-    release = threading.Event()
-    worker.submit(release.wait, label="stuck")
-    while not worker.busy:
-        time.sleep(0.01)
+    started, release = threading.Event(), threading.Event()
+    worker.submit(blocker(started, release, "stuck"), label="stuck")
+    assert started.wait(10)
     pending = worker.submit(lambda: 1, label="pending")
     worker.stop(grace_seconds=0.2)
     with pytest.raises(ServiceUnavailableError):
         pending.result(timeout=1)
     release.set()
-
-
-def blocker(started: threading.Event, release: threading.Event, value: str) -> Callable[[], str]:
-    def run() -> str:
-        started.set()
-        assert release.wait(10), "never released"
-        return value
-
-    return run
 
 
 def test_concurrency_two_runs_two_jobs_at_once_and_queues_the_third() -> None:
@@ -72,12 +71,12 @@ def test_concurrency_two_runs_two_jobs_at_once_and_queues_the_third() -> None:
     release = threading.Event()
     futures = [worker.submit(blocker(started[i], release, f"job{i}"), label=f"job{i}") for i in range(3)]
     assert started[0].wait(10) and started[1].wait(10)  # both run together: neither can finish before release
-    assert (worker.running, worker.busy, worker.queue_depth) == (2, True, 1)
-    assert not started[2].is_set()
+    assert worker.queue_depth == 1 and not started[2].is_set()
     release.set()
     assert [f.result(timeout=10) for f in futures] == ["job0", "job1", "job2"]
     worker.stop(5)
-    assert (worker.state, worker.running, worker.busy) == (WorkerState.STOPPED, 0, False)
+    assert worker.state is WorkerState.STOPPED
+    assert not any(thread.is_alive() for thread in worker._threads)
 
 
 def test_concurrency_one_never_overlaps_jobs() -> None:
@@ -88,7 +87,7 @@ def test_concurrency_one_never_overlaps_jobs() -> None:
     first = worker.submit(blocker(started[0], release, "a"), label="a")
     second = worker.submit(blocker(started[1], release, "b"), label="b")
     assert started[0].wait(10)
-    assert (worker.running, worker.queue_depth) == (1, 1)  # the second waits for the only thread
+    assert worker.queue_depth == 1 and not started[1].is_set()  # the second waits for the only thread
     release.set()
     assert (first.result(timeout=10), second.result(timeout=10)) == ("a", "b")
     worker.stop(5)

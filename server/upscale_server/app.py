@@ -26,8 +26,7 @@ from upscale_server.api.context import ServerContext
 from upscale_server.backends import open_local_backends
 from upscale_server.config import Settings
 from upscale_server.delivery import WebhookSender
-from upscale_server.inference.registry import ComputeConfig
-from upscale_server.inference.service import InferenceService
+from upscale_server.inference import ComputeConfig, InferenceService
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource
 from upscale_server.observability.metrics import Metrics

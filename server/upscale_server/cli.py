@@ -225,8 +225,7 @@ def same_file(a: Path, b: Path) -> bool:
 
 def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
     from upscale_server.imaging import encode_image, read_image_file
-    from upscale_server.inference.registry import ComputeConfig, tune_process
-    from upscale_server.inference.service import InferenceService
+    from upscale_server.inference import ComputeConfig, InferenceService, tune_process
 
     jobs, problems = plan_jobs(args.inputs, args.output)
     for problem in problems:
@@ -301,7 +300,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from upscale_server.app import create_app
-    from upscale_server.inference.registry import ComputeConfig, tune_process
+    from upscale_server.inference import ComputeConfig, tune_process
     from upscale_server.observability.logs import configure_logging
 
     tune_process(settings, ComputeConfig.from_settings(settings).device)
@@ -323,8 +322,8 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_models(args: argparse.Namespace, settings: Settings) -> int:
-    from upscale_server.inference.manifest import load_manifest
-    from upscale_server.inference.provision import WeightStore
+    from upscale_server.inference.weights.manifest import load_manifest
+    from upscale_server.inference.weights.provision import WeightStore
 
     manifest = load_manifest()
     store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)

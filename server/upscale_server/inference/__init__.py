@@ -1,1 +1,26 @@
-"""Inference: network architectures, weight loading and provisioning (torch only, no web framework)."""
+"""Inference: the service the rest of the server calls, and everything behind it (torch, no web framework).
+
+The app, the CLI and the tasks use this face only::
+
+    from upscale_server.inference import ComputeConfig, InferenceService, tune_process
+
+Behind it, split by reason to change: ``archs`` (one descriptor per network architecture),
+``weights`` (manifest, provisioning, loading, ncnn conversion), ``engine`` (host orchestration,
+tiling, transfers), ``runtime`` (worker, batching, devices, compute settings) and ``cpu`` (the
+Winograd kernel and its primitives).
+"""
+
+from upscale_server.inference.engine.base import Progress
+from upscale_server.inference.pipeline import UpscalePlan
+from upscale_server.inference.runtime.compute import ComputeConfig, tune_process
+from upscale_server.inference.service import InferenceObserver, InferenceService, ModelInfo
+
+__all__ = [
+    "ComputeConfig",
+    "InferenceObserver",
+    "InferenceService",
+    "ModelInfo",
+    "Progress",
+    "UpscalePlan",
+    "tune_process",
+]

@@ -8,19 +8,16 @@ and enforces the output-size rule, so the CLI and the API give identical results
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from upscale_server.errors import InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
-from upscale_server.inference.engine import Upscaler
-from upscale_server.inference.manifest import ModelSpec
+from upscale_server.inference.engine.base import Progress
 from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.weights.manifest import ModelSpec
 from upscale_server.vocabulary import UPSCALE_FACTORS
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -78,19 +75,9 @@ class UpscalePipeline:
             output_size=(in_w * factor, in_h * factor),
         )
 
-    def upscale(
-        self,
-        picture: Picture,
-        factor: int,
-        model_id: str | None = None,
-        *,
-        progress: Progress | None = None,
-    ) -> Picture:
-        """Upscale ``picture`` by exactly ``factor``; gray stays gray, alpha and bit depth are kept."""
-        return self.run(picture, self.plan(picture.width, picture.height, factor, model_id), progress=progress)
-
     def run(self, picture: Picture, plan: UpscalePlan, *, progress: Progress | None = None) -> Picture:
-        """Carry out a plan made by :meth:`plan` for this picture (callers that validate first plan once)."""
+        """Carry out a plan made by :meth:`plan` for this picture: exactly the plan's factor, gray stays
+        gray, alpha and bit depth are kept."""
         pixels = picture.pixels
         if plan.shrinks_input:
             pixels = resize_pixels(pixels, *plan.input_size)
@@ -106,16 +93,11 @@ class UpscalePipeline:
 
         rgb = np.ascontiguousarray(rgb, dtype=np.float32)
         out_w, out_h = plan.output_size
-        if isinstance(upscaler, Upscaler):
-            # The engine makes the output size itself (window by window), so the x4 image of a factor-2
-            # request never exists; 8-bit RGB results may come back quantised on the device (the
-            # encoders would round them to the same values).
-            eight_bit_rgb = picture.bit_depth == 8 and channels == 3
-            out = upscaler.upscale(rgb, progress=progress, out_size=(out_w, out_h), quantize_8bit=eight_bit_rgb)
-        else:
-            out = upscaler.upscale(rgb, progress=progress)
-            if (out.shape[1], out.shape[0]) != (out_w, out_h):
-                out = resize_pixels(out, out_w, out_h)
+        # The engine makes the output size itself (a network's window by window, so the x4 image of a
+        # factor-2 request never exists); 8-bit RGB results may come back quantised (the encoders would
+        # round them to the same values).
+        eight_bit_rgb = picture.bit_depth == 8 and channels == 3
+        out = upscaler.upscale(rgb, progress=progress, out_size=(out_w, out_h), quantize_8bit=eight_bit_rgb)
         del rgb
 
         # Every plane is float32 in [0, 1] already (the engine and resize_pixels clamp, a mean of

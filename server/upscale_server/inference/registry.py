@@ -5,107 +5,31 @@ loaded on first request and kept. A per-model lock lets two threads ask for the 
 loading it twice, while a slow load of one model does not block the others.
 
 In test-target mode (``engine = "resize"``) every model is served by a
-:class:`~upscale_server.inference.resize_engine.ResizeUpscaler` of the model's scale: ids are still checked
+:class:`~upscale_server.inference.engine.resize.ResizeUpscaler` of the model's scale: ids are still checked
 against the manifest (so ``invalidModel`` is unchanged), but the weight store is never touched, so a
 server starts instantly with an empty models folder.
 
-With ``batch_window_ms`` set, every network shares one :class:`~upscale_server.inference.batching.DynamicBatcher`
-(it keeps items of different networks and shapes apart), so tiles of concurrent requests can share a
-pass; :meth:`ModelRegistry.close` stops it.
+With ``batch_window_ms`` set, every network shares one
+:class:`~upscale_server.inference.runtime.batching.DynamicBatcher` (it keeps items of different networks
+and shapes apart), so tiles of concurrent requests can share a pass; :meth:`ModelRegistry.close` stops it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
-import numpy as np
-import torch
-
-from upscale_server.config import Settings, UnusableSettingError
-from upscale_server.inference import winograd
-from upscale_server.inference.batching import DynamicBatcher
-from upscale_server.inference.devices import configure_threads, resolve_device, resolve_dtype, tune_cpu_allocator
-from upscale_server.inference.engine import FloatImage, Upscaler
-from upscale_server.inference.loading import load_network
-from upscale_server.inference.manifest import Manifest, ModelSpec, load_manifest
-from upscale_server.inference.provision import WeightStatus, WeightStore
-from upscale_server.inference.resize_engine import ResizeUpscaler
+from upscale_server.config import Settings
+from upscale_server.inference.engine.base import ImageUpscaler
+from upscale_server.inference.engine.resize import ResizeUpscaler
+from upscale_server.inference.engine.upscaler import Upscaler
+from upscale_server.inference.runtime.batching import DynamicBatcher
+from upscale_server.inference.runtime.compute import ComputeConfig
+from upscale_server.inference.weights.loading import load_network
+from upscale_server.inference.weights.manifest import Manifest, ModelSpec, load_manifest
+from upscale_server.inference.weights.provision import WeightStatus, WeightStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    """Where and how networks run; resolved once from settings so every model agrees."""
-
-    device: torch.device
-    dtype: torch.dtype
-    tile_size: int
-    tile_overlap: int | None
-    compile_module: bool = False
-    convolution: str = "auto"
-    batch_window_s: float = 0.0  # 0: no cross-request batching
-    max_batch: int = 1
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ComputeConfig:
-        """Resolve the compute settings; UnusableSettingError when this machine cannot honour one.
-
-        Pure: process-wide tuning (threads, allocator) is the entry point's job (:func:`tune_process`)."""
-        try:
-            device = resolve_device(settings.device)
-            dtype = resolve_dtype(settings.precision, device)
-        except ValueError as exc:
-            raise UnusableSettingError(str(exc)) from None
-        if device.type == "cpu" and settings.cpu_convolution == "winograd" and not winograd.available():
-            raise UnusableSettingError(
-                "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
-                "use 'auto' or 'direct'"
-            )
-        return cls(
-            device=device,
-            dtype=dtype,
-            tile_size=settings.tile_size,
-            tile_overlap=settings.tile_overlap,
-            compile_module=settings.compile,
-            convolution=settings.cpu_convolution,
-            batch_window_s=settings.batch_window_ms / 1000,
-            max_batch=settings.max_batch,
-        )
-
-    def describe(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
-        tiles = f"tile {self.tile_size or 'auto'}, overlap {'auto' if self.tile_overlap is None else self.tile_overlap}"
-        extras = f", {self.convolution} convolutions" if self.device.type == "cpu" else ""
-        extras += ", torch.compile" if self.compile_module else ""
-        if self.batch_window_s > 0:
-            extras += f", batches of up to {self.max_batch} tiles within {self.batch_window_s * 1000:g} ms"
-        return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads{extras}"
-
-
-def tune_process(settings: Settings, device: torch.device) -> None:
-    """Process-wide tuning for inference: torch's thread count and, on the CPU, glibc's allocator.
-
-    Applied once, by the entry point that owns the process (``serve``, ``upscale``), never by a
-    constructor: tests and embedders build servers without changing their own process."""
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    configure_threads(settings.threads)
-
-
-class ImageUpscaler(Protocol):
-    """What the pipeline needs from an engine: :class:`Upscaler` (a network) or :class:`ResizeUpscaler`."""
-
-    @property
-    def scale(self) -> int: ...
-
-    def tile_size_for(self, height: int, width: int) -> int: ...
-
-    def upscale(self, rgb: np.ndarray, *, progress: Callable[[int, int], None] | None = None) -> FloatImage: ...
 
 
 class ModelRegistry:

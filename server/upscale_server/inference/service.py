@@ -20,9 +20,11 @@ import torch
 from upscale_server.config import Settings
 from upscale_server.errors import UpscaleError
 from upscale_server.imaging import Picture
-from upscale_server.inference.pipeline import Progress, UpscalePipeline, UpscalePlan
-from upscale_server.inference.registry import ComputeConfig, ModelRegistry
-from upscale_server.inference.worker import InferenceWorker
+from upscale_server.inference.engine.base import Progress
+from upscale_server.inference.pipeline import UpscalePipeline, UpscalePlan
+from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.runtime.compute import ComputeConfig
+from upscale_server.inference.runtime.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
  * The matrix products in between are done by torch (MKL/oneDNN batched GEMM); these two loops are
  * what eager torch cannot do without several passes over memory: gathering overlapping 6x6 input
  * patches into the transformed domain, and turning 6x6 products back into 4x4 output tiles with the
- * bias, activation and residual of the layer fused in. Built at run time by winograd.py (see there).
+ * bias, activation and residual of the layer fused in. Built and loaded by kernel.py (see there).
  *
  * Transform matrices (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015):
  *   B^T = [4  0 -5  0  1  0]      A^T = [1  1  1  1  1  0]

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+#: Seconds on a monotonic clock; injectable so tests can move time themselves.
+Clock = Callable[[], float]
 
 
 class BatcherClosedError(RuntimeError):
@@ -45,15 +47,17 @@ class _Request:
 class DynamicBatcher:
     """Groups same-key items from many threads into one ``forward`` call on one worker thread."""
 
-    def __init__(self, window_s: float, max_batch: int) -> None:
+    def __init__(self, window_s: float, max_batch: int, *, clock: Clock = time.monotonic) -> None:
         """``window_s``: how long the first item of a batch waits for company (0: take only what is
-        already queued); ``max_batch``: the most items per ``forward`` call (1 disables batching)."""
+        already queued); ``max_batch``: the most items per ``forward`` call (1 disables batching);
+        ``clock``: what the window is measured on."""
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.window_s = window_s
         self.max_batch = max_batch
+        self._clock = clock
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
         self._closed = False
@@ -69,10 +73,10 @@ class DynamicBatcher:
         """
         if item.dim() < 1 or item.shape[0] < 1:
             raise ValueError(f"an item needs a non-empty dim 0, got shape {tuple(item.shape)}")
-        request = _Request(key, item, forward, time.monotonic())
         with self._cond:
             if self._closed:
                 raise BatcherClosedError("the batcher is closed")
+            request = _Request(key, item, forward, self._clock())
             self._queue.append(request)
             self._cond.notify_all()
         request.done.wait()
@@ -113,7 +117,7 @@ class DynamicBatcher:
                     continue
                 first = self._queue[0]
                 same = [r for r in self._queue if r.key == first.key][: self.max_batch]
-                remaining = first.arrived + self.window_s - time.monotonic()
+                remaining = first.arrived + self.window_s - self._clock()
                 if len(same) >= self.max_batch or remaining <= 0:
                     taken = set(map(id, same))
                     self._queue = [r for r in self._queue if id(r) not in taken]

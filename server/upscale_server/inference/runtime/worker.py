@@ -62,7 +62,6 @@ class InferenceWorker:
         self._jobs: deque[Job[Any]] = deque()
         self._cond = threading.Condition()
         self._state = WorkerState.STARTING
-        self._running = 0
         self._alive = 0
         names = [name] if concurrency == 1 else [f"{name}-{i}" for i in range(concurrency)]
         self._threads = [threading.Thread(target=self._loop, name=n, daemon=True) for n in names]
@@ -75,15 +74,6 @@ class InferenceWorker:
     def queue_depth(self) -> int:
         """Jobs accepted and not started yet."""
         return len(self._jobs)
-
-    @property
-    def running(self) -> int:
-        """Jobs running now (at most ``concurrency``)."""
-        return self._running
-
-    @property
-    def busy(self) -> bool:
-        return self._running > 0
 
     def start(self) -> None:
         with self._cond:
@@ -129,12 +119,9 @@ class InferenceWorker:
                     if not self._jobs:  # stopping, and everything accepted has been taken
                         return
                     job = self._jobs.popleft()
-                    self._running += 1
                 try:
                     self._run(job)
                 finally:
-                    with self._cond:
-                        self._running -= 1
                     if not job.future.done():  # only if _run itself broke: never leave its caller waiting
                         with contextlib.suppress(InvalidStateError):
                             job.future.set_exception(InternalError("the inference worker failed running this job"))

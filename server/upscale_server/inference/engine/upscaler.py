@@ -1,6 +1,6 @@
 """The inference engine: one network, RGB float images in, upscaled RGB float images out.
 
-Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/anchors.md 1.2, 2.2, 2.3):
+Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` and the issues reported against it:
 
 * **Stateless calls.** Everything a call needs lives in locals, so one :class:`Upscaler` can serve
   several threads at once (``RealESRGANer`` keeps per-call tensors on ``self`` and mixes up
@@ -9,13 +9,15 @@ Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/ancho
 * **The whole image never goes to the device.** Tiles are cut on the host; each window (tile plus
   context) is copied to the device, run, and copied back (Real-ESRGAN#184: tiling after uploading
   the whole image does not prevent out-of-memory).
-* **Tiled equals untiled.** Windows carry ``tile_overlap`` pixels of real context (64 for RRDB,
-  whose zero-padding effect reaches far inward) and seams are feather-blended
-  (:mod:`upscale_server.inference.tiling`), so the output matches an untiled run within 1 level on the
-  0..255 scale for the real models.
+* **Tiled equals untiled.** Windows carry ``tile_overlap`` pixels of real context (by default the
+  architecture's ``default_tile_overlap``: 64 for RRDB, whose zero-padding effect reaches far inward)
+  and seams are feather-blended (:mod:`upscale_server.inference.engine.tiling`), so the output matches
+  an untiled run within 1 level on the 0..255 scale for the real models.
 * **Precision fallbacks.** fp16 on CUDA sometimes yields NaN or black output (Real-ESRGAN#632,
-  #330): such tiles are redone in fp32. CUDA out-of-memory halves the tile and retries; any other
-  failure is an :class:`~upscale_server.errors.InferenceError` with the traceback logged.
+  #330): such tiles are redone in fp32. An architecture without a half or bf16 mode (its
+  descriptor's ``supports_half``/``supports_bf16``) runs in fp32. CUDA out-of-memory halves the tile
+  and retries; any other failure is an :class:`~upscale_server.errors.InferenceError` with the
+  traceback logged.
 * **The output is made at the size asked for.** With ``out_size`` below the native scale (x4 network,
   factor 2) each window's output is Lanczos-resized to the target scale before blending, so the full
   native-scale canvas (805 MB for 2048x2048 at x4) never exists. Windows keep their context through
@@ -23,7 +25,7 @@ Design points, each a lesson from Real-ESRGAN's ``RealESRGANer`` (see docs/ancho
 * **The device is kept busy.** On CUDA windows are copied from pinned memory on a side stream while the
   previous window computes; one-window 8-bit results are quantised on the device (a quarter of the
   bytes to copy back); tiles of concurrent requests can share one pass through a
-  :class:`~upscale_server.inference.batching.DynamicBatcher`; ``torch.compile`` is opt-in.
+  :class:`~upscale_server.inference.runtime.batching.DynamicBatcher`; ``torch.compile`` is opt-in.
 """
 
 from __future__ import annotations
@@ -37,30 +39,29 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Final, Protocol, get_args
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
 from upscale_server.config import Convolution
 from upscale_server.errors import InferenceError
 from upscale_server.imaging import resize_pixels
-from upscale_server.inference import winograd
-from upscale_server.inference.batching import BatcherClosedError, DynamicBatcher
-from upscale_server.inference.devices import free_memory_bytes
-from upscale_server.inference.tiling import Tile, TilePlan, blend_into, max_feather, plan_tiles, tile_weights, trim_tile
+from upscale_server.inference.archs.base import Architecture
+from upscale_server.inference.cpu import kernel
+from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
+from upscale_server.inference.engine.tiling import (
+    Tile,
+    TilePlan,
+    blend_into,
+    max_feather,
+    plan_tiles,
+    tile_weights,
+    trim_tile,
+)
+from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.runtime.devices import free_memory_bytes
 
 logger = logging.getLogger(__name__)
 
-FloatImage = npt.NDArray[np.float32]
-Progress = Callable[[int, int], None]
-
-#: Context pixels on each side of a tile, per architecture, when the caller gives none. Measured on
-#: the real weights (fp32 CPU, photo crops, max |window - untiled| on 0..255 at distance d from a
-#: window edge): x4plus 30 levels at d=16, 8.6 at 32, 3.5 at 48, 1.0 at 64 (RRDB's 350 stacked convs
-#: carry the zero padding far inward); animevideov3 is exact from d=18 (its receptive radius). With the
-#: quarter-overlap feather band the tiled result stays within 1 level of the untiled one.
-DEFAULT_TILE_OVERLAP: Final = {"RRDBNet": 64, "SRVGGNetCompact": 32}
-_FALLBACK_TILE_OVERLAP: Final = 64
 #: Smallest tile (input pixels per side, without context) the out-of-memory back-off goes down to.
 MIN_TILE: Final = 32
 #: Share of the device's free memory one tile may use when the tile size is chosen automatically.
@@ -77,27 +78,26 @@ _BLACK_OUTPUT: Final = 0.5 / 255
 _VISIBLE_INPUT: Final = 4 / 255
 #: CPU exact-mode convolution algorithms (see :func:`_cpu_exact_module`).
 CONVOLUTIONS: Final = get_args(Convolution)
-#: Input-side multiple for RRDBNet variants that pixel-unshuffle (x2: by 2, x1: by 4).
-_UNSHUFFLE_MULTIPLE: Final = {2: 2, 1: 4}
 #: Support of Pillow's Lanczos filter, in pixels of the smaller of the two grids it maps between.
 _LANCZOS_SUPPORT: Final = 3
 
 
 class NetworkInfo(Protocol):
-    """What the engine needs to know about a network (``loading.ArchInfo`` satisfies it)."""
-
-    @property
-    def arch(self) -> str: ...
+    """What the engine reads of a network's :class:`~upscale_server.inference.archs.base.ArchInfo`."""
 
     @property
     def scale(self) -> int: ...
 
 
 class Network(Protocol):
-    """A loaded network (``loading.LoadedNetwork`` satisfies it): fp32 module on the CPU, in eval mode."""
+    """A loaded network (``weights.loading.LoadedNetwork`` satisfies it): fp32 module on the CPU, in
+    eval mode, with its architecture's descriptor."""
 
     @property
     def module(self) -> nn.Module: ...
+
+    @property
+    def arch(self) -> Architecture: ...
 
     @property
     def info(self) -> NetworkInfo: ...
@@ -107,21 +107,14 @@ class _OutOfMemoryError(Exception):
     """Internal: a tile did not fit; the caller retries with smaller tiles."""
 
 
-def bytes_per_input_pixel(arch: str, scale: int, dtype: torch.dtype) -> int:
+def bytes_per_input_pixel(arch: Architecture, scale: int, dtype: torch.dtype) -> int:
     """Estimated peak activation memory per input pixel of a window, in bytes (an estimate, not a bound).
 
-    RRDBNet's peak is at output resolution: about three live 64-channel tensors per output pixel
-    (upsampled features, conv output, the next conv's output), i.e. ``3 * 64 * scale**2`` values per
-    input pixel, plus about 1000 values at input resolution for the dense blocks' concatenations
-    (600 direct; the Winograd path keeps the concatenation transformed, 2.25x larger).
-    SRVGGNetCompact stays at input resolution (a few 64-channel tensors) until the final pixel
-    shuffle. A 1.5x margin covers allocator rounding and temporaries; out-of-memory back-off covers
-    the rest.
+    The architecture's memory model (its ``peak_values_per_input_pixel``) in ``dtype``, with a 1.5x
+    margin for allocator rounding and temporaries; out-of-memory back-off covers the rest.
     """
     element = torch.empty((), dtype=dtype).element_size()
-    rrdb = 3 * 64 * scale * scale + 1000
-    values = rrdb if arch == "RRDBNet" else 4 * 64 + 2 * 3 * scale * scale + 48
-    return int(values * element * 1.5)
+    return int(arch.peak_values_per_input_pixel(scale) * element * 1.5)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -136,7 +129,7 @@ def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
     """Move ``module`` (in place) to ``device``/``dtype`` with 4-D weights in ``channels_last``.
 
     channels_last lets oneDNN (CPU) and cudnn (CUDA) skip layout conversions around every conv;
-    measured about 25% faster for x4plus fp32 on the CPU (docs weights.md).
+    measured about 25% faster for x4plus fp32 on the CPU.
     """
     module.to(device=device, dtype=dtype)
     for param in module.parameters():
@@ -145,8 +138,9 @@ def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
     return module
 
 
-def _cpu_exact_module(module: nn.Module, convolution: str) -> nn.Module:
-    """The module that runs CPU fp32 passes: the Winograd form (same weights) unless told otherwise.
+def _cpu_exact_module(arch: Architecture, module: nn.Module, convolution: str) -> nn.Module:
+    """The module that runs CPU fp32 passes: the architecture's Winograd form (same weights) unless
+    told otherwise.
 
     Winograd needs 4x fewer multiplications for the 3x3 convolutions that make up these networks and
     stays within 0.01 levels of the direct result (docs/benchmarks.md); "auto" keeps the direct
@@ -154,7 +148,7 @@ def _cpu_exact_module(module: nn.Module, convolution: str) -> nn.Module:
     """
     if convolution == "direct":
         return module
-    fast = winograd.winograd_module(module)
+    fast = arch.winograd_form(module) if kernel.available() else None
     if fast is not None:
         return fast
     if convolution == "winograd":
@@ -163,22 +157,6 @@ def _cpu_exact_module(module: nn.Module, convolution: str) -> nn.Module:
             "form); use convolution 'direct' or 'auto'"
         )
     return module
-
-
-def validate_rgb(rgb: object) -> FloatImage:
-    """Check the engine's input contract; ValueError (a caller's bug, not a user error) if broken."""
-    if not isinstance(rgb, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(rgb).__name__}")
-    if rgb.dtype != np.float32:
-        raise ValueError(f"expected float32 pixels, got {rgb.dtype}")
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 RGB array, got shape {rgb.shape}")
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ValueError(f"expected a non-empty image, got shape {rgb.shape}")
-    lo, hi = float(rgb.min()), float(rgb.max())
-    if not (lo >= 0.0 and hi <= 1.0):  # also false for NaN
-        raise ValueError(f"expected values in [0, 1], got min {lo} max {hi}")
-    return rgb
 
 
 class Upscaler:
@@ -192,8 +170,9 @@ class Upscaler:
 
     Precision modes, by ``(device, dtype)``:
 
-    * CPU fp32 (exact): Winograd F(4x4, 3x3) convolutions (:mod:`upscale_server.inference.winograd`) where the
-      kernel builds, else oneDNN's direct ones with the module in ``channels_last``.
+    * CPU fp32 (exact): the architecture's Winograd form (F(4x4, 3x3) convolutions,
+      :mod:`upscale_server.inference.cpu.winograd`) where the kernel can be had, else oneDNN's direct
+      convolutions with the module in ``channels_last``.
     * CPU bf16 (fast, a few levels off): ``torch.autocast("cpu", bfloat16)`` over the fp32 module.
     * CUDA fp16/bf16: a reduced-precision copy of the module on the device; a tile that comes out
       NaN/Inf, or black from a visible input, is redone with an fp32 copy made on first need.
@@ -203,10 +182,11 @@ class Upscaler:
     place (no second copy of the weights); on CUDA it stays the untouched fp32 host master from
     which device copies are made.
 
-    Models that pixel-unshuffle (RRDBNet at scale 2 or 1) need input sides divisible by 2 or 4: the
-    image is padded at its bottom/right by reflection to the next multiple, run, and the output is
-    cropped, so callers can pass any size. Tile windows then start and end on that grid too, so a
-    tiled run sees the same unshuffle phase as an untiled one.
+    Architectures whose input sides must be a multiple (the descriptor's ``size_multiple``: RRDBNet
+    pixel-unshuffles by 2 or 4 at scale 2 or 1) get the image padded at its bottom/right by
+    reflection to the next multiple, run, and the output cropped, so callers can pass any size. Tile
+    windows then start and end on that grid too, so a tiled run sees the same unshuffle phase as an
+    untiled one.
     """
 
     def __init__(
@@ -223,17 +203,18 @@ class Upscaler:
         convolution: str = "auto",
     ) -> None:
         """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
-        the context in input pixels on each side of a tile (None: :data:`DEFAULT_TILE_OVERLAP` for the
-        architecture); ``feather`` the half-width of the seam blend band (default a quarter of the
-        overlap, so every pixel with weight keeps at least 3/4 of the context; reduced where a
-        plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
+        the context in input pixels on each side of a tile (None: the architecture's
+        ``default_tile_overlap``); ``feather`` the half-width of the seam blend band (default a
+        quarter of the overlap, so every pixel with weight keeps at least 3/4 of the context; reduced
+        where a plan's tiles are too small). ``batcher`` shares network passes with other calls (and other
         upscalers) that send same-shaped windows; ``compile_module`` runs the network through
         ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails.
         ``convolution`` picks the CPU exact mode's 3x3 convolutions: ``"winograd"``
-        (:mod:`upscale_server.inference.winograd`, ValueError when its kernel cannot be built), ``"direct"``
-        (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
+        (:mod:`upscale_server.inference.cpu.winograd`, ValueError when its kernel cannot be had),
+        ``"direct"`` (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
+        arch = network.arch
         if tile_overlap is None:
-            tile_overlap = DEFAULT_TILE_OVERLAP.get(network.info.arch, _FALLBACK_TILE_OVERLAP)
+            tile_overlap = arch.default_tile_overlap
         if tile_size < 0 or tile_overlap < 0 or (feather is not None and feather < 0):
             raise ValueError("tile_size, tile_overlap and feather must be >= 0")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -244,14 +225,18 @@ class Upscaler:
             raise ValueError(f"unsupported device {device}")
         if convolution not in CONVOLUTIONS:
             raise ValueError(f"convolution must be one of {', '.join(CONVOLUTIONS)}, got {convolution!r}")
+        supported = {torch.float16: arch.supports_half, torch.bfloat16: arch.supports_bf16}.get(dtype, True)
+        if not supported:
+            logger.warning("%s has no %s mode; running it in float32", arch.name, str(dtype).removeprefix("torch."))
+            dtype = torch.float32
         self.device = device
         self.dtype = dtype
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.feather = tile_overlap // 4 if feather is None else min(feather, tile_overlap)
-        self.arch = network.info.arch
+        self.arch = arch
         self.scale: int = network.info.scale
-        self.multiple = _UNSHUFFLE_MULTIPLE.get(self.scale, 1) if self.arch == "RRDBNet" else 1
+        self.multiple = arch.size_multiple(self.scale)
         self.batcher = batcher
         self.compile_module = compile_module
 
@@ -266,7 +251,7 @@ class Upscaler:
         if device.type == "cpu":
             # bf16 on the CPU is autocast over the fp32 weights, so one module serves both modes.
             self._module = _placed(master, device, torch.float32)
-            self._fp32_module = _cpu_exact_module(self._module, convolution)
+            self._fp32_module = _cpu_exact_module(arch, self._module, convolution)
             self._master = None
         else:
             self._master = master
@@ -519,8 +504,10 @@ class Upscaler:
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise _OutOfMemoryError(str(exc)) from exc
-            logger.exception("network %s failed on a %s tile", self.arch, tuple(x.shape))
-            raise InferenceError(f"the {self.arch} network failed on a {x.shape[2]}x{x.shape[3]} tile: {exc}") from exc
+            logger.exception("network %s failed on a %s tile", self.arch.name, tuple(x.shape))
+            raise InferenceError(
+                f"the {self.arch.name} network failed on a {x.shape[2]}x{x.shape[3]} tile: {exc}"
+            ) from exc
 
     def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``module(x)``, compiled when asked for; a compiled call that fails (other than out of
@@ -539,7 +526,7 @@ class Upscaler:
                 if first:
                     logger.warning(
                         "torch.compile of %s failed (%s: %s); running it eagerly",
-                        self.arch,
+                        self.arch.name,
                         type(exc).__name__,
                         str(exc).splitlines()[0] if str(exc) else "",
                     )
@@ -563,7 +550,7 @@ class Upscaler:
                     found = torch.compile(module)
                 except Exception as exc:  # e.g. an unsupported platform: refused before any call
                     self._compile_failed = True
-                    logger.warning("torch.compile is unavailable (%s); running %s eagerly", exc, self.arch)
+                    logger.warning("torch.compile is unavailable (%s); running %s eagerly", exc, self.arch.name)
                     return None
                 self._compiled[id(module)] = found
             return found
@@ -594,7 +581,7 @@ class Upscaler:
             self._fallback_logged = True
         if first:
             logger.warning(
-                "%s %s produced %s; redoing such tiles in fp32 (logged once)", self.arch, self.dtype, problem
+                "%s %s produced %s; redoing such tiles in fp32 (logged once)", self.arch.name, self.dtype, problem
             )
 
     def _release_memory(self) -> None:

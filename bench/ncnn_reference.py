@@ -1,8 +1,9 @@
 """The official Real-ESRGAN-ncnn-vulkan model files run by the ncnn runtime (on the CPU).
 
 This is the engine Real-ESRGAN-ncnn-vulkan and Upscayl are built on, fed the very files our
-weights are converted from, so it serves twice: the fidelity oracle of the tests and the speed
-reference of the benchmarks. ``ncnn`` is a test dependency, imported only when this is used.
+weights are converted from, so it serves twice: the fidelity oracle of the tests
+(``tests/test_fidelity_ncnn.py``) and the speed reference of the benchmarks (``bench_engine.py``).
+It is not part of the server package. ``ncnn`` is a test dependency, imported only when this is used.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from upscale_server.inference.manifest import ModelSpec
-from upscale_server.inference.ncnn_convert import parse_param
-from upscale_server.inference.provision import ncnn_package_dir
+from upscale_server.inference.weights.manifest import ModelSpec
+from upscale_server.inference.weights.ncnn_convert import NcnnGraph, parse_param
+from upscale_server.inference.weights.provision import ncnn_package_dir
 
 
 def ncnn_files(spec: ModelSpec) -> tuple[Path, Path]:
@@ -27,6 +28,19 @@ def ncnn_files(spec: ModelSpec) -> tuple[Path, Path]:
     return root / spec.ncnn.param, root / spec.ncnn.bin
 
 
+def blob_names(graph: NcnnGraph) -> tuple[str, str]:
+    """The graph's input blob (fed by its ``Input`` layer; ``data`` in the Real-ESRGAN files) and its
+    output blob (the one no layer consumes; ``output`` in the Real-ESRGAN files)."""
+    inputs = [layer.tops[0] for layer in graph.layers if layer.type == "Input"]
+    if not inputs:
+        raise ValueError("graph has no Input layer")
+    consumed = {b for layer in graph.layers for b in layer.bottoms}
+    produced = [t for layer in graph.layers for t in layer.tops if t not in consumed]
+    if len(produced) != 1:
+        raise ValueError(f"graph has {len(produced)} unconsumed blobs, expected one output")
+    return inputs[0], produced[0]
+
+
 class NcnnUpscaler:
     """One loaded ncnn network. Contract as the engine's: float32 H x W x 3 RGB in [0, 1] in, x scale out.
 
@@ -36,8 +50,7 @@ class NcnnUpscaler:
     def __init__(self, param: Path, weights: Path, *, threads: int) -> None:
         import ncnn
 
-        graph = parse_param(param)
-        self._input, self._output = graph.input_name, graph.output_name
+        self._input, self._output = blob_names(parse_param(param))
         self._net: Any = ncnn.Net()
         self._net.opt.use_vulkan_compute = False
         self._net.opt.num_threads = threads

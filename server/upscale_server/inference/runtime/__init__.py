@@ -1,0 +1,1 @@
+"""The runtime: the worker that owns the device, cross-request batching, devices and compute settings."""

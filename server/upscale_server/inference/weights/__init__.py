@@ -1,0 +1,1 @@
+"""Weights: the model manifest, provisioning weight files, reading them, and converting the ncnn ones."""
