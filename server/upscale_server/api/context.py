@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from upscale_server.api.auth import ApiKeys
 from upscale_server.config import Settings
-from upscale_server.inference.service import ModelInfo
+from upscale_server.inference import ModelInfo
 from upscale_server.protocol import parse_request_body
 from upscale_server.sessions import SessionStore
 from upscale_server.storage import ImageStorage

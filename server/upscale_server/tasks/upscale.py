@@ -15,7 +15,7 @@ from typing import Any
 from upscale_server.delivery import upload_output
 from upscale_server.errors import UploadFailedError
 from upscale_server.imaging import Picture
-from upscale_server.inference.service import InferenceService
+from upscale_server.inference import InferenceService
 from upscale_server.outbound import OutboundClient
 from upscale_server.protocol import Outcome, UpscaleTask, WireItem, ack_item, image_output, upscale_item
 from upscale_server.queue import JobQueue, UpscaleJob
