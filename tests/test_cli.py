@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 ANIME = "local:realesr-animevideov3@1"
+#: The CLI's rules (files, names, formats, exit codes) run on the resize engine; one test runs a real model.
+RESIZE = ("--engine", "resize")
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,6 +42,7 @@ def small_png(tmp_path: Path, photo_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # the real network, through the real CLI
 def test_upscales_a_file_into_a_folder(small_png: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_cli("upscale", small_png, "-o", out, "--model", ANIME, "--scale", "3")
@@ -58,7 +61,7 @@ def test_folder_with_bad_files_processes_the_good_ones(small_png: Path, tmp_path
     (folder / "notes.txt").write_text("not an image\n")
     (folder / "broken.png").write_bytes(small_png.read_bytes()[:200])
     out = tmp_path / "out"
-    result = run_cli("upscale", folder, tmp_path / "missing.png", "-o", out, "--model", ANIME, "--scale", "2")
+    result = run_cli("upscale", folder, tmp_path / "missing.png", "-o", out, "--model", ANIME, "--scale", "2", *RESIZE)
     assert result.returncode == 1
     assert_one_line_errors(result.stderr)
     for name in ("empty.png", "notes.txt", "broken.png", "missing.png"):
@@ -71,7 +74,7 @@ def test_folder_with_bad_files_processes_the_good_ones(small_png: Path, tmp_path
 
 def test_never_overwrites_an_input(small_png: Path) -> None:
     before = small_png.read_bytes()
-    result = run_cli("upscale", small_png, "-o", small_png, "--model", ANIME)
+    result = run_cli("upscale", small_png, "-o", small_png, "--model", ANIME, *RESIZE)
     assert result.returncode == 1
     assert "overwrite" in result.stderr
     assert small_png.read_bytes() == before
@@ -82,13 +85,13 @@ def test_format_quality_and_sixteen_bit(tmp_path: Path) -> None:
     source = tmp_path / "deep.png"
     with source.open("wb") as fh:
         png.Writer(24, 20, greyscale=False, bitdepth=16).write(fh, rows.tolist())
-    result = run_cli("upscale", source, "-o", tmp_path / "deep_out.png", "--model", ANIME, "--scale", "2")
+    result = run_cli("upscale", source, "-o", tmp_path / "deep_out.png", "--model", ANIME, "--scale", "2", *RESIZE)
     assert result.returncode == 0, result.stderr
     width, height, _, info = png.Reader(filename=str(tmp_path / "deep_out.png")).read()
     assert (width, height, info["bitdepth"]) == (48, 40, 16)
 
     result = run_cli(
-        "upscale", source, "-o", tmp_path / "webp", "--model", ANIME, "--format", "webp", "--quality", "80"
+        "upscale", source, "-o", tmp_path / "webp", "--model", ANIME, "--format", "webp", "--quality", "80", *RESIZE
     )
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "webp" / "deep_x4.webp") as image:
@@ -143,3 +146,13 @@ def test_models_lists_every_model_and_its_source() -> None:
     assert result.returncode == 0, result.stderr
     for model_id in ("runware:504@1", "local:realesrgan-x4plus-anime@1", ANIME, "local:realesrgan-x2plus@1"):
         assert model_id in result.stdout
+
+
+def test_an_unreadable_api_key_file_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """The server must not start without the keys it was told to require."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("UPSCALE_API_KEYS_FILE", str(tmp_path / "no-such-keys.txt"))
+        result = run_cli("serve", "--port", "0", "--engine", "resize", "--data-dir", tmp_path / "data")
+    assert result.returncode == 2, result.stderr
+    assert_one_line_errors(result.stderr)
+    assert "api_keys_file" in result.stderr and "no-such-keys.txt" in result.stderr

@@ -34,11 +34,6 @@ class UpscalePlan:
     def shrinks_input(self) -> bool:
         return self.input_size != self.source_size
 
-    @property
-    def resizes_output(self) -> bool:
-        """True when the network's native scale differs from the factor (x4 then a Lanczos resize)."""
-        return self.model.scale != self.factor
-
 
 def fit_input_size(width: int, height: int, factor: int, max_side: int) -> tuple[int, int]:
     """The largest input size, aspect kept, whose ``factor`` x output fits in ``max_side`` squared."""

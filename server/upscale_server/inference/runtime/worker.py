@@ -141,10 +141,12 @@ class InferenceWorker:
     def _run(job: Job[Any]) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
+        log.debug("job %s started", job.label)
         try:
             job.future.set_result(job.context.run(job.run))
         except BaseException as exc:
             job.future.set_exception(exc)
+        log.debug("job %s finished", job.label)
 
     def _fail_pending(self, error: Exception) -> None:
         with self._cond:
