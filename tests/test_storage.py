@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -327,29 +327,36 @@ def test_claim_conflict(tasks: SqliteTaskRecords) -> None:
 
 
 def test_concurrent_claims_exactly_one_wins(db_path: Path, clock: FakeClock) -> None:
-    # Two connections on one file as well as threads sharing one: atomic at the SQLite level, not only
-    # under our lock.
+    task = str(uuid.uuid4())
+    results = claim_at_once(db_path, clock, lambda store: store.claim(task, "upscale", "sync"))
+    assert (results.count(Claim.CLAIMED), results.count(Claim.TAKEN)) == (1, 7)
+
+
+def claim_at_once(
+    db_path: Path, clock: FakeClock, claim: Callable[[SqliteTaskRecords], Claim], threads: int = 8
+) -> list[Claim]:
+    """``claim(store)`` from ``threads`` threads released together, over two connections to one file
+    as well as threads sharing one: atomic at the SQLite level, not only under our lock."""
     dbs = [open_database(db_path), open_database(db_path)]
     stores = [SqliteTaskRecords(d, result_ttl_seconds=TTL, clock=clock) for d in dbs]
-    task = str(uuid.uuid4())
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(threads)
     results: list[Claim] = []
     lock = threading.Lock()
 
-    def claim(index: int) -> None:
+    def run(index: int) -> None:
         barrier.wait()
-        won = stores[index % 2].claim(task, "upscale", "sync")
+        outcome = claim(stores[index % 2])
         with lock:
-            results.append(won)
+            results.append(outcome)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for thread in threads:
+    started = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in started:
         thread.start()
-    for thread in threads:
+    for thread in started:
         thread.join()
     for d in dbs:
         d.close()
-    assert (results.count(Claim.CLAIMED), results.count(Claim.TAKEN)) == (1, 7)
+    return results
 
 
 def test_capacity_counts_open_admitted_tasks_only(tasks: SqliteTaskRecords) -> None:
@@ -370,25 +377,9 @@ def test_capacity_counts_open_admitted_tasks_only(tasks: SqliteTaskRecords) -> N
 
 
 def test_concurrent_admission_never_exceeds_the_capacity(db_path: Path, clock: FakeClock) -> None:
-    dbs = [open_database(db_path), open_database(db_path)]
-    stores = [SqliteTaskRecords(d, result_ttl_seconds=TTL, clock=clock) for d in dbs]
-    barrier = threading.Barrier(8)
-    results: list[Claim] = []
-    lock = threading.Lock()
-
-    def claim(index: int) -> None:
-        barrier.wait()
-        outcome = stores[index % 2].claim(str(uuid.uuid4()), "upscale", "async", capacity=3)
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for d in dbs:
-        d.close()
+    results = claim_at_once(
+        db_path, clock, lambda store: store.claim(str(uuid.uuid4()), "upscale", "async", capacity=3)
+    )
     assert (results.count(Claim.CLAIMED), results.count(Claim.FULL)) == (3, 5)
 
 
