@@ -43,15 +43,16 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from upscale_server.tasks.media import OUTPUT_FORMATS, decode_input
 from websockets.sync.client import connect as ws_connect
 
 from bench.bench_engine import MODELS, REPO, cpu_model, test_input
-from tests.e2e.conftest import LiveServer, start_server, stop_server
 from upscale_server.config import Settings
 from upscale_server.imaging import encode_image
 from upscale_server.inference import ComputeConfig, InferenceService, tune_process
-from upscale_server.protocol import DEFAULT_OUTPUT_QUALITY
+from upscale_server.tasks.images import decode_input
+from upscale_server.testing import UpscaleTestServer as LiveServer
+from upscale_server.testing import run_test_server
+from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat
 
 API_KEY = "bench-key"
 FACTOR = 4  # the overhead and concurrency runs; --memory uses --memory-factor
@@ -125,11 +126,11 @@ def engine_baseline(
             runs.append(time.perf_counter() - start)
         encode_s: dict[str, float] = {}
         for fmt in formats:
-            encoder = OUTPUT_FORMATS[fmt][0]
+            encoder = ImageFormat(fmt)
             times = []
             for _ in range(max(1, repeats)):
                 start = time.perf_counter()
-                encode_image(result, encoder, quality=DEFAULT_OUTPUT_QUALITY)  # type: ignore[arg-type]
+                encode_image(result, encoder, quality=OUTPUT_QUALITY.default)
                 times.append(time.perf_counter() - start)
             encode_s[fmt] = round(statistics.median(times), 4)
         row = {
@@ -151,17 +152,21 @@ def engine_baseline(
 
 @contextmanager
 def running_server(threads: int) -> Iterator[LiveServer]:
-    """A fresh ``upscale-server serve`` (CPU, ``threads``) in a temporary data folder, ready to upscale."""
-    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
-        server = start_server(Path(tmp), api_key=API_KEY, env={"UPSCALE_THREADS": str(threads)})
+    """A fresh ``upscale-server serve`` (the real engine on the CPU, ``threads``) in a temporary data
+    folder, ready to upscale: the test-target plugin's server runner, with the engine switched back."""
+    env = {"UPSCALE_ENGINE": "realesrgan", "UPSCALE_THREADS": str(threads), "UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]'}
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-server-") as tmp,
+        run_test_server(
+            data_dir=Path(tmp), models_dir=REPO / "models", api_key=API_KEY, env=env, startup_timeout=180.0
+        ) as server,
+    ):
         try:
             wait_ready(server)
             yield server
         except BaseException:
             print(f"--- server log (last 3000 chars) ---\n{server.log()[-3000:]}", file=sys.stderr)
             raise
-        finally:
-            stop_server(server)
 
 
 def wait_ready(server: LiveServer, timeout_s: float = 180.0) -> None:

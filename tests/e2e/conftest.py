@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODELS
 from upscale_server.testing import UpscaleTestServer, run_test_server
 
 #: Inputs may come from 127.0.0.1: the server's own imageURLs, and the tests' local receivers.
@@ -46,29 +45,3 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpscaleTes
     """One test-target server for the e2e session (SDK suites, frame limits), local inputs allowed."""
     with live_server_at(tmp_path_factory.mktemp("live-server")) as server:
         yield server
-
-
-# --------------------------------------------------------------------------- for bench/bench_server.py
-# The benchmark measures the real engine, outside pytest, and starts and stops its servers by hand under
-# the names this module used to have. They are the same run_test_server underneath.
-
-LiveServer = UpscaleTestServer
-_running: dict[int, contextlib.ExitStack] = {}
-
-
-def start_server(
-    data_dir: Path, *, api_key: str = "test-key", env: Mapping[str, str] | None = None
-) -> UpscaleTestServer:
-    """A real-engine server (the checkout's ``models/``) on ``data_dir``, ready; stop it with :func:`stop_server`."""
-    stack = contextlib.ExitStack()
-    real = {"UPSCALE_ENGINE": "realesrgan", **(env or {})}
-    server = stack.enter_context(
-        live_server_at(data_dir, env=real, api_key=api_key, models_dir=MODELS, startup_timeout=180.0)
-    )
-    _running[server.port] = stack
-    return server
-
-
-def stop_server(server: UpscaleTestServer) -> None:
-    """Stop a server from :func:`start_server` (SIGTERM, then SIGKILL) and clean up after it."""
-    _running.pop(server.port).close()
