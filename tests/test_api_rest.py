@@ -322,3 +322,35 @@ def test_images_without_a_local_file_are_served_from_the_storage(
     response = client.get(item["imageURL"])
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     assert response.content == on_disk
+
+
+@pytest.mark.parametrize(
+    ("api_key", "header", "status", "code"),
+    [
+        (KEY, None, 200, None),
+        (5, AUTH, 200, None),  # not a string: the header stands in
+        (5, None, 401, "missingApiKey"),
+        ("", AUTH, 401, "missingApiKey"),  # a string, even empty, is the key presented
+        ("  ", AUTH, 401, "invalidApiKey"),
+        ("wrong", AUTH, 401, "invalidApiKey"),
+    ],
+)
+def test_an_in_body_authentication_task_over_rest(
+    client: TestClient, api_key: object, header: dict[str, str] | None, status: int, code: str | None
+) -> None:
+    tasks = [{"taskType": "authentication", "apiKey": api_key}, {"taskType": "ping", "ping": True}]
+    got, body = post(client, tasks, headers=header)
+    assert got == status, body
+    if code is None:
+        assert body == {"data": [{"taskType": "ping", "pong": True}]}
+    else:
+        [error] = body["errors"]
+        assert (error["code"], error["taskType"]) == (code, "authentication")
+        if code == "missingApiKey":
+            assert "Authorization: Bearer" in error["message"]
+
+
+def test_open_mode_accepts_an_authentication_task_without_a_usable_key(tmp_path: Path) -> None:
+    with TestClient(create_app(resize_settings(tmp_path))) as open_client:
+        for leading in ({"taskType": "authentication"}, {"taskType": "authentication", "apiKey": ""}):
+            assert post(open_client, [leading, {"taskType": "ping", "ping": True}], headers=None)[0] == 200

@@ -58,8 +58,13 @@ def webhooks() -> RecordingWebhooks:
 
 
 @pytest.fixture
-def lifecycle(records: SqliteTaskRecords, webhooks: RecordingWebhooks) -> TaskLifecycle:
-    return TaskLifecycle(records, webhooks, Metrics(process_metrics=False), capacity=2)  # type: ignore[arg-type]
+def jobs() -> LocalJobQueue:
+    return LocalJobQueue(capacity=2)
+
+
+@pytest.fixture
+def lifecycle(records: SqliteTaskRecords, jobs: LocalJobQueue, webhooks: RecordingWebhooks) -> TaskLifecycle:
+    return TaskLifecycle(records, jobs, webhooks, Metrics(process_metrics=False))  # type: ignore[arg-type]
 
 
 def new_uuid() -> str:
@@ -69,23 +74,53 @@ def new_uuid() -> str:
 # --------------------------------------------------------------------------- admission and claim
 
 
-def test_admission_refuses_before_claiming_and_a_finished_task_frees_its_place(
-    lifecycle: TaskLifecycle, records: SqliteTaskRecords
+def test_admission_refuses_before_claiming_and_a_conflict_gives_its_place_back(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords, jobs: LocalJobQueue
 ) -> None:
     async def scenario() -> None:
         first, second, third = new_uuid(), new_uuid(), new_uuid()
         await lifecycle.accept("upscale", first, "async", admitted=True)
         await lifecycle.accept("upscale", second, "async", admitted=True)
+        assert jobs.in_flight == 2
         with pytest.raises(QueueFullError) as full:
             await lifecycle.accept("upscale", third, "async", admitted=True)
         assert full.value.http_status == 429 and "UPSCALE_MAX_QUEUE=2" in full.value.message
         assert records.get(third) is None  # refused before the claim: the UUID can be sent again
         await lifecycle.accept("imageUpload", new_uuid(), "sync", admitted=False)  # uploads are not admitted
-        await lifecycle.execute("upscale", first, BASE, _item({"imageUUID": "x"}), webhook_url=None)
-        await lifecycle.accept("upscale", third, "async", admitted=True)
+        jobs.release()  # the first one will not be submitted after all
         with pytest.raises(ConflictTaskUUIDError) as conflict:
-            await lifecycle.accept("imageUpscale", second, "sync", admitted=False)
+            await lifecycle.accept("imageUpscale", second, "sync", admitted=True)
         assert conflict.value.parameter == "taskUUID"
+        assert jobs.in_flight == 1  # the conflict gave its place back
+        await lifecycle.accept("upscale", third, "async", admitted=True)
+        assert jobs.in_flight == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_job_frees_its_place_whatever_becomes_of_it(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords, jobs: LocalJobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even when its outcome cannot be recorded (a full disk, say): the queue must not fill up for good."""
+    task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
+    assert isinstance(task, UpscaleTask)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("database or disk is full")
+
+    monkeypatch.setattr(records, "complete", broken)
+    monkeypatch.setattr(records, "fail", broken)
+
+    async def execute(job: UpscaleJob) -> Outcome:
+        work = _item({"taskUUID": job.task.task_uuid})
+        return await lifecycle.execute(job.task.task_type, job.task.task_uuid, BASE, work, webhook_url=None)
+
+    async def scenario() -> None:
+        jobs.start(execute)
+        for _ in range(3):  # more jobs, one after another, than the queue has places
+            await lifecycle.accept("upscale", task.task_uuid if _ == 0 else new_uuid(), "sync", admitted=True)
+            await jobs.submit(UpscaleJob(task, BASE))
+            assert jobs.in_flight == 0
 
     asyncio.run(scenario())
 
@@ -194,7 +229,7 @@ def test_the_local_queue_runs_jobs_concurrently_and_drains_them() -> None:
     assert isinstance(task, UpscaleTask)
 
     async def scenario() -> None:
-        queue = LocalJobQueue()
+        queue = LocalJobQueue(capacity=3)
         with pytest.raises(RuntimeError, match="not started"):
             queue.submit(UpscaleJob(task, BASE))
         release = asyncio.Event()
@@ -206,6 +241,10 @@ def test_the_local_queue_runs_jobs_concurrently_and_drains_them() -> None:
             return Outcome(item={"taskUUID": job.task.task_uuid})
 
         queue.start(execute)
+        for _ in range(3):
+            queue.admit()
+        with pytest.raises(QueueFullError):
+            queue.admit()
         futures = [queue.submit(UpscaleJob(task, BASE)) for _ in range(3)]
         await asyncio.sleep(0)
         assert len(started) == 3 and queue.in_flight == 3  # none waits for another
@@ -220,33 +259,47 @@ def test_the_local_queue_runs_jobs_concurrently_and_drains_them() -> None:
 # --------------------------------------------------------------------------- authentication
 
 
-def test_authentication_is_one_rule_for_both_transports() -> None:
+def test_rest_takes_the_leading_tasks_string_key_else_the_header() -> None:
     keys = ApiKeys(["good"])
     ping: dict[str, Any] = {"taskType": "ping"}
-    auth, rest = keys.authenticate([{"taskType": "authentication", "apiKey": "good"}, ping])
-    assert auth is not None and auth.api_key == "good" and rest == [ping]
-    assert keys.authenticate([ping], bearer="good") == (None, [ping])
-    # REST: a leading task without a string key lets the Authorization header stand in ...
-    assert keys.authenticate([{"taskType": "authentication", "apiKey": 7}, ping], bearer="good") == (None, [ping])
-    # ... but a string key is the credential, even an empty one
-    with pytest.raises(MissingApiKeyError):
-        keys.authenticate([{"taskType": "authentication", "apiKey": ""}, ping], bearer="good")
+    assert keys.authenticate_request([{"taskType": "authentication", "apiKey": "good"}, ping], bearer=None) == [ping]
+    assert keys.authenticate_request([ping], bearer="good") == [ping]
+    assert keys.authenticate_request([{"taskType": "authentication", "apiKey": 7}, ping], bearer="good") == [ping]
+    with pytest.raises(MissingApiKeyError, match="Authorization: Bearer"):  # a string key, even empty, is the key
+        keys.authenticate_request([{"taskType": "authentication", "apiKey": ""}, ping], bearer="good")
     with pytest.raises(InvalidApiKeyError):
-        keys.authenticate([{"taskType": "authentication", "apiKey": "bad"}], bearer="good")
-    with pytest.raises(InvalidApiKeyError):  # WebSocket: no header to stand in
-        keys.authenticate([{"taskType": "authentication", "apiKey": 7}])
+        keys.authenticate_request([{"taskType": "authentication", "apiKey": "  "}], bearer="good")
     with pytest.raises(MissingApiKeyError):
-        keys.authenticate([ping])
-    assert ApiKeys([]).authenticate([ping]) == (None, [ping])  # open mode
+        keys.authenticate_request([{"taskType": "authentication", "apiKey": 7}], bearer=None)
+    with pytest.raises(MissingApiKeyError):
+        keys.authenticate_request([ping], bearer=None)
+    open_mode = ApiKeys([])
+    for leading in ({"taskType": "authentication"}, {"taskType": "authentication", "apiKey": ""}):
+        assert open_mode.authenticate_request([leading, ping], bearer=None) == [ping]
 
 
-def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(lifecycle: TaskLifecycle) -> None:
+def test_websocket_frames_must_carry_their_key() -> None:
+    keys = ApiKeys(["good"])
+    ping: dict[str, Any] = {"taskType": "ping"}
+    auth, rest = keys.authenticate_frame([{"taskType": "authentication", "apiKey": "good"}, ping])
+    assert auth.api_key == "good" and rest == [ping]
+    with pytest.raises(InvalidApiKeyError):
+        keys.authenticate_frame([{"taskType": "authentication", "apiKey": 7}])
+    with pytest.raises(MissingApiKeyError):
+        keys.authenticate_frame([{"taskType": "authentication", "apiKey": " "}])
+    with pytest.raises(MissingApiKeyError):  # even in open mode: there is no header to stand in
+        ApiKeys([]).authenticate_frame([{"taskType": "authentication"}])
+
+
+def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(
+    lifecycle: TaskLifecycle, jobs: LocalJobQueue
+) -> None:
     """The reply is shielded from the request: nothing accepted is lost when the caller goes away."""
     task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
     assert isinstance(task, UpscaleTask)
 
     async def scenario() -> None:
-        queue = LocalJobQueue()
+        queue = jobs
         release = asyncio.Event()
         running = asyncio.Event()
 

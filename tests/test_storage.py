@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from upscale_server.storage import Claim, TaskRecord
+from upscale_server.storage import TaskRecord
 from upscale_server.storage.local_images import ORPHAN_TEMP_AGE_SECONDS, LocalImageStore
-from upscale_server.storage.sqlite import MIGRATIONS, SCHEMA_VERSION, Database, DatabaseVersionError, open_database
+from upscale_server.storage.sqlite import SCHEMA_VERSION, Database, DatabaseVersionError, open_database
 from upscale_server.storage.sqlite_records import SqliteTaskRecords
 from upscale_server.storage.sweeper import sweep_forever
 from upscale_server.vocabulary import ImageFormat, canonical_uuid
@@ -318,8 +318,8 @@ def test_images_survive_restart(db_path: Path, tmp_path: Path, clock: FakeClock)
 
 def test_claim_conflict(tasks: SqliteTaskRecords) -> None:
     task = str(uuid.uuid4())
-    assert tasks.claim(task, "upscale", "async") is Claim.CLAIMED
-    assert tasks.claim(task, "imageUpscale", "sync") is Claim.TAKEN
+    assert tasks.claim(task, "upscale", "async") is True
+    assert tasks.claim(task, "imageUpscale", "sync") is False
     record = tasks.get(task)
     assert record is not None
     assert (record.status, record.task_type, record.delivery) == ("processing", "upscale", "async")
@@ -329,18 +329,18 @@ def test_claim_conflict(tasks: SqliteTaskRecords) -> None:
 def test_concurrent_claims_exactly_one_wins(db_path: Path, clock: FakeClock) -> None:
     task = str(uuid.uuid4())
     results = claim_at_once(db_path, clock, lambda store: store.claim(task, "upscale", "sync"))
-    assert (results.count(Claim.CLAIMED), results.count(Claim.TAKEN)) == (1, 7)
+    assert sorted(results) == [False] * 7 + [True]
 
 
 def claim_at_once(
-    db_path: Path, clock: FakeClock, claim: Callable[[SqliteTaskRecords], Claim], threads: int = 8
-) -> list[Claim]:
+    db_path: Path, clock: FakeClock, claim: Callable[[SqliteTaskRecords], bool], threads: int = 8
+) -> list[bool]:
     """``claim(store)`` from ``threads`` threads released together, over two connections to one file
     as well as threads sharing one: atomic at the SQLite level, not only under our lock."""
     dbs = [open_database(db_path), open_database(db_path)]
     stores = [SqliteTaskRecords(d, result_ttl_seconds=TTL, clock=clock) for d in dbs]
     barrier = threading.Barrier(threads)
-    results: list[Claim] = []
+    results: list[bool] = []
     lock = threading.Lock()
 
     def run(index: int) -> None:
@@ -357,48 +357,6 @@ def claim_at_once(
     for d in dbs:
         d.close()
     return results
-
-
-def test_capacity_counts_open_admitted_tasks_only(tasks: SqliteTaskRecords) -> None:
-    """Admission lives in the claim: a refused task leaves no trace, a finished one frees its place."""
-    first, second, refused, upload = (str(uuid.uuid4()) for _ in range(4))
-    assert tasks.claim(upload, "imageUpload", "sync") is Claim.CLAIMED  # not admitted: never counted
-    assert tasks.claim(first, "upscale", "async", capacity=2) is Claim.CLAIMED
-    assert tasks.claim(second, "upscale", "async", capacity=2) is Claim.CLAIMED
-    assert tasks.claim(refused, "upscale", "async", capacity=2) is Claim.FULL
-    assert tasks.get(refused) is None  # never claimed: the client may send it again
-    assert tasks.claim(first, "upscale", "sync", capacity=2) is Claim.FULL  # full wins over a conflict
-    assert tasks.claim(first, "upscale", "sync", capacity=3) is Claim.TAKEN
-    tasks.complete(first, {"imageUUID": "done"})
-    assert tasks.claim(refused, "upscale", "async", capacity=2) is Claim.CLAIMED
-    tasks.fail(second, {"code": "x"})
-    tasks.fail(refused, {"code": "x"})
-    assert tasks.claim(str(uuid.uuid4()), "upscale", "sync", capacity=1) is Claim.CLAIMED
-
-
-def test_concurrent_admission_never_exceeds_the_capacity(db_path: Path, clock: FakeClock) -> None:
-    results = claim_at_once(
-        db_path, clock, lambda store: store.claim(str(uuid.uuid4()), "upscale", "async", capacity=3)
-    )
-    assert (results.count(Claim.CLAIMED), results.count(Claim.FULL)) == (3, 5)
-
-
-def test_a_database_of_the_first_schema_is_migrated(db_path: Path) -> None:
-    """A database written before admission was counted in it: open tasks there are not admitted ones."""
-    db_path.parent.mkdir(parents=True)
-    raw = sqlite3.connect(db_path)
-    for statement in MIGRATIONS[0]:
-        raw.execute(statement)
-    raw.execute("PRAGMA user_version = 1")
-    raw.execute(
-        "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at) VALUES ('old', 'upscale', 'async',"
-        " 'processing', 0)"
-    )
-    raw.commit()
-    raw.close()
-    with open_database(db_path) as db:
-        assert schema_version(db) == SCHEMA_VERSION == 2
-        assert db.query_one("SELECT admitted FROM tasks WHERE task_uuid = 'old'")[0] == 0  # type: ignore[index]
 
 
 def test_complete_and_get(tasks: SqliteTaskRecords, clock: FakeClock) -> None:
@@ -457,11 +415,11 @@ def test_expired_result_is_none_and_uuid_reusable(tasks: SqliteTaskRecords, cloc
     tasks.complete(task, {"imageUUID": "x"})
     clock.advance(TTL - 1)
     assert tasks.get(task) is not None
-    assert tasks.claim(task, "upscale", "sync") is Claim.TAKEN  # still pollable: still a conflict
+    assert tasks.claim(task, "upscale", "sync") is False  # still pollable: still a conflict
     clock.advance(1)
     assert tasks.get(task) is None
     # Expired but not swept yet: a new claim takes the UUID over with a clean record.
-    assert tasks.claim(task, "imageUpscale", "async") is Claim.CLAIMED
+    assert tasks.claim(task, "imageUpscale", "async") is True
     record = tasks.get(task)
     assert record is not None
     assert (record.status, record.task_type, record.item, record.expires_at) == (

@@ -113,7 +113,7 @@ async def start_parts(
         max_input_pixels=settings.max_input_pixels,
         upload_max_side=settings.upload_max_side,
     )
-    lifecycle = TaskLifecycle(backends.records, webhooks, metrics, capacity=settings.max_queue)
+    lifecycle = TaskLifecycle(backends.records, backends.jobs, webhooks, metrics)
     runner = UpscaleRunner(lifecycle, inference, images, outbound, cost_per_megapixel=settings.cost_per_megapixel)
     backends.jobs.start(runner.execute)
     dispatcher = TaskDispatcher(

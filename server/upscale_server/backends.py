@@ -62,7 +62,7 @@ def open_local_backends(settings: Settings) -> Backends:
     return Backends(
         images=images,
         records=records,
-        jobs=LocalJobQueue(),
+        jobs=LocalJobQueue(capacity=settings.max_queue),
         sessions=LocalSessionStore(resume_seconds=settings.session_resume_seconds),
         close=db.close,
     )

@@ -1,9 +1,10 @@
 """Authentication, decided once for both transports.
 
-A request (a REST body, a WebSocket frame) may open with an ``authentication`` task; its ``apiKey``
-is the credential. REST may instead send ``Authorization: Bearer <key>``, which also stands in when the
-leading task carries no string key. With no keys configured the server runs in open local mode and
-accepts any key (but a leading authentication task must still carry one).
+The rule lives here, once, and both transports call it. A REST request may open with an
+``authentication`` task whose string ``apiKey`` is the credential, else ``Authorization: Bearer <key>``
+is. A WebSocket connection authenticates with a frame that opens with an ``authentication`` task,
+which must carry its key (it may also name a session to resume). With no keys configured the server
+runs in open local mode and accepts any key.
 """
 
 from __future__ import annotations
@@ -59,24 +60,27 @@ class ApiKeys:
         if not matched:
             raise InvalidApiKeyError("Invalid API key.", parameter="apiKey")
 
-    def authenticate(
-        self, raw_tasks: list[object], *, bearer: str | None = None
-    ) -> tuple[AuthenticationTask | None, list[object]]:
-        """Check a request's credential; returns its leading authentication task (parsed) and the tasks after it.
+    def authenticate_request(self, raw_tasks: list[object], *, bearer: str | None) -> list[object]:
+        """REST: check a request's key and return the tasks to run.
 
-        The key is the leading authentication task's ``apiKey`` when that is a string (an empty one is
-        a missing key), else ``bearer`` (REST's ``Authorization`` header). Raises MissingApiKeyError or
-        InvalidApiKeyError, both 401.
+        The key is the leading authentication task's ``apiKey`` when that is a string, else ``bearer``
+        (the ``Authorization`` header). MissingApiKeyError or InvalidApiKeyError (401) otherwise.
         """
-        if not raw_tasks or task_identity(raw_tasks[0])[0] != "authentication":
-            self.check(bearer)
-            return None, raw_tasks
-        leading, rest = raw_tasks[0], raw_tasks[1:]
-        presented = leading.get("apiKey") if isinstance(leading, dict) else None
-        if bearer is not None and not isinstance(presented, str):
-            self.check(bearer)
-            return None, rest
-        task = parse_task(leading)
-        assert isinstance(task, AuthenticationTask)
+        key = bearer
+        if raw_tasks and task_identity(raw_tasks[0])[0] == "authentication":
+            leading, raw_tasks = raw_tasks[0], raw_tasks[1:]
+            presented = leading.get("apiKey") if isinstance(leading, dict) else None
+            if isinstance(presented, str):
+                key = presented
+        self.check(key)
+        return raw_tasks
+
+    def authenticate_frame(self, raw_tasks: list[object]) -> tuple[AuthenticationTask, list[object]]:
+        """WebSocket: check a frame that leads with an authentication task; returns it (parsed: it may
+        name a session to resume) and the tasks after it. The task must carry its key: there is no
+        header to stand in. MissingApiKeyError or InvalidApiKeyError (401) otherwise."""
+        task = parse_task(raw_tasks[0])
+        if not isinstance(task, AuthenticationTask):
+            raise ValueError("authenticate_frame() needs a frame that leads with an authentication task")
         self.check(task.api_key)
-        return task, rest
+        return task, raw_tasks[1:]

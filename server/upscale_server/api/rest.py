@@ -52,7 +52,7 @@ async def run_tasks(request: Request) -> Response:
     try:
         body = await read_body(request, context.settings.max_body_bytes)
         raw_tasks = await parse_tasks(body, context.settings)
-        _, raw_tasks = context.keys.authenticate(raw_tasks, bearer=bearer_key(request))
+        raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer_key(request))
     except UpscaleError as exc:
         return error_response(exc)
 

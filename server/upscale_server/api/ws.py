@@ -89,11 +89,10 @@ class Connection:
         """Authenticate with the frame's leading task and attach to its session; returns the tasks
         after it, or None when refused (the error is the reply)."""
         try:
-            task, rest = self.context.keys.authenticate(raw_tasks)
+            task, rest = self.context.keys.authenticate_frame(raw_tasks)
         except UpscaleError as exc:
             await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
             return None
-        assert task is not None  # the frame leads with an authentication task and no bearer stands in
         if self.session is not None:
             self.session.detach(self.send_text)
         session = self.context.sessions.open(task.connection_session_uuid)

@@ -1,10 +1,12 @@
 """The job queue: accepted upscale tasks on their way to a worker, and their outcomes on the way back.
 
-An upscale task is accepted (admitted and claimed) by the API and then handed over as an
-:class:`UpscaleJob`, plain data that says everything a worker needs. The queue runs it through the
-executor it was started with and resolves the submitter's future with the outcome; the submitter
-replies with it (sync) or has already answered with an acknowledgement (async). Today's
-implementation (``local.py``) runs jobs in this process; only :mod:`upscale_server.backends` builds it.
+The queue is also where admission lives, because it knows how much accepted work is open: an
+upscale task first takes a place in it (:meth:`JobQueue.admit`: a full queue is a 429 before
+anything is acknowledged), is then claimed, and is handed over as an :class:`UpscaleJob`, plain data
+that says everything a worker needs. The queue runs the job through the executor it was started
+with, resolves the submitter's future with the outcome, and frees the job's place when it ends,
+whatever happened. Today's implementation (``local.py``) runs jobs in this process; only
+:mod:`upscale_server.backends` builds it.
 """
 
 from __future__ import annotations
@@ -29,19 +31,28 @@ Executor = Callable[[UpscaleJob], Coroutine[object, object, Outcome]]
 
 
 class JobQueue(Protocol):
-    """Where accepted jobs wait for a worker. Admission happened before (one place: the task records)."""
+    """Where accepted jobs wait for a worker, and how many may be open at once."""
 
     def start(self, execute: Executor) -> None:
         """Run queued jobs with ``execute`` (which records the outcome and notifies) from now on."""
         ...
 
+    def admit(self) -> None:
+        """Take a place for one more job; QueueFullError (429) when every place is taken."""
+        ...
+
+    def release(self) -> None:
+        """Give back a place taken by :meth:`admit` for a task that will not be submitted after all."""
+        ...
+
     def submit(self, job: UpscaleJob) -> asyncio.Future[Outcome]:
-        """Queue ``job``; the future resolves with its outcome. Never raises: the job is already accepted."""
+        """Queue ``job`` in the place admitted for it; the future resolves with its outcome and the place
+        is freed when the job ends. Never raises: the job is already accepted."""
         ...
 
     @property
     def in_flight(self) -> int:
-        """Jobs submitted here and not finished."""
+        """Places taken: jobs admitted and not finished (claiming, queued or running)."""
         ...
 
     async def drain(self, timeout: float) -> None:

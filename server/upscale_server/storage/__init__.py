@@ -2,17 +2,15 @@
 
 Two stores, each a small protocol: :class:`ImageStorage` (uploads and upscale outputs, kept 30 days
 after their last use) and :class:`TaskRecords` (every accepted task, so ``getResponse`` and
-``conflictTaskUUID`` work and admission is counted where the tasks are). Today's implementations are
-SQLite plus local files (``sqlite.py``, ``local_images.py``, ``sqlite_records.py``); only
-:mod:`upscale_server.backends` builds them, so another backend (a shared database, an object store)
-replaces them without touching a task.
+``conflictTaskUUID`` work). Today's implementations are SQLite plus local files (``sqlite.py``,
+``local_images.py``, ``sqlite_records.py``); only :mod:`upscale_server.backends` builds them, so
+another backend (a shared database, an object store) replaces them without touching a task.
 
 Every method blocks (file and database I/O): async callers run them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,14 +85,6 @@ class ImageStorage(Protocol):
         ...
 
 
-class Claim(enum.Enum):
-    """What claiming a taskUUID came to."""
-
-    CLAIMED = "claimed"  # recorded as processing: run it
-    TAKEN = "taken"  # the UUID is in use (answer conflictTaskUUID)
-    FULL = "full"  # admission refused: as many admitted tasks are open as the capacity allows (429)
-
-
 @dataclass(frozen=True)
 class TaskRecord:
     """One accepted task. ``item`` is set on success, ``error`` on failure; times are clock seconds."""
@@ -116,12 +106,8 @@ class TaskRecords(Protocol):
     Finished records stay readable for the result TTL; ``processing`` ones never expire.
     """
 
-    def claim(self, task_uuid: str, task_type: str, delivery: str, *, capacity: int | None = None) -> Claim:
-        """Record a new ``processing`` task, atomically with its checks.
-
-        With ``capacity`` the task counts towards admission: it is refused (``FULL``, nothing
-        recorded) when that many admitted tasks are already open. A UUID in use is ``TAKEN``.
-        """
+    def claim(self, task_uuid: str, task_type: str, delivery: str) -> bool:
+        """Record a new ``processing`` task, atomically with the check; False when the UUID is in use."""
         ...
 
     def complete(self, task_uuid: str, item: JsonObject) -> None:

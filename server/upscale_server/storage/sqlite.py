@@ -62,10 +62,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX tasks_expires_at ON tasks (expires_at) WHERE expires_at IS NOT NULL",
         "CREATE INDEX tasks_processing ON tasks (status) WHERE status = 'processing'",
     ),
-    (
-        # Tasks that count towards admission (upscales): open ones are counted when the next is claimed.
-        "ALTER TABLE tasks ADD COLUMN admitted INTEGER NOT NULL DEFAULT 0 CHECK (admitted IN (0, 1))",
-    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

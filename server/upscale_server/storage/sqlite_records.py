@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from upscale_server.storage import Claim, JsonObject, TaskRecord, TaskStatus
+from upscale_server.storage import JsonObject, TaskRecord, TaskStatus
 from upscale_server.storage.sqlite import Database
 
 logger = logging.getLogger(__name__)
@@ -40,39 +40,27 @@ class SqliteTaskRecords:
         self.result_ttl_seconds = result_ttl_seconds
         self._clock = clock
 
-    def claim(self, task_uuid: str, task_type: str, delivery: str, *, capacity: int | None = None) -> Claim:
-        """Record a new ``processing`` task; see :meth:`upscale_server.storage.TaskRecords.claim`.
+    def claim(self, task_uuid: str, task_type: str, delivery: str) -> bool:
+        """Record a new ``processing`` task; False if the UUID is taken (answer ``conflictTaskUUID``).
 
-        One IMMEDIATE transaction holds the count, the check and the insert, so neither admission nor
-        the UUID check can interleave with another claim, in this process or another. A finished
-        record whose result expired but was not swept yet no longer counts: it is replaced in place.
+        One statement, so the check and the insert cannot interleave with another claim, in this process
+        or another. A finished record whose result expired but was not swept yet no longer counts: it is
+        replaced in place.
         """
-        now = self._clock()
-        with self.db.transaction() as conn:
-            if capacity is not None:
-                row = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'processing' AND admitted = 1").fetchone()
-                if int(row[0]) >= capacity:
-                    return Claim.FULL
-            changed = conn.execute(
-                "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at, admitted)"
-                " VALUES (:uuid, :type, :delivery, 'processing', :now, :admitted)"
-                " ON CONFLICT (task_uuid) DO UPDATE SET"
-                "   task_type = excluded.task_type, delivery = excluded.delivery, status = 'processing',"
-                "   item = NULL, error = NULL, created_at = excluded.created_at, finished_at = NULL,"
-                "   expires_at = NULL, admitted = excluded.admitted"
-                " WHERE tasks.expires_at IS NOT NULL AND tasks.expires_at <= :now",
-                {
-                    "uuid": task_uuid,
-                    "type": task_type,
-                    "delivery": delivery,
-                    "now": now,
-                    "admitted": int(capacity is not None),
-                },
-            ).rowcount
-        if changed != 1:
+        changed = self.db.execute(
+            "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at)"
+            " VALUES (:uuid, :type, :delivery, 'processing', :now)"
+            " ON CONFLICT (task_uuid) DO UPDATE SET"
+            "   task_type = excluded.task_type, delivery = excluded.delivery, status = 'processing',"
+            "   item = NULL, error = NULL, created_at = excluded.created_at, finished_at = NULL,"
+            "   expires_at = NULL"
+            " WHERE tasks.expires_at IS NOT NULL AND tasks.expires_at <= :now",
+            {"uuid": task_uuid, "type": task_type, "delivery": delivery, "now": self._clock()},
+        )
+        claimed = changed == 1
+        if not claimed:
             logger.info("Task %s: taskUUID already in use", task_uuid)
-            return Claim.TAKEN
-        return Claim.CLAIMED
+        return claimed
 
     def complete(self, task_uuid: str, item: JsonObject) -> None:
         """Finish a claimed task with its result item (a JSON object); pollable for the result TTL."""

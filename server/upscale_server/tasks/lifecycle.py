@@ -1,10 +1,10 @@
 """The life of every recorded task, written once: admission, claim, run, record, notify.
 
 ``imageUpload`` and the upscale tasks both go through it; ``getResponse`` and ``ping`` record nothing.
-:meth:`TaskLifecycle.accept` admits and claims a task before anything is acknowledged (a refusal is a
-plain error reply, and a refused task leaves no trace, so the client may send it again);
-:meth:`TaskLifecycle.execute` runs the work, records its result or error exactly once so
-``getResponse`` can answer later, and sends the webhook.
+:meth:`TaskLifecycle.accept` admits (a place in the job queue) and claims a task before anything is
+acknowledged: a refusal is a plain error reply, and a refused task leaves no trace, so the client may
+send it again. :meth:`TaskLifecycle.execute` runs the work, records its result or its error (the
+first outcome recorded stays), so ``getResponse`` can answer later, and sends the webhook.
 """
 
 from __future__ import annotations
@@ -14,35 +14,40 @@ import logging
 from collections.abc import Awaitable
 
 from upscale_server.delivery import WebhookSender
-from upscale_server.errors import ConflictTaskUUIDError, QueueFullError
+from upscale_server.errors import ConflictTaskUUIDError
 from upscale_server.observability.metrics import Metrics
 from upscale_server.protocol import Outcome, WireItem, with_status
-from upscale_server.storage import Claim, TaskRecords
+from upscale_server.queue import JobQueue
+from upscale_server.storage import TaskRecords
 from upscale_server.tasks.results import stored_result
 
 log = logging.getLogger(__name__)
 
 
 class TaskLifecycle:
-    """Admission and the record of every task, over the task records; ``capacity`` is ``UPSCALE_MAX_QUEUE``."""
+    """Admission (through the job queue) and the record of every task (in the task records)."""
 
-    def __init__(self, records: TaskRecords, webhooks: WebhookSender, metrics: Metrics, *, capacity: int) -> None:
+    def __init__(self, records: TaskRecords, jobs: JobQueue, webhooks: WebhookSender, metrics: Metrics) -> None:
         self.records = records
+        self.jobs = jobs
         self.webhooks = webhooks
         self.metrics = metrics
-        self.capacity = capacity
 
     async def accept(self, task_type: str, task_uuid: str, delivery: str, *, admitted: bool) -> None:
-        """Claim ``task_uuid`` as processing. ``admitted`` tasks (upscales) also count against the
-        capacity: QueueFullError (429) when it is reached, ConflictTaskUUIDError when the UUID is taken."""
-        capacity = self.capacity if admitted else None
-        claim = await asyncio.to_thread(self.records.claim, task_uuid, task_type, delivery, capacity=capacity)
-        if claim is Claim.FULL:
-            raise QueueFullError(
-                f"{self.capacity} upscale tasks are already queued or running "
-                f"(UPSCALE_MAX_QUEUE={self.capacity}); retry shortly"
-            )
-        if claim is Claim.TAKEN:
+        """Claim ``task_uuid`` as processing. An ``admitted`` task (an upscale, which the caller then
+        submits to the job queue) first takes a place there: QueueFullError (429) when none is free.
+        ConflictTaskUUIDError when the UUID is taken, and the place is given back."""
+        if admitted:
+            self.jobs.admit()
+        try:
+            claimed = await asyncio.to_thread(self.records.claim, task_uuid, task_type, delivery)
+        except BaseException:
+            if admitted:
+                self.jobs.release()
+            raise
+        if not claimed:
+            if admitted:
+                self.jobs.release()
             raise ConflictTaskUUIDError(
                 f"taskUUID {task_uuid} was already used; send each task with a new UUID "
                 "(getResponse returns the earlier task's result)",
