@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -149,6 +150,12 @@ def test_put_get_round_trip(images: LocalImageStore, extension: str, content_typ
     assert images.read_bytes(got) == data
     # No temp file left beside the image.
     assert [p.name for p in stored.local_path.parent.iterdir()] == [stored.local_path.name]
+
+
+def test_stored_files_are_readable_by_their_owner_only(images: LocalImageStore) -> None:
+    stored = images.put(b"private", format=ImageFormat.PNG, kind="upload")
+    assert stored.local_path is not None
+    assert stat.S_IMODE(stored.local_path.stat().st_mode) == 0o600
 
 
 def test_put_with_given_uuid_and_uppercase_lookup(images: LocalImageStore) -> None:

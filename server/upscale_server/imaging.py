@@ -471,15 +471,15 @@ def encode_image(
     if fmt is ImageFormat.PNG:
         return _write_png(picture.pixels, picture.bit_depth, icc, executor)
     out = io.BytesIO()
+    pixels = picture.pixels if fmt.alpha else flatten_alpha(picture.pixels, background)  # JPG: onto the background
     if fmt is ImageFormat.JPG:
-        values = _quantize(flatten_alpha(picture.pixels, background), 8)
+        values = _quantize(pixels, 8)
         image = Image.fromarray(values[..., 0] if values.shape[2] == 1 else values)
         # Chroma subsampling smears colour edges, which is exactly what an upscaler just sharpened;
         # at high quality the 4:4:4 size cost is worth it, below 90 the caller asked for small files.
         subsampling = 0 if quality >= 90 else 2
         image.save(out, format=fmt.pillow, quality=quality, subsampling=subsampling, icc_profile=icc)
     else:
-        pixels = picture.pixels
         if picture.is_gray:
             # WEBP has no gray mode; a GRAY profile cannot describe the widened RGB data.
             pixels = pixels[..., [0, 0, 0, 1] if picture.has_alpha else [0, 0, 0]]

@@ -78,10 +78,10 @@ def free_port() -> int:
 
 
 def _source_root() -> Path | None:
-    """The folder holding this ``server`` package when it is a checkout, else None.
+    """The source root holding this ``upscale_server`` package when it is a checkout, else None.
 
-    The server runs with the temp folder as its working directory (so a ``server`` package in the
-    caller's project cannot shadow this one) and this folder first on ``PYTHONPATH`` (so the server
+    The server runs with the temp folder as its working directory (so nothing in the caller's
+    project can shadow this package) and this folder first on ``PYTHONPATH`` (so the server
     is the very code this plugin came from, installed or not). An installed package is found by its
     interpreter anyway, and another interpreter must not import from this one's site-packages.
     """

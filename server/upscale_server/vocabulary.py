@@ -126,13 +126,14 @@ def usable_cores() -> int:
 
 
 @contextlib.contextmanager
-def staged_file(path: Path, data: bytes, *, suffix: str = ".partial", mode: int = 0o644) -> Iterator[Path]:
+def staged_file(path: Path, data: bytes, *, suffix: str = ".partial", mode: int | None = 0o644) -> Iterator[Path]:
     """Write ``data`` to a hidden temp file beside ``path`` (fsynced), yield it, then rename it into place.
 
     Readers never see half a file: the rename is atomic on one file system. The body of the ``with``
     runs between the write and the rename (the image store commits its row there); an exception
     anywhere deletes the temp file and leaves ``path`` as it was. ``suffix`` lets a sweeper or a
-    ``.gitignore`` recognise leftovers of a crash.
+    ``.gitignore`` recognise leftovers of a crash. ``mode``: the file's permissions (None keeps the
+    owner-only 0600 of a fresh temp file, for data that is nobody else's business).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -143,7 +144,8 @@ def staged_file(path: Path, data: bytes, *, suffix: str = ".partial", mode: int 
             handle.flush()
             # Without fsync a power cut after the rename can leave an empty file under the final name.
             os.fsync(handle.fileno())
-        temp.chmod(mode)  # mkstemp creates 0600
+        if mode is not None:
+            temp.chmod(mode)  # mkstemp creates 0600
         yield temp
         temp.replace(path)
     except BaseException:

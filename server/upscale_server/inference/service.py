@@ -15,8 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-import torch
-
 from upscale_server.config import Settings
 from upscale_server.errors import UpscaleError
 from upscale_server.imaging import Picture
@@ -104,10 +102,6 @@ class InferenceService:
     def models(self) -> tuple[ModelInfo, ...]:
         return tuple(ModelInfo(spec.id, spec.name, spec.description) for spec in self._registry.manifest.models)
 
-    @property
-    def default_model(self) -> str:
-        return self._settings.default_model
-
     def model_loaded(self) -> bool:
         """Whether the default model is loaded (readiness)."""
         return self._registry.is_loaded(self._registry.spec(None).id)
@@ -153,10 +147,6 @@ class InferenceService:
     def queue_depth(self) -> int:
         """Jobs waiting for the worker."""
         return self._worker.queue_depth
-
-    @property
-    def device(self) -> torch.device:
-        return self._registry.compute.device
 
     def describe(self) -> str:
         return self._registry.compute.describe()

@@ -112,7 +112,7 @@ class LocalImageStore:
             # The temp file (beside the final one, fsynced) is renamed into place only once the row is
             # committed. The primary key, not a check-then-write, refuses a duplicate UUID, so an
             # existing file is never overwritten.
-            with staged_file(final, data, suffix=_TEMP_SUFFIX):
+            with staged_file(final, data, suffix=_TEMP_SUFFIX, mode=None):  # users' images: owner-only
                 self.db.execute(
                     "INSERT INTO images (uuid, extension, content_type, kind, size_bytes, width, height,"
                     " created_at, last_used_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -1,4 +1,4 @@
-"""The model manifest (``models/manifest.toml``): every model the server can run and its weight sources.
+"""The model manifest (``manifest.toml`` beside this module): every model the server can run and its weight sources.
 
 Parsed once into frozen dataclasses and validated up front, so a typo in the manifest fails at start-up
 with the entry named, not later in the middle of a request.
