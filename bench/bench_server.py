@@ -52,7 +52,7 @@ from upscale_server.inference import ComputeConfig, InferenceService, tune_proce
 from upscale_server.tasks.images import decode_input
 from upscale_server.testing import UpscaleTestServer as LiveServer
 from upscale_server.testing import run_test_server
-from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat
+from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat, usable_cores
 
 API_KEY = "bench-key"
 FACTOR = 4  # the overhead and concurrency runs; --memory uses --memory-factor
@@ -404,10 +404,7 @@ def measure_memory(name: str, size: int, factor: int, threads: int, timeout_s: f
 
 
 def machine() -> dict[str, Any]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return {
         "cpu": cpu_model(),
         "cores": cores,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import PHOTO
+from upscale_server.app import create_app
 from upscale_server.config import Settings
 from upscale_server.inference.engine.resize import ResizeUpscaler
 
@@ -63,6 +66,29 @@ def resize_settings(data_dir: Path, **overrides: Any) -> Settings:
     (deterministic, milliseconds, no weights), on the CPU, with nothing loaded at start-up."""
     fields: dict[str, Any] = {"device": "cpu", "engine": "resize", "preload_default_model": False, **overrides}
     return Settings(data_dir=data_dir, **fields)
+
+
+def make_client(data_dir: Path, key: str, **overrides: Any) -> TestClient:
+    """An in-process app on the resize engine that accepts ``key``; use it as a context manager."""
+    return TestClient(create_app(resize_settings(data_dir, api_keys=[key], **overrides)))
+
+
+def poll(client: TestClient, task_uuid: str, key: str) -> dict[str, Any]:
+    """The ``getResponse`` answer for ``task_uuid``: its data item, or its error item."""
+    response = client.post(
+        "/v1", json=[{"taskType": "getResponse", "taskUUID": task_uuid}], headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    item: dict[str, Any] = body["data"][0] if "data" in body else body["errors"][0]
+    return item
+
+
+def wait_finished(client: TestClient, task_uuid: str, key: str) -> dict[str, Any]:
+    """Poll until the task is no longer processing (its job was let go; bounded by the test's timeout)."""
+    while (item := poll(client, task_uuid, key)).get("status") == "processing":
+        time.sleep(0.01)
+    return item
 
 
 #: A gated job gives up after this long, so a test that never opens its gate fails instead of hanging.

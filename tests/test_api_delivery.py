@@ -5,26 +5,18 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from tests.api_helpers import data_uri, encode, photo_crop, resize_settings, upscale_task
+from tests.api_helpers import data_uri, encode, make_client, photo_crop, upscale_task
 from tests.support import http_receiver
 from tests.support.http_receiver import Reply, Serve, held, ok, replies
-from upscale_server.app import create_app
 
 KEY = "delivery-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 serve = http_receiver.serve  # serve(routes) -> a started HttpReceiver, closed after the test
-
-
-def make_client(tmp_path: Path, **overrides: Any) -> TestClient:
-    settings = resize_settings(tmp_path, api_keys=[KEY], **overrides)
-    return TestClient(create_app(settings))
 
 
 @pytest.mark.parametrize(
@@ -37,7 +29,7 @@ def make_client(tmp_path: Path, **overrides: Any) -> TestClient:
     ],
 )
 def test_non_public_input_urls_are_refused_by_default(tmp_path: Path, url: str) -> None:
-    with make_client(tmp_path) as client:
+    with make_client(tmp_path, KEY) as client:
         task = upscale_task(url)
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 400
@@ -52,7 +44,7 @@ def test_non_public_input_urls_are_refused_by_default(tmp_path: Path, url: str) 
 
 def test_refused_webhook_is_reported_before_the_task_is_accepted(tmp_path: Path, serve: Serve) -> None:
     receiver = serve({"/hook": ok()})
-    with make_client(tmp_path) as client:
+    with make_client(tmp_path, KEY) as client:
         task = upscale_task(data_uri(encode(photo_crop())), webhookURL=receiver.url("/hook"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 400
@@ -65,7 +57,7 @@ def test_refused_webhook_is_reported_before_the_task_is_accepted(tmp_path: Path,
 
 def test_input_urls_on_allowed_hosts_are_fetched(tmp_path: Path, serve: Serve) -> None:
     receiver = serve({"/cat.png": ok(encode(photo_crop()), "image/png")})
-    with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
+    with make_client(tmp_path, KEY, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(receiver.url("/cat.png"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 200, response.text
@@ -76,7 +68,7 @@ def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path:
     first_answer = threading.Event()
     # The first two attempts get HTTP 500, and the first is not even answered until the reply is in.
     receiver = serve({"/hook": replies(held(first_answer, Reply(500)), 500, 200)})
-    with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
+    with make_client(tmp_path, KEY, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(data_uri(encode(photo_crop())), webhookURL=receiver.url("/hook?token=abc"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 200  # the reply did not wait for the webhook, still held at its first attempt
@@ -91,7 +83,7 @@ def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path:
 
 def test_webhook_receives_task_errors_too(tmp_path: Path, serve: Serve) -> None:
     receiver = serve({"/hook": ok()})
-    with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
+    with make_client(tmp_path, KEY, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(
             "6b1d5bd8-0c7b-4bd4-9f93-7f7b07a6d6a1", webhookURL=receiver.url("/hook"), deliveryMethod="async"
         )
@@ -103,7 +95,7 @@ def test_webhook_receives_task_errors_too(tmp_path: Path, serve: Serve) -> None:
 
 def test_upload_endpoint_gets_the_raw_file(tmp_path: Path, serve: Serve) -> None:
     receiver = serve({"/bucket/out.png": ok()})
-    with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
+    with make_client(tmp_path, KEY, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(
             data_uri(encode(photo_crop())), outputFormat="PNG", uploadEndpoint=receiver.url("/bucket/out.png")
         )
@@ -118,7 +110,7 @@ def test_upload_endpoint_gets_the_raw_file(tmp_path: Path, serve: Serve) -> None
 
 def test_failed_upload_is_a_task_error_and_the_result_is_kept(tmp_path: Path, serve: Serve) -> None:
     receiver = serve({"/expired": Reply(403)})
-    with make_client(tmp_path, outbound_allow=["127.0.0.1"]) as client:
+    with make_client(tmp_path, KEY, outbound_allow=["127.0.0.1"]) as client:
         task = upscale_task(data_uri(encode(photo_crop())), uploadEndpoint=receiver.url("/expired"))
         response = client.post("/v1", json=[task], headers=AUTH)
         assert response.status_code == 400

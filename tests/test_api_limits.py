@@ -5,29 +5,22 @@ from __future__ import annotations
 import io
 import json
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import JobGate, b64, data_uri, encode, photo_crop, resize_settings, upscale_task
-from upscale_server.app import create_app
+from tests.api_helpers import JobGate, b64, data_uri, encode, make_client, photo_crop, poll, upscale_task, wait_finished
 
 KEY = "limits-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def make_client(tmp_path: Path, **overrides: Any) -> TestClient:
-    return TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY], **overrides)))
-
-
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with make_client(tmp_path, max_body_bytes=64 * 1024, max_tasks=4, max_input_pixels=100_000) as test_client:
+    with make_client(tmp_path, KEY, max_body_bytes=64 * 1024, max_tasks=4, max_input_pixels=100_000) as test_client:
         yield test_client
 
 
@@ -72,20 +65,17 @@ def test_decompression_bomb_is_refused_from_its_header(client: TestClient) -> No
 
 
 def test_full_queue_is_429_and_accepted_tasks_still_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with make_client(tmp_path, max_queue=1) as client, JobGate(monkeypatch) as gate:
+    with make_client(tmp_path, KEY, max_queue=1) as client, JobGate(monkeypatch) as gate:
         slow = upscale_task(data_uri(encode(photo_crop(128, 128))), deliveryMethod="async", model=None, upscaleFactor=4)
         assert client.post("/v1", json=[slow], headers=AUTH).status_code == 200
         refused = upscale_task(data_uri(encode(photo_crop())), deliveryMethod="async")
         response = client.post("/v1", json=[refused], headers=AUTH)
         assert response.status_code == 429
         assert response.json()["errors"][0]["code"] == "rateLimitExceeded"
-        poll = [{"taskType": "getResponse", "taskUUID": slow["taskUUID"]}]
         gate.wait_held()
-        assert client.post("/v1", json=poll, headers=AUTH).json()["data"][0]["status"] == "processing"
+        assert poll(client, slow["taskUUID"], KEY)["status"] == "processing"
         gate.open()
-        while (item := client.post("/v1", json=poll, headers=AUTH).json()["data"][0])["status"] == "processing":
-            time.sleep(0.01)
-        assert item["status"] == "success"
+        assert wait_finished(client, slow["taskUUID"], KEY)["status"] == "success"
         # the refused task was never claimed: its UUID can be sent again now that there is room
         assert client.post("/v1", json=[{**refused, "deliveryMethod": "sync"}], headers=AUTH).status_code == 200
 

@@ -33,11 +33,8 @@ def test_wired_app(tmp_path: Path) -> None:
     try:
         with TestClient(create_app(settings)) as client:
             assert client.get("/health").json()["worker"] == "running"
-            for _ in range(200):
-                if client.get("/ready").status_code == 200:
-                    break
-                time.sleep(0.05)
-            assert client.get("/ready").status_code == 200
+            while client.get("/ready").status_code != 200:  # the default model loads in the background
+                time.sleep(0.01)
             task = upscale_task(data_uri(encode(photo_crop())))
             bad = upscale_task("not-an-image")
             response = client.post("/v1", json=[task, bad])

@@ -23,6 +23,7 @@ from tests.api_helpers import (
     photo_crop,
     resize_settings,
     upscale_task,
+    wait_finished,
 )
 from upscale_server.app import create_app
 from upscale_server.config import Settings
@@ -186,21 +187,10 @@ def test_async_delivery_and_get_response(client: TestClient, monkeypatch: pytest
         item = body["data"][0]
         assert item == {"taskType": "imageUpscale", "taskUUID": task["taskUUID"], "status": "processing"}
         assert not any(k.endswith(("URL", "Base64Data", "DataURI")) for k in item)
-    item = wait_finished(client, task["taskUUID"])
+    item = wait_finished(client, task["taskUUID"], KEY)
     assert item["status"] == "success" and item["taskType"] == "imageUpscale"
     image, _ = fetch_image(client, item["imageURL"])
     assert image.size == (384, 384)
-
-
-def wait_finished(client: TestClient, task_uuid: str) -> dict[str, Any]:
-    """Poll until the task is no longer processing (its job was released; bounded by the test timeout)."""
-    while True:
-        status, body = post(client, [{"taskType": "getResponse", "taskUUID": task_uuid}])
-        assert status == 200, body
-        item: dict[str, Any] = body["data"][0] if "data" in body else body["errors"][0]
-        if item.get("status") != "processing":
-            return item
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("output_type", ["URL", "base64Data", "dataURI"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import JobGate, data_uri, encode, photo_crop, resize_settings, upscale_task
+from tests.api_helpers import JobGate, data_uri, encode, photo_crop, poll, resize_settings, upscale_task, wait_finished
 from upscale_server.app import create_app
 from upscale_server.sessions.local import LocalSessionStore
 
@@ -25,27 +24,12 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def wait_finished(client: TestClient, task_uuid: str) -> dict[str, Any]:
-    """Poll until the task's released job has finished (bounded by the test's timeout)."""
-    while (item := poll(client, task_uuid)).get("status") == "processing":
-        time.sleep(0.01)
-    return item
-
-
 def auth(ws: Any, session: str | None = None) -> str:
     task: dict[str, Any] = {"taskType": "authentication", "apiKey": KEY}
     if session:
         task["connectionSessionUUID"] = session
     ws.send_text(json.dumps([task]))
     return str(json.loads(ws.receive_text())["data"][0]["connectionSessionUUID"])
-
-
-def poll(client: TestClient, task_uuid: str) -> dict[str, Any]:
-    response = client.post(
-        "/v1", json=[{"taskType": "getResponse", "taskUUID": task_uuid}], headers={"Authorization": f"Bearer {KEY}"}
-    )
-    item: dict[str, Any] = response.json()["data"][0]
-    return item
 
 
 def test_results_that_finish_while_away_are_delivered_on_reconnect(
@@ -57,9 +41,9 @@ def test_results_that_finish_while_away_are_delivered_on_reconnect(
             session = auth(ws)
             ws.send_text(json.dumps([task]))
             gate.wait_held()  # claimed and running: now the client leaves
-            assert poll(client, task["taskUUID"])["status"] == "processing"
+            assert poll(client, task["taskUUID"], KEY)["status"] == "processing"
         gate.open()  # the result arrives while nobody is attached
-        assert wait_finished(client, task["taskUUID"])["status"] == "success"
+        assert wait_finished(client, task["taskUUID"], KEY)["status"] == "success"
     with client.websocket_connect("/v1") as ws:
         assert auth(ws, session) == session
         frame = json.loads(ws.receive_text())
@@ -80,9 +64,9 @@ def test_resent_in_flight_async_task_is_a_conflict_and_still_pollable(
             ws.send_text(json.dumps([task]))
             error = json.loads(ws.receive_text())["errors"][0]
             assert error["code"] == "conflictTaskUUID" and error["taskUUID"] == task["taskUUID"]
-            assert poll(client, task["taskUUID"])["status"] == "processing"
+            assert poll(client, task["taskUUID"], KEY)["status"] == "processing"
         gate.open()
-        assert wait_finished(client, task["taskUUID"])["status"] == "success"
+        assert wait_finished(client, task["taskUUID"], KEY)["status"] == "success"
 
 
 def test_detached_sessions_expire_after_the_resume_window() -> None:

@@ -6,13 +6,13 @@ Real SQLite task records in tmp_path; a recording webhook sender; no network, no
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.api_helpers import new_uuid
 from upscale_server.api.auth import ApiKeys
 from upscale_server.errors import (
     ConflictTaskUUIDError,
@@ -65,10 +65,6 @@ def jobs() -> LocalJobQueue:
 @pytest.fixture
 def lifecycle(records: SqliteTaskRecords, jobs: LocalJobQueue, webhooks: RecordingWebhooks) -> TaskLifecycle:
     return TaskLifecycle(records, jobs, webhooks, Metrics(process_metrics=False))  # type: ignore[arg-type]
-
-
-def new_uuid() -> str:
-    return str(uuid.uuid4())
 
 
 # --------------------------------------------------------------------------- admission and claim

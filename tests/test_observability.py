@@ -19,6 +19,7 @@ from upscale_server.inference.runtime.worker import InferenceWorker
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource, write_test
 from upscale_server.observability.logs import (
+    UVICORN_LOGGERS,
     TaskContextFilter,
     configure_logging,
     parse_level,
@@ -341,18 +342,20 @@ def test_gpu_memory_series_when_a_cuda_device_is_given(monkeypatch: pytest.Monke
 
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
-    """A stream that ``configure_logging`` writes to; the root logger is restored afterwards."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
+    """A stream that ``configure_logging`` writes to; the root and uvicorn loggers are restored afterwards."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in UVICORN_LOGGERS)]
+    saved = [(logger, list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
     stream = io.StringIO()
     try:
         yield stream
     finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
+        for logger, handlers, level, propagate in saved:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            for handler in handlers:
+                logger.addHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, object]]:

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 # --------------------------------------------------------------------------- image formats
 
@@ -126,27 +126,27 @@ def usable_cores() -> int:
 
 
 @contextlib.contextmanager
-def staged_file(path: Path, data: bytes, *, suffix: str = ".partial", mode: int | None = 0o644) -> Iterator[Path]:
-    """Write ``data`` to a hidden temp file beside ``path`` (fsynced), yield it, then rename it into place.
+def staged_writer(path: Path, *, suffix: str = ".partial", mode: int | None = 0o644) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s new content into: a hidden temp file beside it, fsynced and renamed
+    into place when the ``with`` block ends normally, deleted (``path`` untouched) when it raises.
 
-    Readers never see half a file: the rename is atomic on one file system. The body of the ``with``
-    runs between the write and the rename (the image store commits its row there); an exception
-    anywhere deletes the temp file and leaves ``path`` as it was. ``suffix`` lets a sweeper or a
-    ``.gitignore`` recognise leftovers of a crash. ``mode``: the file's permissions (None keeps the
-    owner-only 0600 of a fresh temp file, for data that is nobody else's business).
+    Readers never see half a file: the rename is atomic on one file system, and it comes after the
+    fsync, so a power cut cannot leave an empty file under the final name. Whatever else the block
+    does happens before the rename (the image store commits its row there; a download checks its
+    digest there). ``suffix`` lets a sweeper or a ``.gitignore`` recognise leftovers of a crash.
+    ``mode``: the file's permissions (None keeps the owner-only 0600 of a fresh temp file, for data
+    that is nobody else's business).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     temp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
-            # Without fsync a power cut after the rename can leave an empty file under the final name.
             os.fsync(handle.fileno())
         if mode is not None:
             temp.chmod(mode)  # mkstemp creates 0600
-        yield temp
         temp.replace(path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -155,5 +155,5 @@ def staged_file(path: Path, data: bytes, *, suffix: str = ".partial", mode: int 
 
 def atomic_write(path: Path, data: bytes, *, suffix: str = ".partial") -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    with staged_file(path, data, suffix=suffix):
-        pass
+    with staged_writer(path, suffix=suffix) as handle:
+        handle.write(data)

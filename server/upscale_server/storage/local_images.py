@@ -26,7 +26,7 @@ from typing import cast
 
 from upscale_server.storage import ImageKind, StoredImage
 from upscale_server.storage.sqlite import Database
-from upscale_server.vocabulary import ImageFormat, canonical_uuid, staged_file
+from upscale_server.vocabulary import ImageFormat, canonical_uuid, staged_writer
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,11 @@ class LocalImageStore:
         )
         inserted = False
         try:
-            # The temp file (beside the final one, fsynced) is renamed into place only once the row is
-            # committed. The primary key, not a check-then-write, refuses a duplicate UUID, so an
+            # The temp file (beside the final one) is fsynced and renamed into place only once the row
+            # is committed. The primary key, not a check-then-write, refuses a duplicate UUID, so an
             # existing file is never overwritten.
-            with staged_file(final, data, suffix=_TEMP_SUFFIX, mode=None):  # users' images: owner-only
+            with staged_writer(final, suffix=_TEMP_SUFFIX, mode=None) as handle:  # users' images: owner-only
+                handle.write(data)
                 self.db.execute(
                     "INSERT INTO images (uuid, extension, content_type, kind, size_bytes, width, height,"
                     " created_at, last_used_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from upscale_server.errors import ImageNotFoundError
 from upscale_server.protocol import OUTPUT_FIELDS, WireItem
 from upscale_server.storage import ImageStorage, StoredImage
+from upscale_server.tasks.images import load_stored
 
 #: The route stored images are served on (``GET /image/<uuid>.<ext>``).
 IMAGE_ROUTE = "/image/{name}"
@@ -63,12 +63,6 @@ def replayed_result(images: ImageStorage, stored: dict[str, Any], base_url: str)
     field = stored.get(_INLINE_MARK)
     if field is None:
         return item
-    image_uuid = str(item["imageUUID"])
-    image = images.get(image_uuid)
-    if image is None:
-        raise ImageNotFoundError(
-            f"no stored image with UUID {image_uuid} (never uploaded, or expired)", parameter="taskUUID"
-        )
-    data = images.read_bytes(image)
+    data, image = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
     item[field] = base64_text(data) if field == OUTPUT_FIELDS["base64Data"] else data_uri(image, data)
     return item

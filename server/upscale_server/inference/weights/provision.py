@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from upscale_server.inference.weights.ncnn_convert import (
     sha256_file,
     source_metadata,
 )
-from upscale_server.vocabulary import atomic_write
+from upscale_server.vocabulary import atomic_write, staged_writer
 
 logger = logging.getLogger(__name__)
 
@@ -197,37 +195,28 @@ class WeightStore:
     def _download(self, spec: ModelSpec, source: UrlSource) -> Path:
         target = self.models_dir / source.filename
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        # A unique *.partial name: another process downloading the same file cannot interleave with us.
-        fd, partial_name = tempfile.mkstemp(dir=self.models_dir, prefix=f".{target.name}.", suffix=".partial")
-        os.close(fd)
-        partial = Path(partial_name)
         logger.info("%s: downloading %s", spec.id, source.href)
         digest = hashlib.sha256()
         size = 0
         try:
             with self._client_factory() as client, client.stream("GET", source.href) as response:
                 response.raise_for_status()
-                with partial.open("wb") as fh:
+                # A unique *.partial file: another process downloading the same file cannot interleave
+                # with us, and nothing reaches the final name unless its digest is the pinned one.
+                with staged_writer(target) as fh:
                     for chunk in response.iter_bytes(_CHUNK):
                         size += len(chunk)
                         if size > MAX_DOWNLOAD_BYTES:
                             raise ModelLoadError(f"{source.href}: larger than {MAX_DOWNLOAD_BYTES} bytes")
                         digest.update(chunk)
                         fh.write(chunk)
+                    if digest.hexdigest() != source.sha256:
+                        raise ModelLoadError(
+                            f"{source.href}: downloaded file has sha256 {digest.hexdigest()}, "
+                            f"expected {source.sha256}; nothing was kept"
+                        )
         except httpx.HTTPError as exc:
-            partial.unlink(missing_ok=True)
             raise ModelUnavailableError(f"{spec.name}: download of {source.href} failed: {exc}") from exc
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        if digest.hexdigest() != source.sha256:
-            partial.unlink(missing_ok=True)
-            raise ModelLoadError(
-                f"{source.href}: downloaded file has sha256 {digest.hexdigest()}, expected {source.sha256}; "
-                "nothing was kept"
-            )
-        partial.chmod(0o644)
-        partial.replace(target)
         logger.info("%s: saved %s (%d bytes)", spec.id, target, size)
         return target
 
