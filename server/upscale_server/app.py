@@ -101,7 +101,8 @@ async def start_parts(
     # wait for PNG), and not the default executor that SQLite and file reads share.
     codecs = ThreadPoolExecutor(settings.resolved_encode_workers(), thread_name_prefix="codec")
     stack.push_async_callback(asyncio.to_thread, functools.partial(codecs.shutdown, wait=True, cancel_futures=True))
-    inference = InferenceService(settings, compute, observer=metrics.inference_done)
+    # Built in a thread: it reads the model manifest.
+    inference = await asyncio.to_thread(InferenceService, settings, compute, observer=metrics.inference_done)
     inference.start()
     stack.push_async_callback(asyncio.to_thread, inference.stop, SHUTDOWN_GRACE_SECONDS)
 
