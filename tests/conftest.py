@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
         kernel.load(build=False)
     except OSError:
         raise pytest.UsageError(
-            f"the Winograd CPU kernel is not built for this machine ({kernel.library_path()}); "
+            f"the Winograd CPU kernel is not built for this machine ({kernel.shared_object_path()}); "
             f"build it first: {sys.executable} -m upscale_server.inference.cpu"
         ) from None
 

@@ -27,7 +27,7 @@ class Fresh:
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Fresh:
     """An empty kernel cache under ``tmp_path`` and a process that has loaded no kernel yet."""
-    prebuilt = kernel.library_path()
+    prebuilt = kernel.shared_object_path()
     assert prebuilt.is_file()
     monkeypatch.setattr(kernel, "_kernel", kernel._KernelState())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -64,7 +64,7 @@ def test_the_kernel_is_built_once_into_the_cache(fresh: Fresh, monkeypatch: pyte
 
     assert kernel.available() is True
     (built,) = fresh.cache.rglob("winograd-*.so")
-    assert built == kernel.library_path() and built.read_bytes() == fresh.prebuilt.read_bytes()
+    assert built == kernel.shared_object_path() and built.read_bytes() == fresh.prebuilt.read_bytes()
     (call,) = log.read_text().splitlines()
     assert str(kernel.SOURCE) in call and "-fopenmp" in call and "-shared" in call
     assert not [p for p in built.parent.iterdir() if p != built]  # the temporary build folder is gone
@@ -111,7 +111,7 @@ def test_the_build_command_prints_the_library_or_one_line_of_error(
     monkeypatch.setenv("CC", str(cc))
     assert kernel.main() == 0
     out, err = capsys.readouterr()
-    assert out == f"{kernel.library_path()}\n" and err == ""
+    assert out == f"{kernel.shared_object_path()}\n" and err == ""
     monkeypatch.setattr(kernel, "_kernel", kernel._KernelState())  # a new process loads it without building
     assert kernel.load(build=False) is not None
 

@@ -73,7 +73,7 @@ def _isa_flags() -> tuple[str, ...]:
     return ("-mavx2", "-mfma") if {"avx2", "fma"} <= set(flags) else ()
 
 
-def library_path() -> Path:
+def shared_object_path() -> Path:
     """Where this machine's build of the kernel lives: the cache, under a key of the source and flags."""
     flags = " ".join((*_CFLAGS, *_isa_flags()))
     key = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()
@@ -130,7 +130,7 @@ def load(*, build: bool = True) -> ctypes.CDLL:
             return _kernel.lib
         if _kernel.error is not None:
             raise OSError(_kernel.error)
-        target = library_path()
+        target = shared_object_path()
         if not build and not target.exists():
             raise OSError(f"the Winograd kernel is not built for this machine ({target}): run `{BUILD_COMMAND}`")
         try:
@@ -161,5 +161,5 @@ def main() -> int:
     except OSError as exc:
         print(f"Winograd kernel: {exc}", file=sys.stderr)  # noqa: T201 - a command's one line of output
         return 1
-    print(library_path())  # noqa: T201
+    print(shared_object_path())  # noqa: T201
     return 0
