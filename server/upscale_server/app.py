@@ -99,7 +99,8 @@ async def start_parts(
     stack.push_async_callback(webhooks.aclose, SHUTDOWN_GRACE_SECONDS)  # tasks that just finished may be notifying
     # Decoding and encoding get their own bounded pool: never the worker's threads (the device would
     # wait for PNG), and not the default executor that SQLite and file reads share.
-    codecs = ThreadPoolExecutor(settings.resolved_encode_workers(), thread_name_prefix="codec")
+    codec_threads = settings.resolved_encode_workers()
+    codecs = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     stack.push_async_callback(asyncio.to_thread, functools.partial(codecs.shutdown, wait=True, cancel_futures=True))
     # Built in a thread: it reads the model manifest.
     inference = await asyncio.to_thread(InferenceService, settings, compute, observer=metrics.inference_done)
@@ -159,7 +160,7 @@ async def start_parts(
         "serving on %s; models on %s; %d codec threads",
         settings.host,
         inference.describe(),
-        settings.resolved_encode_workers(),
+        codec_threads,
     )
     return context, observability
 

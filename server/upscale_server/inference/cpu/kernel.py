@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import platformdirs
+
 log = logging.getLogger(__name__)
 
 SOURCE: Final = Path(__file__).with_name("winograd.c")
@@ -47,8 +49,8 @@ _kernel = _KernelState()
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "upscale-server" / "kernels"
+    """The per-user cache (``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux), as for the weights' data folder."""
+    return platformdirs.user_cache_path("upscale-server", appauthor=False) / "kernels"
 
 
 def _isa_flags() -> tuple[str, ...]:
