@@ -224,6 +224,68 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="Price reported in `cost` (includeCost) per output megapixel."
     )
 
+    # ------------------------------------------------------------------ cluster (docs/scaling.md)
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis (or Valkey) for cluster mode, e.g. redis://redis:6379/0: the durable job queue, task "
+        "records, sessions and image index shared by `serve --role api` nodes and `worker` processes. Unset: "
+        "the single process (SQLite, local files, in-process worker).",
+    )
+    redis_prefix: str = Field(
+        default="upscale:{u}:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every Redis key; the braces are a hash tag, so a Redis Cluster keeps every key "
+        "in one slot (the Lua scripts touch several). Two deployments sharing a Redis use different prefixes.",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint URL for cluster images (SeaweedFS, Garage, MinIO...); unset: AWS. "
+        "Credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).",
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket for cluster images (required in cluster mode).")
+    s3_region: str = Field(default="us-east-1", description="Region of the S3 bucket.")
+    s3_prefix: str = Field(default="", max_length=256, description="Key prefix of every object in the bucket.")
+    s3_presign_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=7 * 86400,
+        description="`GET /image/...` redirects to a presigned S3 URL valid this long instead of streaming the "
+        "object through the API node; 0 streams (the bucket then needs no public address).",
+    )
+    node_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Name of this API node or worker in logs, metrics and Redis; default: host name and PID.",
+    )
+    worker_dead_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A running task whose worker has not renewed its claim for this long is given to another "
+        "worker (a live worker renews every third of it).",
+    )
+    worker_max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Times a task may be handed to a worker; a task whose workers died this often fails with "
+        "taskCrashedWorkers and is kept aside in the dead-letter stream.",
+    )
+    cluster_check_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How often an API node checks its waiting requests and sessions without a wake-up: Redis "
+        "pub/sub is only a signal, and a lost one costs at most this long.",
+    )
+    resize_crash_width: int = Field(
+        default=0,
+        ge=0,
+        description="Test-target mode only: the process running an upscale whose input is this many pixels wide "
+        "dies at once (exit code 70), so recovery from crashing workers can be tested; 0 never.",
+    )
+
     @field_validator("outbound_allow")
     @classmethod
     def _check_outbound_allow(cls, value: list[str]) -> list[str]:
