@@ -72,19 +72,19 @@ def test_resent_in_flight_async_task_is_a_conflict_and_still_pollable(
 def test_detached_sessions_expire_after_the_resume_window() -> None:
     now = [0.0]
     registry = LocalSessionStore(resume_seconds=120, clock=lambda: now[0])
-    session = registry.open(None)
+    session = asyncio.run(registry.open(None))
 
     async def sender(frame: str) -> None:
         raise AssertionError("detached: nothing is sent")
 
     async def scenario() -> None:
         await session.attach(sender)
-        session.detach(sender)
+        await session.detach(sender)
         await session.deliver({"data": [{"taskUUID": "t"}]})  # buffered
 
     asyncio.run(scenario())
     now[0] = 119.0
-    assert registry.open(session.uuid) is session
+    assert asyncio.run(registry.open(session.uuid)) is session
     now[0] = 121.0
     assert registry.expire() == 1
-    assert registry.open(session.uuid) is not session  # a fresh session under the same id
+    assert asyncio.run(registry.open(session.uuid)) is not session  # a fresh session under the same id

@@ -20,6 +20,10 @@ IMPLEMENTATIONS = {
     "upscale_server.storage.sqlite_records",
     "upscale_server.queue.local",
     "upscale_server.sessions.local",
+    *(
+        f"upscale_server.cluster.{name}"
+        for name in ("connect", "images", "jobs", "keys", "objects", "records", "scripts", "sessions", "wakeups")
+    ),
 }
 
 
@@ -94,6 +98,8 @@ def test_only_the_backends_module_names_an_implementation() -> None:
         ),
         # Storage keeps bytes and records; it does not know tasks, transports or inference.
         ("upscale_server.storage", ("upscale_server.tasks", "upscale_server.api", "upscale_server.inference")),
+        # The cluster backends implement the storage, queue and session interfaces: no tasks, no transports.
+        ("upscale_server.cluster", ("upscale_server.tasks", "upscale_server.api", "upscale_server.inference")),
         # Tasks never reach back into the transports.
         ("upscale_server.tasks", ("upscale_server.api", "fastapi", "starlette")),
     ],

@@ -30,6 +30,7 @@ from upscale_server.storage.sqlite_records import SqliteTaskRecords
 from upscale_server.tasks.dispatcher import RequestContext, TaskDispatcher
 from upscale_server.tasks.lifecycle import TaskLifecycle
 from upscale_server.tasks.ping import handle_ping
+from upscale_server.tasks.results import RecordedResults
 from upscale_server.tasks.upscale import UpscaleHandler
 
 BASE = "http://testserver"
@@ -58,13 +59,20 @@ def webhooks() -> RecordingWebhooks:
 
 
 @pytest.fixture
-def jobs() -> LocalJobQueue:
-    return LocalJobQueue(capacity=2)
+def jobs(records: SqliteTaskRecords) -> LocalJobQueue:
+    return LocalJobQueue(records, capacity=2)
 
 
 @pytest.fixture
-def lifecycle(records: SqliteTaskRecords, jobs: LocalJobQueue, webhooks: RecordingWebhooks) -> TaskLifecycle:
-    return TaskLifecycle(records, jobs, webhooks, Metrics(process_metrics=False))  # type: ignore[arg-type]
+def lifecycle(records: SqliteTaskRecords, webhooks: RecordingWebhooks) -> TaskLifecycle:
+    return TaskLifecycle(records, webhooks, Metrics(process_metrics=False))  # type: ignore[arg-type]
+
+
+def upscale_job(task_uuid: str | None = None, delivery: str = "async") -> UpscaleJob:
+    raw = {"taskType": "upscale", "taskUUID": task_uuid or new_uuid(), "inputImage": "https://h/x.png"}
+    task = parse_task({**raw, "deliveryMethod": delivery})
+    assert isinstance(task, UpscaleTask)
+    return UpscaleJob(task, BASE)
 
 
 # --------------------------------------------------------------------------- admission and claim
@@ -74,22 +82,30 @@ def test_admission_refuses_before_claiming_and_a_conflict_gives_its_place_back(
     lifecycle: TaskLifecycle, records: SqliteTaskRecords, jobs: LocalJobQueue
 ) -> None:
     async def scenario() -> None:
-        first, second, third = new_uuid(), new_uuid(), new_uuid()
-        await lifecycle.accept("upscale", first, "async", admitted=True)
-        await lifecycle.accept("upscale", second, "async", admitted=True)
+        release = asyncio.Event()
+
+        async def execute(job: UpscaleJob) -> Outcome:
+            await release.wait()
+            return Outcome(item={"taskUUID": job.task.task_uuid})
+
+        jobs.start(execute, execute)
+        first, second, third = upscale_job(), upscale_job(), upscale_job()
+        done = [await jobs.enqueue(first), await jobs.enqueue(second)]
         assert jobs.in_flight == 2
         with pytest.raises(QueueFullError) as full:
-            await lifecycle.accept("upscale", third, "async", admitted=True)
+            await jobs.enqueue(third)
         assert full.value.http_status == 429 and "UPSCALE_MAX_QUEUE=2" in full.value.message
-        assert records.get(third) is None  # refused before the claim: the UUID can be sent again
-        await lifecycle.accept("imageUpload", new_uuid(), "sync", admitted=False)  # uploads are not admitted
-        jobs.release()  # the first one will not be submitted after all
+        assert records.get(third.task.task_uuid) is None  # refused before the claim: the UUID can be sent again
+        await lifecycle.accept("imageUpload", new_uuid(), "sync")  # uploads are not admitted
+        release.set()
+        await asyncio.wait(done)
+        assert jobs.in_flight == 0
         with pytest.raises(ConflictTaskUUIDError) as conflict:
-            await lifecycle.accept("imageUpscale", second, "sync", admitted=True)
+            await jobs.enqueue(upscale_job(second.task.task_uuid, "sync"))
         assert conflict.value.parameter == "taskUUID"
-        assert jobs.in_flight == 1  # the conflict gave its place back
-        await lifecycle.accept("upscale", third, "async", admitted=True)
-        assert jobs.in_flight == 2
+        assert jobs.in_flight == 0  # the conflict gave its place back
+        await (await jobs.enqueue(third))
+        assert jobs.in_flight == 0
 
     asyncio.run(scenario())
 
@@ -98,8 +114,6 @@ def test_a_job_frees_its_place_whatever_becomes_of_it(
     lifecycle: TaskLifecycle, records: SqliteTaskRecords, jobs: LocalJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Even when its outcome cannot be recorded (a full disk, say): the queue must not fill up for good."""
-    task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
-    assert isinstance(task, UpscaleTask)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("database or disk is full")
@@ -112,10 +126,9 @@ def test_a_job_frees_its_place_whatever_becomes_of_it(
         return await lifecycle.execute(job.task.task_type, job.task.task_uuid, BASE, work, webhook_url=None)
 
     async def scenario() -> None:
-        jobs.start(execute)
+        jobs.start(execute, execute)
         for _ in range(3):  # more jobs, one after another, than the queue has places
-            await lifecycle.accept("upscale", task.task_uuid if _ == 0 else new_uuid(), "sync", admitted=True)
-            await jobs.submit(UpscaleJob(task, BASE))
+            await (await jobs.enqueue(upscale_job(delivery="sync")))
             assert jobs.in_flight == 0
 
     asyncio.run(scenario())
@@ -139,7 +152,7 @@ def test_a_result_is_recorded_in_its_stored_shape_and_sent_to_the_webhook(
     item = {"taskType": "upscale", "taskUUID": task_uuid, "imageUUID": "i", "imageURL": f"{BASE}/image/i.png"}
 
     async def scenario() -> Outcome:
-        await lifecycle.accept("upscale", task_uuid, "async", admitted=True)
+        await lifecycle.accept("upscale", task_uuid, "async")
         return await lifecycle.execute("upscale", task_uuid, BASE, _item(item), webhook_url="https://hook/x")
 
     outcome = asyncio.run(scenario())
@@ -156,7 +169,7 @@ def test_a_failure_is_recorded_as_its_error_item_and_sent_to_the_webhook(
     task_uuid = new_uuid()
 
     async def scenario() -> Outcome:
-        await lifecycle.accept("upscale", task_uuid, "sync", admitted=True)
+        await lifecycle.accept("upscale", task_uuid, "sync")
         work = _fails(TaskNotFoundError("gone", parameter="taskUUID"))
         return await lifecycle.execute("upscale", task_uuid, BASE, work, webhook_url="https://hook/x")
 
@@ -165,8 +178,26 @@ def test_a_failure_is_recorded_as_its_error_item_and_sent_to_the_webhook(
     expected = {"code": "taskNotFound", "message": "gone", "parameter": "taskUUID", "taskType": "upscale"}
     assert outcome.error == {**expected, "taskUUID": task_uuid}
     record = records.get(task_uuid)
-    assert record is not None and record.error == {**expected, "taskUUID": task_uuid, "status": "error"}
+    recorded = {**expected, "taskUUID": task_uuid, "status": "error", "_httpStatus": 404}  # the sync reply's status
+    assert record is not None and record.error == recorded
     assert webhooks.sent == [("https://hook/x", {"errors": [outcome.error]}, task_uuid)]
+
+
+def test_only_the_run_that_records_the_outcome_notifies(
+    lifecycle: TaskLifecycle, records: SqliteTaskRecords, webhooks: RecordingWebhooks
+) -> None:
+    """A second run of one task (a cluster re-run after a worker stopped) changes nothing and sends nothing."""
+    task_uuid = new_uuid()
+
+    async def scenario() -> None:
+        await lifecycle.accept("upscale", task_uuid, "async")
+        await lifecycle.execute("upscale", task_uuid, BASE, _item({"imageUUID": "first"}), webhook_url="https://h/1")
+        await lifecycle.execute("upscale", task_uuid, BASE, _item({"imageUUID": "second"}), webhook_url="https://h/1")
+
+    asyncio.run(scenario())
+    record = records.get(task_uuid)
+    assert record is not None and record.item is not None and record.item["imageUUID"] == "first"
+    assert [payload["data"][0]["imageUUID"] for _, payload, _ in webhooks.sent] == ["first"]
 
 
 def test_an_unexpected_exception_becomes_a_generic_error_never_its_text(
@@ -175,7 +206,7 @@ def test_an_unexpected_exception_becomes_a_generic_error_never_its_text(
     task_uuid = new_uuid()
 
     async def scenario() -> Outcome:
-        await lifecycle.accept("imageUpload", task_uuid, "sync", admitted=False)
+        await lifecycle.accept("imageUpload", task_uuid, "sync")
         work = _fails(RuntimeError("/secret/path exploded"))
         return await lifecycle.execute("imageUpload", task_uuid, BASE, work, webhook_url=None)
 
@@ -220,14 +251,11 @@ def test_the_dispatcher_routes_by_task_type_and_answers_every_task_once() -> Non
 # --------------------------------------------------------------------------- the in-process job queue
 
 
-def test_the_local_queue_runs_jobs_concurrently_and_drains_them() -> None:
-    task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
-    assert isinstance(task, UpscaleTask)
-
+def test_the_local_queue_runs_jobs_concurrently_and_drains_them(records: SqliteTaskRecords) -> None:
     async def scenario() -> None:
-        queue = LocalJobQueue(capacity=3)
+        queue = LocalJobQueue(records, capacity=3)
         with pytest.raises(RuntimeError, match="not started"):
-            queue.submit(UpscaleJob(task, BASE))
+            await queue.enqueue(upscale_job())
         release = asyncio.Event()
         started: list[UpscaleJob] = []
 
@@ -236,20 +264,25 @@ def test_the_local_queue_runs_jobs_concurrently_and_drains_them() -> None:
             await release.wait()
             return Outcome(item={"taskUUID": job.task.task_uuid})
 
-        queue.start(execute)
-        for _ in range(3):
-            queue.admit()
+        queue.start(execute, execute)
+        jobs = [upscale_job() for _ in range(3)]
+        futures = [await queue.enqueue(job) for job in jobs]
         with pytest.raises(QueueFullError):
-            queue.admit()
-        futures = [queue.submit(UpscaleJob(task, BASE)) for _ in range(3)]
+            await queue.enqueue(upscale_job())
         await asyncio.sleep(0)
         assert len(started) == 3 and queue.in_flight == 3  # none waits for another
         release.set()
         await queue.drain(timeout=10)
         assert queue.in_flight == 0
-        assert [f.result().item for f in futures] == [{"taskUUID": task.task_uuid}] * 3
+        assert [f.result() for f in futures] == [Outcome(item={"taskUUID": job.task.task_uuid}) for job in jobs]
 
     asyncio.run(scenario())
+
+
+def test_a_job_travels_as_json_with_the_image_uuids_chosen_at_acceptance() -> None:
+    job = upscale_job(delivery="sync")
+    again = UpscaleJob.from_json(job.to_json())
+    assert again == job and again.output_uuid != again.input_uuid
 
 
 # --------------------------------------------------------------------------- authentication
@@ -288,11 +321,10 @@ def test_websocket_frames_must_carry_their_key() -> None:
 
 
 def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(
-    lifecycle: TaskLifecycle, jobs: LocalJobQueue
+    records: SqliteTaskRecords, jobs: LocalJobQueue
 ) -> None:
     """The reply is shielded from the request: nothing accepted is lost when the caller goes away."""
-    task = parse_task({"taskType": "upscale", "taskUUID": new_uuid(), "inputImage": "https://h/x.png"})
-    assert isinstance(task, UpscaleTask)
+    task = upscale_job(delivery="sync").task
 
     async def scenario() -> None:
         queue = jobs
@@ -304,8 +336,8 @@ def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(
             await release.wait()
             return Outcome(item={"taskUUID": job.task.task_uuid})
 
-        queue.start(execute)
-        handler = UpscaleHandler(lifecycle, queue, outbound=None)  # type: ignore[arg-type]
+        queue.start(execute, execute)
+        handler = UpscaleHandler(queue, RecordedResults(records, images=None), outbound=None)  # type: ignore[arg-type]
         emitted: list[Outcome] = []
 
         async def emit(outcome: Outcome) -> None:

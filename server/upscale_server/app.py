@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 from fastapi import FastAPI
 
@@ -23,12 +24,13 @@ from upscale_server import __version__
 from upscale_server.api import rest, ws
 from upscale_server.api.auth import ApiKeys
 from upscale_server.api.context import ServerContext
-from upscale_server.backends import open_local_backends
-from upscale_server.config import Settings
+from upscale_server.backends import open_backends
+from upscale_server.config import Settings, UnusableSettingError
 from upscale_server.delivery import WebhookSender
 from upscale_server.inference import ComputeConfig, InferenceService
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource
+from upscale_server.observability.logs import set_node_name
 from upscale_server.observability.metrics import Metrics
 from upscale_server.outbound import OutboundClient, OutboundPolicy
 from upscale_server.protocol import GetResponseTask, ImageUploadTask, PingTask, UpscaleTask
@@ -38,6 +40,7 @@ from upscale_server.tasks.images import TaskImages
 from upscale_server.tasks.lifecycle import TaskLifecycle
 from upscale_server.tasks.ping import handle_ping
 from upscale_server.tasks.poll import GetResponseHandler
+from upscale_server.tasks.results import RecordedResults
 from upscale_server.tasks.upload import UploadHandler
 from upscale_server.tasks.upscale import UpscaleHandler, UpscaleRunner
 from upscale_server.web import routes as web
@@ -48,37 +51,55 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 30.0
 
 
-def create_app(settings: Settings) -> FastAPI:
+#: What a process does. ``all``: the API and the inference worker (the single process, or a cluster
+#: node that also runs jobs); ``api``: a cluster API node, no model; ``worker``: a cluster worker, whose
+#: only routes are the probes.
+Role = Literal["all", "api", "worker"]
+
+
+def create_app(settings: Settings, role: Role = "all") -> FastAPI:
     """The app for ``settings``. Nothing is opened yet: the parts are built when the app starts.
 
-    Settings this machine cannot honour (a CUDA device without CUDA, an unreadable key file) raise
-    :class:`~upscale_server.config.UnusableSettingError` here, before a server starts.
+    Settings this machine cannot honour (a CUDA device without CUDA, an unreadable key file, a cluster
+    role without Redis) raise :class:`~upscale_server.config.UnusableSettingError` here, before a server
+    starts.
     """
+    if role != "all" and not settings.redis_url:
+        raise UnusableSettingError(f"the {role} role is part of a cluster: set UPSCALE_REDIS_URL and UPSCALE_S3_BUCKET")
+    if settings.redis_url and not settings.s3_bucket:
+        raise UnusableSettingError("cluster mode (UPSCALE_REDIS_URL) needs UPSCALE_S3_BUCKET, the bucket for images")
     compute = ComputeConfig.from_settings(settings)
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            app.state.context, app.state.observability = await start_parts(settings, compute, keys, stack)
+            app.state.context, app.state.observability = await start_parts(settings, compute, keys, stack, role)
             yield
 
     app = FastAPI(title="Upscale Server", version=__version__, lifespan=lifespan)
-    app.include_router(rest.router)
     app.include_router(health.router)  # /health, /ready, /metrics: no API key, like every probe endpoint
-    app.include_router(ws.router)
-    app.include_router(web.router)
+    if role != "worker":
+        app.include_router(rest.router)
+        app.include_router(ws.router)
+        app.include_router(web.router)
     return app
 
 
 async def start_parts(
-    settings: Settings, compute: ComputeConfig, keys: ApiKeys, stack: contextlib.AsyncExitStack
+    settings: Settings,
+    compute: ComputeConfig,
+    keys: ApiKeys,
+    stack: contextlib.AsyncExitStack,
+    role: Role = "all",
 ) -> tuple[ServerContext, HealthSource]:
     """Build every part in order, registering each one's teardown on ``stack``; returns what the routes read."""
-    if keys.open_mode:
+    runs_jobs = role != "api"
+    if keys.open_mode and role != "worker":
         log.warning("no API keys configured: open local mode, any API key is accepted")
-    backends = await asyncio.to_thread(open_local_backends, settings)
-    stack.callback(backends.close)
+    backends = await open_backends(settings, consume=runs_jobs)
+    stack.push_async_callback(backends.close)
+    set_node_name(backends.node if backends.cluster else None)
 
     metrics = Metrics()
     outbound = OutboundClient(
@@ -102,10 +123,11 @@ async def start_parts(
     codec_threads = settings.resolved_encode_workers()
     codecs = ThreadPoolExecutor(codec_threads, thread_name_prefix="codec")
     stack.push_async_callback(asyncio.to_thread, functools.partial(codecs.shutdown, wait=True, cancel_futures=True))
-    # Built in a thread: it reads the model manifest.
+    # Built in a thread: it reads the model manifest. An API node builds it only to know the models.
     inference = await asyncio.to_thread(InferenceService, settings, compute, observer=metrics.inference_done)
-    inference.start()
-    stack.push_async_callback(asyncio.to_thread, inference.stop, SHUTDOWN_GRACE_SECONDS)
+    if runs_jobs:
+        inference.start()
+        stack.push_async_callback(asyncio.to_thread, inference.stop, SHUTDOWN_GRACE_SECONDS)
 
     images = TaskImages(
         backends.images,
@@ -115,30 +137,35 @@ async def start_parts(
         max_input_pixels=settings.max_input_pixels,
         upload_max_side=settings.upload_max_side,
     )
-    lifecycle = TaskLifecycle(backends.records, backends.jobs, webhooks, metrics)
-    runner = UpscaleRunner(lifecycle, inference, images, outbound, cost_per_megapixel=settings.cost_per_megapixel)
-    backends.jobs.start(runner.execute)
+    lifecycle = TaskLifecycle(backends.records, webhooks, metrics)
+    results = RecordedResults(backends.records, backends.images)
+    backends.bind_results(results.frame)
+    if runs_jobs:
+        runner = UpscaleRunner(lifecycle, inference, images, outbound, cost_per_megapixel=settings.cost_per_megapixel)
+        backends.jobs.start(runner.execute, runner.give_up)
     dispatcher = TaskDispatcher(
         {
             PingTask: handle_ping,
             ImageUploadTask: UploadHandler(lifecycle, images),
-            UpscaleTask: UpscaleHandler(lifecycle, backends.jobs, outbound),
-            GetResponseTask: GetResponseHandler(backends.records, backends.images),
+            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound),
+            GetResponseTask: GetResponseHandler(results),
         },
         metrics,
     )
     metrics.watch(
-        queue_depth=lambda: inference.queue_depth,
+        queue_depth=(lambda: inference.queue_depth) if runs_jobs else None,
         in_flight=lambda: backends.jobs.in_flight,
         storage_stats=backends.images.stats,
-        cuda_device=compute.device if compute.device.type == "cuda" else None,
+        cuda_device=compute.device if compute.device.type == "cuda" and runs_jobs else None,
+        cluster_queue=backends.queue_figures,
     )
 
-    stop_sweeping = asyncio.Event()
-    sweeper = asyncio.create_task(
-        sweep_forever([backends.images, backends.records], settings.sweep_interval_seconds, stop=stop_sweeping)
-    )
-    stack.push_async_callback(_stop_task, sweeper, stop_sweeping)
+    if role != "worker":  # in a cluster the API nodes sweep (twice is harmless); workers keep to jobs
+        stop_sweeping = asyncio.Event()
+        sweeper = asyncio.create_task(
+            sweep_forever([backends.images, backends.records], settings.sweep_interval_seconds, stop=stop_sweeping)
+        )
+        stack.push_async_callback(_stop_task, sweeper, stop_sweeping)
     stack.push_async_callback(backends.jobs.drain, SHUTDOWN_GRACE_SECONDS)  # the first thing a stop does
 
     context = ServerContext(
@@ -149,20 +176,36 @@ async def start_parts(
         sessions=backends.sessions,
         models=inference.models(),
     )
+    checks = dict(backends.ready_checks)
+    if backends.cluster and runs_jobs:
+        checks["heartbeat"] = functools.partial(_heartbeat_check, backends.heartbeat_age, settings.worker_dead_seconds)
     observability = HealthSource(
-        worker_state=lambda: inference.worker_state,
+        worker_state=(lambda: inference.worker_state) if runs_jobs else (lambda: "none (API node)"),
         model_loaded=inference.model_loaded,
-        data_dir=await asyncio.to_thread(lambda: settings.data_dir.expanduser().resolve()),
+        data_dir=None
+        if backends.cluster
+        else await asyncio.to_thread(lambda: settings.data_dir.expanduser().resolve()),
         metrics=metrics,
         require_model=settings.preload_default_model,  # else nothing loads it until a request comes
+        runs_models=runs_jobs,
+        checks=checks,
     )
     log.info(
-        "serving on %s; models on %s; %d codec threads",
+        "%s on %s; models on %s; %d codec threads",
+        {"all": "serving", "api": "API node serving", "worker": "worker running"}[role],
         settings.host,
-        inference.describe(),
+        inference.describe() if runs_jobs else "the workers",
         codec_threads,
     )
     return context, observability
+
+
+async def _heartbeat_check(age: Callable[[], float | None], dead_seconds: float) -> tuple[bool, str]:
+    """A worker is ready while its heartbeat in Redis is younger than the dead threshold."""
+    seconds = age()
+    if seconds is None:
+        return False, "no heartbeat yet"
+    return seconds < dead_seconds, f"{seconds:.1f} s ago"
 
 
 async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:

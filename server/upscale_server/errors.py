@@ -202,6 +202,13 @@ class ConflictTaskUUIDError(UpscaleError):
     default_message = "A task with this taskUUID already exists; send each task with a new UUID."
     default_parameter = "taskUUID"
 
+    @classmethod
+    def for_task(cls, task_uuid: str) -> ConflictTaskUUIDError:
+        return cls(
+            f"taskUUID {task_uuid} was already used; send each task with a new UUID "
+            "(getResponse returns the earlier task's result)"
+        )
+
 
 class ImageNotFoundError(UpscaleError):
     """An image UUID given as input (or an image URL path) is not stored here: never uploaded, or expired."""
@@ -315,6 +322,18 @@ class ServiceUnavailableError(UpscaleError):
 
     code = "serviceUnavailable"
     http_status = 503
+
+
+class TaskCrashedWorkersError(UpscaleError):
+    """A cluster task whose workers died every time they ran it (a poison input): it is not tried again
+    and is kept aside for the operator."""
+
+    code = "taskCrashedWorkers"
+    http_status = 500
+    default_message = (
+        "the workers running this task stopped unexpectedly every time it was tried; it was set aside "
+        "and will not be retried (check the input, or send it again with a new taskUUID)"
+    )
 
 
 class TaskInterruptedError(UpscaleError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
 from upscale_server.api.context import RunwareJSONResponse, parse_tasks, server_context
 from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
@@ -78,6 +78,9 @@ async def get_image(name: str, request: Request) -> Response:
         return error_response(ImageNotFoundError(f"no image {name} (unknown or expired)", parameter="image"))
     if stored.local_path is not None:
         return FileResponse(stored.local_path, media_type=stored.content_type)
+    redirect = images.presigned_url(stored)
+    if redirect is not None:
+        return RedirectResponse(redirect, status_code=307)
     try:
         data = await asyncio.to_thread(images.read_bytes, stored)
     except FileNotFoundError:  # expired and swept since the lookup

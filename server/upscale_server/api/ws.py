@@ -61,7 +61,8 @@ class Connection:
             pass
         finally:
             if self.session is not None:
-                self.session.detach(self.send_text)
+                with contextlib.suppress(Exception):  # a store that is unreachable now expires it anyway
+                    await self.session.detach(self.send_text)
 
     async def handle_frame(self, text: str) -> None:
         try:
@@ -80,7 +81,9 @@ class Connection:
             await self.refuse_unauthenticated(raw_tasks)
             return
         task = asyncio.create_task(
-            self.context.dispatcher.dispatch(raw_tasks, base_url=self.context.base_url(self.socket), emit=self.emit)
+            self.context.dispatcher.dispatch(
+                raw_tasks, base_url=self.context.base_url(self.socket), emit=self.emit, session=self.session.uuid
+            )
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -90,15 +93,16 @@ class Connection:
         after it, or None when refused (the error is the reply)."""
         try:
             task, rest = self.context.keys.authenticate_frame(raw_tasks)
+            if self.session is not None:
+                await self.session.detach(self.send_text)
+            session = await self.context.sessions.open(task.connection_session_uuid)
         except UpscaleError as exc:
             await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
             return None
-        if self.session is not None:
-            self.session.detach(self.send_text)
-        session = self.context.sessions.open(task.connection_session_uuid)
         await self.reply(envelope(data=[auth_item(session.uuid)]))
         self.session = session
-        await session.attach(self.send_text)  # flushes results that finished while the client was away
+        # Flushes results that finished while the client was away.
+        await session.attach(self.send_text, self.context.base_url(self.socket))
         return rest
 
     async def refuse_unauthenticated(self, raw_tasks: list[object]) -> None:

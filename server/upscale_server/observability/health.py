@@ -20,7 +20,7 @@ import concurrent.futures
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,14 +53,19 @@ class HealthSource:
     "stopped"); ``model_loaded()`` whether the default model is loaded. With ``require_model`` False
     (the app does not preload the default model) readiness does not wait for it: the first request
     loads it, and no request would ever come to a server that is never ready. ``data_dir`` is the
-    folder that must stay writable (images and the SQLite database live under it).
+    folder that must stay writable (images and the SQLite database live under it); None when the
+    process keeps nothing on its disk (a cluster node). ``runs_models`` is False on a cluster's API
+    node, which loads no model. ``checks`` are further named checks (a cluster's Redis, S3, heartbeat),
+    each bounded by the storage timeout.
     """
 
     worker_state: Callable[[], str]
     model_loaded: Callable[[], bool]
-    data_dir: Path
+    data_dir: Path | None
     metrics: Metrics
     require_model: bool = True
+    runs_models: bool = True
+    checks: Mapping[str, Callable[[], Awaitable[tuple[bool, str]]]] = field(default_factory=dict)
     storage_timeout: float = STORAGE_CHECK_TIMEOUT_SECONDS
     _storage_probe: _StorageProbe = field(init=False, repr=False)
 
@@ -69,7 +74,24 @@ class HealthSource:
 
     async def check_storage(self) -> str:
         """``"writable"``, or why the data folder cannot be written."""
+        assert self.data_dir is not None
         return await self._storage_probe.check(self.data_dir, self.storage_timeout)
+
+    async def run_checks(self) -> dict[str, tuple[bool, str]]:
+        """Every check that applies to this process, by name: (passed, detail)."""
+        results: dict[str, tuple[bool, str]] = {}
+        if self.runs_models:
+            worker = _worker_state(self)
+            results["model"] = _model_check(self)
+            results["worker"] = (worker == WORKER_RUNNING, worker)
+        if self.data_dir is not None:
+            results["storage"] = _storage_result(await self.check_storage())
+        for name, check in self.checks.items():
+            try:
+                results[name] = await asyncio.wait_for(check(), self.storage_timeout)
+            except TimeoutError:
+                results[name] = (False, f"no answer after {self.storage_timeout:g} s")
+        return results
 
 
 class _StorageProbe:
@@ -148,11 +170,7 @@ async def ready(request: Request) -> JSONResponse:
         body: dict[str, Any] = {"status": "unavailable", "worker": "starting", "checks": {}, "failing": ["startup"]}
         return JSONResponse(body, status_code=503, headers=NO_STORE)
     worker = _worker_state(source)
-    results = {
-        "model": _model_check(source),
-        "worker": (worker == WORKER_RUNNING, worker),
-        "storage": _storage_result(await source.check_storage()),
-    }
+    results = await source.run_checks()
     checks = {name: detail for name, (_, detail) in results.items()}
     failing = [name for name, (passed, _) in results.items() if not passed]
     body = {"status": "unavailable" if failing else "ready", "worker": worker, "checks": checks}

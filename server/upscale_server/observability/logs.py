@@ -39,7 +39,16 @@ _task_uuid: contextvars.ContextVar[str | None] = contextvars.ContextVar("upscale
 #: the root handler, so server, access and application lines share one format.
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 
-PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(task_tag)s: %(message)s"
+PLAIN_FORMAT = "%(asctime)s %(levelname)s%(node_tag)s %(name)s%(task_tag)s: %(message)s"
+
+#: This process's name in a cluster (its node or worker id), put on every line; None for one process.
+_node: str | None = None
+
+
+def set_node_name(name: str | None) -> None:
+    """Name this process on every log line from now on (a cluster's node or worker id)."""
+    global _node  # noqa: PLW0603 - one process, one name, set once at start-up
+    _node = name
 
 
 @contextlib.contextmanager
@@ -85,7 +94,7 @@ class QuietProbesFilter(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601, ms), ``level``, ``logger``, ``message``,
-    then ``taskUUID`` when the record has one and ``exc_info`` (the formatted traceback) when it
+    then ``taskUUID`` when the record has one, ``node`` in a cluster, and ``exc_info`` (the formatted traceback) when it
     carries an exception. Only the stdlib, so a log shipper needs no schema beyond this."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -98,6 +107,8 @@ class JsonFormatter(logging.Formatter):
         task_uuid = getattr(record, "taskUUID", None)
         if task_uuid is not None:
             entry["taskUUID"] = str(task_uuid)
+        if _node is not None:
+            entry["node"] = _node
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -117,7 +128,11 @@ class PlainFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         task_uuid = getattr(record, "taskUUID", None)
         # Passed through a mapping, not set on the record: other handlers share the record.
-        values = {**record.__dict__, "task_tag": f" [{task_uuid}]" if task_uuid is not None else ""}
+        values = {
+            **record.__dict__,
+            "task_tag": f" [{task_uuid}]" if task_uuid is not None else "",
+            "node_tag": f" {_node}" if _node is not None else "",
+        }
         return PLAIN_FORMAT % values
 
 

@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     import torch
+
+    from upscale_server.queue import QueueFigures
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +102,19 @@ class Metrics:
         in_flight: Callable[[], int] | None = None,
         storage_stats: Callable[[], tuple[int, int]] | None = None,
         cuda_device: torch.device | None = None,
+        cluster_queue: Callable[[], QueueFigures] | None = None,
     ) -> None:
         """Register the levels read at scrape time; call once. A series whose source is None is left out.
 
         ``queue_depth``: jobs waiting for the inference worker. ``in_flight``: upscale tasks accepted
         and not finished (fetching, decoding, queued or running). ``storage_stats``: ``(image count,
         total bytes)``, called once per scrape from the scraping thread. ``cuda_device``: the CUDA
-        device the models run on, or None on the CPU (no GPU series then).
+        device the models run on, or None on the CPU (no GPU series then). ``cluster_queue``: the shared
+        queue's figures (a cluster node or worker), one Redis round trip per scrape.
         """
         self.registry.register(_ScrapeTimeCollector(queue_depth, in_flight, storage_stats, cuda_device))
+        if cluster_queue is not None:
+            self.registry.register(_ClusterQueueCollector(cluster_queue))
 
     def task_finished(self, task_type: str, outcome: str) -> None:
         """Count one finished task; ``outcome`` is "success" or the error item's ``code``."""
@@ -233,3 +239,50 @@ class _ScrapeTimeCollector:
             self._failing.discard(name)
             log.info("metrics source %s recovered", name)
         return value
+
+
+class _ClusterQueueCollector:
+    """The cluster's queue as every node and worker sees it (the same figures on each: scrape any)."""
+
+    def __init__(self, source: Callable[[], QueueFigures]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        try:
+            figures = self._source()
+        except Exception as exc:
+            log.warning("cluster queue figures unavailable (%s); left out of this scrape", exc.__class__.__name__)
+            return []
+        values = (
+            figures.waiting,
+            figures.running,
+            figures.oldest_wait_seconds,
+            figures.redeliveries,
+            figures.dead_lettered,
+            figures.workers_alive,
+        )
+        for family, value in zip(families, values, strict=True):
+            family.add_metric([], value)
+        return list(families)
+
+    def _families(self) -> tuple[GaugeMetricFamily | CounterMetricFamily, ...]:
+        return (
+            GaugeMetricFamily("upscale_cluster_queue_waiting", "Jobs in the cluster queue not yet taken by a worker."),
+            GaugeMetricFamily("upscale_cluster_queue_running", "Jobs a worker holds (running, or its worker died)."),
+            GaugeMetricFamily(
+                "upscale_cluster_queue_oldest_wait_seconds", "Age of the oldest job no worker has taken yet."
+            ),
+            CounterMetricFamily(
+                "upscale_cluster_redeliveries", "Jobs run again because the worker running them stopped."
+            ),
+            CounterMetricFamily(
+                "upscale_cluster_dead_lettered", "Jobs set aside after crashing their workers too often."
+            ),
+            GaugeMetricFamily(
+                "upscale_cluster_workers_alive", "Workers whose heartbeat is younger than the dead threshold."
+            ),
+        )

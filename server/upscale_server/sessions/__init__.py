@@ -3,8 +3,8 @@
 Runware keeps "undelivered images or tasks in a buffer for 120 seconds": a client that reconnects
 with its ``connectionSessionUUID`` gets the results that finished while it was away. A session is
 therefore separate from the socket; the transport attaches its socket's sender to a session and the
-tasks deliver to the session. Today's implementation (``local.py``) keeps sessions in this process;
-only :mod:`upscale_server.backends` builds it.
+tasks deliver to the session. ``local.py`` keeps sessions in this process; the cluster's sessions live
+in Redis, so a client resumes on any node. Only :mod:`upscale_server.backends` builds them.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ class Session(Protocol):
     @property
     def uuid(self) -> str: ...
 
-    async def attach(self, sender: Sender) -> None:
-        """Make ``sender`` the session's socket and send it what was kept meanwhile."""
+    async def attach(self, sender: Sender, base_url: str) -> None:
+        """Make ``sender`` the session's socket and send it what was kept meanwhile (``base_url``: where
+        this socket's client fetches images, for results the session reads back from the records)."""
         ...
 
-    def detach(self, sender: Sender) -> None:
+    async def detach(self, sender: Sender) -> None:
         """``sender``'s socket closed; keep frames until another attaches (within the resume window)."""
         ...
 
@@ -38,6 +39,7 @@ class Session(Protocol):
 class SessionStore(Protocol):
     """Every live session."""
 
-    def open(self, requested: str | None) -> Session:
-        """The session a new connection uses: ``requested`` if it is still alive, else a new one."""
+    async def open(self, requested: str | None) -> Session:
+        """The session a new connection uses: ``requested`` if it is still alive (taken over from the
+        connection that had it), else a new one."""
         ...

@@ -34,7 +34,7 @@ class LocalSession:
         self._lock = asyncio.Lock()
         self.detached_at: float | None = None
 
-    async def attach(self, sender: Sender) -> None:
+    async def attach(self, sender: Sender, base_url: str = "") -> None:
         """Make ``sender`` the connection of this session and flush what was buffered meanwhile."""
         async with self._lock:
             self._sender = sender
@@ -45,7 +45,7 @@ class LocalSession:
                     return
                 self._buffer.popleft()
 
-    def detach(self, sender: Sender) -> None:
+    async def detach(self, sender: Sender) -> None:
         if self._sender is sender:
             self._sender = None
             self.detached_at = self._clock()
@@ -77,7 +77,7 @@ class LocalSessionStore:
         self._clock = clock
         self._sessions: dict[str, LocalSession] = {}
 
-    def open(self, requested: str | None) -> LocalSession:
+    async def open(self, requested: str | None) -> LocalSession:
         """The session to use for a new connection: the requested one if it is still alive, else a new one."""
         self.expire()
         if requested is not None and requested in self._sessions:

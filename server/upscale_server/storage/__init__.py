@@ -2,9 +2,9 @@
 
 Two stores, each a small protocol: :class:`ImageStorage` (uploads and upscale outputs, kept 30 days
 after their last use) and :class:`TaskRecords` (every accepted task, so ``getResponse`` and
-``conflictTaskUUID`` work). Today's implementations are SQLite plus local files (``sqlite.py``,
-``local_images.py``, ``sqlite_records.py``); only :mod:`upscale_server.backends` builds them, so
-another backend (a shared database, an object store) replaces them without touching a task.
+``conflictTaskUUID`` work). The single process uses SQLite plus local files (``sqlite.py``,
+``local_images.py``, ``sqlite_records.py``), a cluster Redis plus S3 (:mod:`upscale_server.cluster`);
+only :mod:`upscale_server.backends` builds them, so a backend changes without touching a task.
 
 Every method blocks (file and database I/O): async callers run them with ``asyncio.to_thread``.
 """
@@ -76,6 +76,11 @@ class ImageStorage(Protocol):
         """The image's bytes; ``FileNotFoundError`` when it expired and was swept since ``get``."""
         ...
 
+    def presigned_url(self, image: StoredImage) -> str | None:
+        """A URL the client may fetch the image from directly (an object store's presigned URL), or None
+        when the API serves the bytes itself."""
+        ...
+
     def sweep(self, now: float | None = None) -> int:
         """Delete what expired; returns how many images went."""
         ...
@@ -110,12 +115,13 @@ class TaskRecords(Protocol):
         """Record a new ``processing`` task, atomically with the check; False when the UUID is in use."""
         ...
 
-    def complete(self, task_uuid: str, item: JsonObject) -> None:
-        """Finish a claimed task with its result item (a JSON object)."""
+    def complete(self, task_uuid: str, item: JsonObject) -> bool:
+        """Finish a claimed task with its result item (a JSON object). False when it was finished already
+        (the first outcome stays): only the caller that got True may notify anyone."""
         ...
 
-    def fail(self, task_uuid: str, error: JsonObject) -> None:
-        """Finish a claimed task with its error item (a JSON object)."""
+    def fail(self, task_uuid: str, error: JsonObject) -> bool:
+        """Finish a claimed task with its error item (a JSON object); False as for :meth:`complete`."""
         ...
 
     def get(self, task_uuid: str) -> TaskRecord | None:

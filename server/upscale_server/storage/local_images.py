@@ -169,6 +169,10 @@ class LocalImageStore:
         """The file's bytes. Raises ``FileNotFoundError`` if the image expired and was swept since ``get``."""
         return self.path_for(image.uuid, image.format).read_bytes()
 
+    def presigned_url(self, image: StoredImage) -> str | None:
+        """None: the API serves local files itself."""
+        return None
+
     def sweep(self, now: float | None = None) -> int:
         """Delete expired images (file, then row) and stale temp files; returns how many images went."""
         now = self._clock() if now is None else now

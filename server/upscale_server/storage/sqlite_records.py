@@ -62,13 +62,13 @@ class SqliteTaskRecords:
             logger.info("Task %s: taskUUID already in use", task_uuid)
         return claimed
 
-    def complete(self, task_uuid: str, item: JsonObject) -> None:
+    def complete(self, task_uuid: str, item: JsonObject) -> bool:
         """Finish a claimed task with its result item (a JSON object); pollable for the result TTL."""
-        self._finish(task_uuid, "success", item=item)
+        return self._finish(task_uuid, "success", item=item)
 
-    def fail(self, task_uuid: str, error: JsonObject) -> None:
+    def fail(self, task_uuid: str, error: JsonObject) -> bool:
         """Finish a claimed task with its error item (a JSON object); pollable for the result TTL."""
-        self._finish(task_uuid, "error", error=error)
+        return self._finish(task_uuid, "error", error=error)
 
     def get(self, task_uuid: str) -> TaskRecord | None:
         """The task's record, or None when it is unknown or its result expired."""
@@ -117,7 +117,7 @@ class SqliteTaskRecords:
         *,
         item: JsonObject | None = None,
         error: JsonObject | None = None,
-    ) -> None:
+    ) -> bool:
         # Serialise before touching the database: an item that is not JSON raises here and the caller can
         # still fail() the task, instead of the row staying "processing" until the next restart.
         item_json = None if item is None else _dump(item)
@@ -132,8 +132,9 @@ class SqliteTaskRecords:
             # Never claimed, or finished twice: a bug in the caller, but not one worth failing a response
             # that is already computed. The first outcome stays.
             logger.warning("Task %s: not processing, %s result dropped", task_uuid, status)
-        else:
-            logger.debug("Task %s: %s", task_uuid, status)
+            return False
+        logger.debug("Task %s: %s", task_uuid, status)
+        return True
 
 
 def _dump(value: JsonObject) -> str:

@@ -22,9 +22,11 @@ Emit = Callable[[Outcome], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """What a handler knows about the request a task came in: where its client reaches the server."""
+    """What a handler knows about the request a task came in: where its client reaches the server, and
+    the WebSocket session it came in (None for REST)."""
 
     base_url: str
+    session: str | None = None
 
 
 class TaskHandler(Protocol):
@@ -40,9 +42,12 @@ class TaskDispatcher:
         self.handlers = dict(handlers)
         self.metrics = metrics
 
-    async def dispatch(self, raw_tasks: Sequence[object], *, base_url: str, emit: Emit) -> None:
-        """Run every task of an array concurrently; each emits exactly one outcome."""
-        request = RequestContext(base_url)
+    async def dispatch(
+        self, raw_tasks: Sequence[object], *, base_url: str, emit: Emit, session: str | None = None
+    ) -> None:
+        """Run every task of an array concurrently; each emits exactly one outcome (or has it delivered to
+        its ``session`` by the job queue)."""
+        request = RequestContext(base_url, session)
         await asyncio.gather(*(self._run_one(raw, request, emit) for raw in raw_tasks))
 
     async def _run_one(self, raw: object, request: RequestContext, emit: Emit) -> None:

@@ -77,8 +77,8 @@ class TaskImages:
             store_upload, self.storage, picture, max_side=self.upload_max_side, executor=self.codecs
         )
 
-    async def store_input(self, data: bytes, picture: Picture) -> StoredImage:
-        return await self.in_codecs(store_input, self.storage, data, picture)
+    async def store_input(self, data: bytes, picture: Picture, image_uuid: str) -> StoredImage:
+        return await self.in_codecs(store_input, self.storage, data, picture, image_uuid)
 
     async def in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the
@@ -132,19 +132,20 @@ def store_output(
     output_format: ImageFormat,
     quality: int,
     ttl_seconds: float | None,
+    image_uuid: str | None = None,
     executor: Executor | None = None,
 ) -> StoredOutput:
     """Encode once and store; the bytes are kept for the reply (base64, upload) so nothing is re-encoded.
 
     ``executor``: idle threads that may share a big PNG encode (see :func:`~upscale_server.imaging.encode_image`)."""
     data = encode_image(picture, output_format, quality=quality, executor=executor)
-    stored = images.put(data, format=output_format, kind="output", ttl_seconds=ttl_seconds)
+    stored = images.put(data, format=output_format, kind="output", ttl_seconds=ttl_seconds, image_uuid=image_uuid)
     return StoredOutput(stored, data)
 
 
-def store_input(images: ImageStorage, data: bytes, picture: Picture) -> StoredImage:
+def store_input(images: ImageStorage, data: bytes, picture: Picture, image_uuid: str | None = None) -> StoredImage:
     """Keep an inline upscale input so its ``inputImageUUID`` can be reused; raw bytes when possible."""
     fmt = ImageFormat.from_pillow(picture.source_format)
     if fmt is None:  # BMP, GIF...: stored as PNG, the format every client can read back
         data, fmt = encode_image(picture, ImageFormat.PNG), ImageFormat.PNG
-    return images.put(data, format=fmt, kind="upload")
+    return images.put(data, format=fmt, kind="upload", image_uuid=image_uuid)

@@ -1,10 +1,11 @@
 """The life of every recorded task, written once: admission, claim, run, record, notify.
 
 ``imageUpload`` and the upscale tasks both go through it; ``getResponse`` and ``ping`` record nothing.
-:meth:`TaskLifecycle.accept` admits (a place in the job queue) and claims a task before anything is
-acknowledged: a refusal is a plain error reply, and a refused task leaves no trace, so the client may
-send it again. :meth:`TaskLifecycle.execute` runs the work, records its result or its error (the
-first outcome recorded stays), so ``getResponse`` can answer later, and sends the webhook.
+A task is claimed before anything is acknowledged (:meth:`TaskLifecycle.accept` for an upload, the job
+queue's ``enqueue`` for an upscale, which admits it in the same step): a refusal is a plain error reply,
+and a refused task leaves no trace, so the client may send it again. :meth:`TaskLifecycle.execute` runs
+the work, records its result or its error (the first outcome recorded stays), so ``getResponse`` can
+answer later, and sends the webhook.
 """
 
 from __future__ import annotations
@@ -17,76 +18,63 @@ from upscale_server.delivery import WebhookSender
 from upscale_server.errors import ConflictTaskUUIDError
 from upscale_server.observability.metrics import Metrics
 from upscale_server.protocol import Outcome, WireItem, with_status
-from upscale_server.queue import JobQueue
 from upscale_server.storage import TaskRecords
-from upscale_server.tasks.results import stored_result
+from upscale_server.tasks.results import stored_error, stored_result
 
 log = logging.getLogger(__name__)
 
 
 class TaskLifecycle:
-    """Admission (through the job queue) and the record of every task (in the task records)."""
+    """The record of every task (in the task records) and its webhook."""
 
-    def __init__(self, records: TaskRecords, jobs: JobQueue, webhooks: WebhookSender, metrics: Metrics) -> None:
+    def __init__(self, records: TaskRecords, webhooks: WebhookSender, metrics: Metrics) -> None:
         self.records = records
-        self.jobs = jobs
         self.webhooks = webhooks
         self.metrics = metrics
 
-    async def accept(self, task_type: str, task_uuid: str, delivery: str, *, admitted: bool) -> None:
-        """Claim ``task_uuid`` as processing. An ``admitted`` task (an upscale, which the caller then
-        submits to the job queue) first takes a place there: QueueFullError (429) when none is free.
-        ConflictTaskUUIDError when the UUID is taken, and the place is given back."""
-        if admitted:
-            self.jobs.admit()
-        try:
-            claimed = await asyncio.to_thread(self.records.claim, task_uuid, task_type, delivery)
-        except BaseException:
-            if admitted:
-                self.jobs.release()
-            raise
+    async def accept(self, task_type: str, task_uuid: str, delivery: str) -> None:
+        """Claim ``task_uuid`` as processing for a task this process runs at once (an upload; upscales are
+        claimed by the job queue as they are admitted). ConflictTaskUUIDError when the UUID is taken."""
+        claimed = await asyncio.to_thread(self.records.claim, task_uuid, task_type, delivery)
         if not claimed:
-            if admitted:
-                self.jobs.release()
-            raise ConflictTaskUUIDError(
-                f"taskUUID {task_uuid} was already used; send each task with a new UUID "
-                "(getResponse returns the earlier task's result)",
-                parameter="taskUUID",
-            )
+            raise ConflictTaskUUIDError.for_task(task_uuid)
 
     async def execute(
         self, task_type: str, task_uuid: str, base_url: str, work: Awaitable[WireItem], *, webhook_url: str | None
     ) -> Outcome:
-        """Run a claimed task's ``work``, record what came of it, notify ``webhook_url``; never raises."""
-        outcome = await self._run_and_record(task_type, task_uuid, base_url, work)
-        if webhook_url:
+        """Run a claimed task's ``work``, record what came of it, notify ``webhook_url``; never raises.
+
+        Only the run that records the outcome notifies: when the task was finished already (in a cluster,
+        by another worker that re-ran it), this outcome is dropped and no second webhook goes out."""
+        outcome, recorded = await self._run_and_record(task_type, task_uuid, base_url, work)
+        if webhook_url and recorded:
             self.webhooks.send(webhook_url, outcome.envelope(), task_uuid=task_uuid)
         return outcome
 
     async def _run_and_record(
         self, task_type: str, task_uuid: str, base_url: str, work: Awaitable[WireItem]
-    ) -> Outcome:
+    ) -> tuple[Outcome, bool]:
         try:
             item = await work
         except Exception as exc:
-            return await self._fail(Outcome.failed(exc, task_type, task_uuid), task_type, task_uuid)
+            return await self.fail(Outcome.failed(exc, task_type, task_uuid), task_type, task_uuid)
         self.metrics.task_finished(task_type, "success")
         try:
-            recorded = stored_result(with_status(item, "success"), base_url)
-            await asyncio.to_thread(self.records.complete, task_uuid, recorded)
+            stored = stored_result(with_status(item, "success"), base_url)
+            recorded = await asyncio.to_thread(self.records.complete, task_uuid, stored)
         except Exception as exc:  # the result exists but could not be recorded: say so to pollers
-            await self._record_failure(Outcome.failed(exc, task_type, task_uuid), task_uuid)
-        return Outcome(item=item)
+            return Outcome(item=item), await self._record_failure(Outcome.failed(exc, task_type, task_uuid), task_uuid)
+        return Outcome(item=item), recorded
 
-    async def _fail(self, outcome: Outcome, task_type: str, task_uuid: str) -> Outcome:
+    async def fail(self, outcome: Outcome, task_type: str, task_uuid: str) -> tuple[Outcome, bool]:
+        """Count and record a failed task's outcome; returns it and whether this call recorded it."""
         assert outcome.error is not None
         self.metrics.task_finished(task_type, str(outcome.error["code"]))
-        await self._record_failure(outcome, task_uuid)
-        return outcome
+        return outcome, await self._record_failure(outcome, task_uuid)
 
-    async def _record_failure(self, outcome: Outcome, task_uuid: str) -> None:
-        assert outcome.error is not None
+    async def _record_failure(self, outcome: Outcome, task_uuid: str) -> bool:
         try:
-            await asyncio.to_thread(self.records.fail, task_uuid, with_status(outcome.error, "error"))
+            return await asyncio.to_thread(self.records.fail, task_uuid, stored_error(outcome))
         except Exception:
             log.exception("task %s: its error could not be recorded", task_uuid)
+            return False

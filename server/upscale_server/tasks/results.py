@@ -8,11 +8,13 @@ gets working URLs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
-from upscale_server.protocol import OUTPUT_FIELDS, WireItem
-from upscale_server.storage import ImageStorage, StoredImage
+from upscale_server.errors import TaskNotFoundError
+from upscale_server.protocol import OUTPUT_FIELDS, Outcome, WireItem, processing_item, with_status
+from upscale_server.storage import ImageStorage, StoredImage, TaskRecords
 from upscale_server.tasks.images import load_stored
 
 #: The route stored images are served on (``GET /image/<uuid>.<ext>``).
@@ -21,6 +23,8 @@ IMAGE_ROUTE = "/image/{name}"
 #: Result fields that inline the image: kept out of the task records, rebuilt from the stored image.
 INLINE_OUTPUT_FIELDS = (OUTPUT_FIELDS["base64Data"], OUTPUT_FIELDS["dataURI"])
 _INLINE_MARK = "_inlineOutput"
+#: Kept with a recorded error: the HTTP status a sync reply read back from the records answers with.
+_STATUS_MARK = "_httpStatus"
 
 
 def image_path(image: StoredImage) -> str:
@@ -66,3 +70,53 @@ def replayed_result(images: ImageStorage, stored: dict[str, Any], base_url: str)
     data, image = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
     item[field] = base64_text(data) if field == OUTPUT_FIELDS["base64Data"] else data_uri(image, data)
     return item
+
+
+def stored_error(outcome: Outcome) -> dict[str, Any]:
+    """A failed outcome's error item as the task records keep it: with its status, and the HTTP status
+    of a sync reply (a task finished by another process is answered from its record)."""
+    assert outcome.error is not None
+    return {**with_status(outcome.error, "error"), _STATUS_MARK: outcome.status}
+
+
+class RecordedResults:
+    """Outcomes read back from the task records: for ``getResponse``, and for a sync request whose task
+    another process finished (a cluster worker)."""
+
+    def __init__(self, records: TaskRecords, images: ImageStorage) -> None:
+        self.records = records
+        self.images = images
+
+    async def poll(self, task_uuid: str, base_url: str) -> Outcome:
+        """What ``getResponse`` answers: ``processing``, the result, or the error item with HTTP 200 (the
+        poll itself succeeded). TaskNotFoundError when the task is unknown or its result expired."""
+        outcome, _ = await self._read(task_uuid, base_url)
+        return outcome
+
+    async def finished(self, task_uuid: str, base_url: str) -> Outcome:
+        """A finished task's outcome as its sync request gets it (an error with its own HTTP status)."""
+        outcome, status = await self._read(task_uuid, base_url)
+        return outcome if outcome.error is None else Outcome(error=outcome.error, status=status)
+
+    async def frame(self, task_uuid: str, base_url: str) -> dict[str, Any] | None:
+        """A finished task as the frame its WebSocket session gets; None when its record is gone."""
+        try:
+            return (await self.finished(task_uuid, base_url)).envelope()
+        except TaskNotFoundError:
+            return None
+
+    async def _read(self, task_uuid: str, base_url: str) -> tuple[Outcome, int]:
+        record = await asyncio.to_thread(self.records.get, task_uuid)
+        if record is None:
+            raise TaskNotFoundError(
+                f"no task with taskUUID {task_uuid} (never sent, or its result expired)", parameter="taskUUID"
+            )
+        if record.status == "processing":
+            return Outcome(item=processing_item(record.task_type, record.task_uuid)), 200
+        if record.status == "success":
+            assert record.item is not None
+            return Outcome(item=await asyncio.to_thread(replayed_result, self.images, record.item, base_url)), 200
+        assert record.error is not None
+        error = {key: value for key, value in record.error.items() if key != _STATUS_MARK}
+        status = record.error.get(_STATUS_MARK)
+        return Outcome(error=error, status=200), status if isinstance(status, int) else 500

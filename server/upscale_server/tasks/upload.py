@@ -18,7 +18,7 @@ class UploadHandler:
         self.images = images
 
     async def __call__(self, task: ImageUploadTask, request: RequestContext, emit: Emit) -> None:
-        await self.lifecycle.accept(task.task_type, task.task_uuid, "sync", admitted=False)
+        await self.lifecycle.accept(task.task_type, task.task_uuid, "sync")
         outcome: Outcome = await self.lifecycle.execute(
             task.task_type, task.task_uuid, request.base_url, self._upload(task, request.base_url), webhook_url=None
         )

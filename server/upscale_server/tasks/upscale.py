@@ -1,8 +1,9 @@
 """``imageUpscale`` and ``upscale``: accepted here, queued as a job, run by :class:`UpscaleRunner`.
 
-The two halves meet only through the job queue. :class:`UpscaleHandler` checks the destinations,
-admits and claims the task, queues an :class:`~upscale_server.queue.UpscaleJob`, then replies with
-the outcome (sync) or acknowledges at once (async). :class:`UpscaleRunner` is what runs a job: fetch
+The two halves meet only through the job queue, which may hand the job to another process (a cluster
+worker). :class:`UpscaleHandler` checks the destinations, enqueues an
+:class:`~upscale_server.queue.UpscaleJob` (admitted and claimed in the same step), then replies with the
+outcome (sync) or acknowledges at once (async). :class:`UpscaleRunner` is what runs a job: fetch
 and decode the input, plan, run the network on the inference worker, encode and store the output,
 upload it when asked, and record the result through the lifecycle.
 """
@@ -13,7 +14,7 @@ import asyncio
 from typing import Any
 
 from upscale_server.delivery import upload_output
-from upscale_server.errors import UploadFailedError
+from upscale_server.errors import TaskCrashedWorkersError, UploadFailedError
 from upscale_server.imaging import Picture
 from upscale_server.inference import InferenceService
 from upscale_server.outbound import OutboundClient
@@ -22,15 +23,15 @@ from upscale_server.queue import JobQueue, UpscaleJob
 from upscale_server.tasks.dispatcher import Emit, RequestContext
 from upscale_server.tasks.images import StoredOutput, TaskImages, store_output
 from upscale_server.tasks.lifecycle import TaskLifecycle
-from upscale_server.tasks.results import base64_text, data_uri, image_url
+from upscale_server.tasks.results import RecordedResults, base64_text, data_uri, image_url
 
 
 class UpscaleHandler:
     """The accepting half: nothing is acknowledged before the task is admitted and claimed."""
 
-    def __init__(self, lifecycle: TaskLifecycle, jobs: JobQueue, outbound: OutboundClient) -> None:
-        self.lifecycle = lifecycle
+    def __init__(self, jobs: JobQueue, results: RecordedResults, outbound: OutboundClient) -> None:
         self.jobs = jobs
+        self.results = results
         self.outbound = outbound
 
     async def __call__(self, task: UpscaleTask, request: RequestContext, emit: Emit) -> None:
@@ -39,13 +40,17 @@ class UpscaleHandler:
             await self.outbound.check_url(task.webhook_url, parameter="webhookURL")
         if task.upload_endpoint:
             await self.outbound.check_url(task.upload_endpoint, parameter="uploadEndpoint")
-        await self.lifecycle.accept(task.task_type, task.task_uuid, task.delivery_method, admitted=True)
-        done = self.jobs.submit(UpscaleJob(task, request.base_url))
+        done = await self.jobs.enqueue(UpscaleJob(task, request.base_url, request.session))
         if task.delivery_method == "async":
             await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
-        else:
-            # Shielded: a client that hangs up does not cancel accepted work; its result stays pollable.
-            await emit(await asyncio.shield(done))
+            return
+        # Shielded: a client that hangs up does not cancel accepted work; its result stays pollable.
+        outcome = await asyncio.shield(done)
+        if outcome is None:  # finished by another process (a cluster worker)
+            if request.session is not None:
+                return  # and delivered to the session already, on whichever node it is attached now
+            outcome = await self.results.finished(task.task_uuid, request.base_url)
+        await emit(outcome)
 
 
 class UpscaleRunner:
@@ -73,8 +78,15 @@ class UpscaleRunner:
             task.task_type, task.task_uuid, job.base_url, self.run(job), webhook_url=task.webhook_url
         )
 
+    async def give_up(self, job: UpscaleJob) -> Outcome:
+        """Record ``job`` as failed without running it (it crashed the workers that ran it), and notify."""
+        task = job.task
+        return await self.lifecycle.execute(
+            task.task_type, task.task_uuid, job.base_url, _crashed(), webhook_url=task.webhook_url
+        )
+
     async def run(self, job: UpscaleJob) -> WireItem:
-        task, base_url = job.task, job.base_url
+        task = job.task
         self.inference.check_model(task.model)  # an unknown model fails before any I/O
         data, input_uuid = await self.images.input_bytes(task.image, task.image_parameter)
         picture = await self.images.decode(data, task.image_parameter)
@@ -82,10 +94,14 @@ class UpscaleRunner:
             self.inference.plan, picture.width, picture.height, task.upscale_factor, task.model
         )
         # An inline input is stored while the network runs: only the reply needs its UUID.
-        storing = None if input_uuid is not None else asyncio.ensure_future(self.images.store_input(data, picture))
+        storing = (
+            None
+            if input_uuid is not None
+            else asyncio.ensure_future(self.images.store_input(data, picture, job.input_uuid))
+        )
         try:
             result = await self.inference.run(picture, plan, label=task.task_uuid)
-            output, url, fields = await self.images.in_codecs(self._store_result, result, task, base_url)
+            output, url, fields = await self.images.in_codecs(self._store_result, result, job)
         except BaseException:
             if storing is not None:  # the task failed: its input's UUID is never reported
                 storing.cancel()
@@ -102,15 +118,17 @@ class UpscaleRunner:
         cost = self.cost(*plan.output_size) if task.include_cost else None
         return upscale_item(task.task_type, task.task_uuid, output.image.uuid, input_uuid, fields, cost)
 
-    def _store_result(self, result: Picture, task: UpscaleTask, base_url: str) -> tuple[StoredOutput, str, WireItem]:
-        """Encode once, store, and build the reply field from the same bytes (in the codec pool: the
-        base64 of a big output is work too). Returns the output, its URL and the reply field."""
+    def _store_result(self, result: Picture, job: UpscaleJob) -> tuple[StoredOutput, str, WireItem]:
+        """Encode once, store under the job's output UUID, and build the reply field from the same bytes (in
+        the codec pool: the base64 of a big output is work too). Returns the output, its URL and the field."""
+        task, base_url = job.task, job.base_url
         output = store_output(
             self.images.storage,
             result,
             output_format=task.output_format,
             quality=task.output_quality,
             ttl_seconds=task.ttl if task.output_type == "URL" else None,
+            image_uuid=job.output_uuid,
             executor=self.images.codecs,  # a big PNG is deflated in stripes on the pool's idle threads
         )
         url = image_url(base_url, output.image)
@@ -122,6 +140,10 @@ class UpscaleRunner:
 
     def cost(self, width: int, height: int) -> float:
         return round(self.cost_per_megapixel * width * height / 1e6, 6) + 0.0
+
+
+async def _crashed() -> WireItem:
+    raise TaskCrashedWorkersError()
 
 
 def _outcome_ignored(task: asyncio.Future[Any]) -> None:
