@@ -188,6 +188,14 @@ async def open_cluster_backends(settings: Settings, *, consume: bool) -> Backend
     )
 
 
+def check_cluster(settings: Settings) -> None:
+    """Reach the cluster's Redis and bucket once, before a node or worker starts: UnusableSettingError
+    with one line when either is unreachable, the bucket is missing or the credentials are refused."""
+    from upscale_server.cluster.connect import check_cluster as check
+
+    check(settings)
+
+
 def interrupted_error(record: TaskRecord) -> JsonObject:
     """The error item a task gets when the process running it is gone."""
     item = error_item(TaskInterruptedError(), task_type=record.task_type, task_uuid=record.task_uuid)

@@ -101,8 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accept this key (repeat)")
     serve.add_argument("--log-format", choices=["plain", "json"], help="log line format (default plain)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
+    serve.add_argument(
+        "--role",
+        choices=("all", "api"),
+        default="all",
+        help="all: API and inference in this process (default); api: a cluster API node that loads no model and "
+        "leaves the jobs to `upscale-server worker` processes (needs UPSCALE_REDIS_URL and UPSCALE_S3_BUCKET)",
+    )
     add_compute_args(serve)
     serve.set_defaults(handler=run_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run one cluster inference worker (one per GPU: --device cuda:N)",
+        description="Take upscale jobs from the cluster's queue (UPSCALE_REDIS_URL, UPSCALE_S3_BUCKET) and run them "
+        "on one device. Serves only /health, /ready and /metrics, on --port (default 8001). docs/scaling.md",
+    )
+    worker.add_argument("--host", help="address of the probe endpoints (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, default=8001, help="port of the probe endpoints (default 8001)")
+    worker.add_argument("--log-format", choices=["plain", "json"], help="log line format (default plain)")
+    worker.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
+    add_compute_args(worker)
+    worker.set_defaults(handler=run_worker, role="worker")
 
     models = sub.add_parser("models", help="list models, where their weights come from and if they are ready")
     models.add_argument("--prepare", action="store_true", help="provision every model's weights now")
@@ -303,9 +323,15 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     from upscale_server.inference import ComputeConfig, tune_process
     from upscale_server.observability.logs import configure_logging
 
-    tune_process(settings, ComputeConfig.from_settings(settings).device)
+    role = args.role
+    if role != "all" or settings.redis_url:
+        from upscale_server.backends import check_cluster
+
+        check_cluster(settings)  # Redis or S3 unusable: one line and exit code 2, before anything starts
+    if role != "api":
+        tune_process(settings, ComputeConfig.from_settings(settings).device)
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)  # an unusable device or kernel: one line here, not a failed start-up
+    app = create_app(settings, role)  # an unusable device or kernel: one line here, not a failed start-up
     uvicorn.run(
         app,
         host=settings.host,
@@ -316,6 +342,12 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """A cluster worker is the serve command's process with the ``worker`` role: the same start-up checks,
+    the same graceful stop (SIGTERM: take no new job, finish or hand back the running ones)."""
+    return run_serve(args, settings)
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.cluster.nodes import Cluster
 from tests.support.services import RedisServer, S3Server
 
 CLUSTER_ROOT = Path(__file__).resolve().parent
@@ -74,3 +75,20 @@ def cluster_names(redis_server: RedisServer, s3_server: S3Server) -> Iterator[Cl
         if keys:
             client.delete(*keys)
     s3_server.delete_bucket(names.bucket)
+
+
+@pytest.fixture
+def cluster_settings(redis_server: RedisServer, s3_server: S3Server, cluster_names: ClusterNames) -> dict[str, str]:
+    """What every process of this test's cluster shares (the test may add to it before starting them)."""
+    from tests.cluster.nodes import cluster_env
+
+    return cluster_env(redis_server.url, s3_server.env(), cluster_names.env())
+
+
+@pytest.fixture
+def test_cluster(tmp_path: Path, cluster_settings: dict[str, str]) -> Iterator[Cluster]:
+    """An empty cluster: the test adds API nodes and workers; every process is stopped afterwards."""
+    from tests.cluster.nodes import cluster
+
+    with cluster(tmp_path, cluster_settings) as running:
+        yield running

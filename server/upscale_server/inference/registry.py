@@ -78,7 +78,11 @@ class ModelRegistry:
         with self._locks[spec.id]:
             found = self._upscalers.get(spec.id)
             if found is None and self.resize_engine:
-                found = ResizeUpscaler(spec.scale, delay_seconds=self.settings.resize_delay_seconds)
+                found = ResizeUpscaler(
+                    spec.scale,
+                    delay_seconds=self.settings.resize_delay_seconds,
+                    crash_width=self.settings.resize_crash_width,
+                )
                 log.info("serving %s (%s) with the resize engine (test-target mode)", spec.id, spec.name)
                 self._upscalers[spec.id] = found
             elif found is None:

@@ -13,12 +13,16 @@ new code path whose results could drift.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from upscale_server.imaging import resize_pixels
 from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
+
+#: The exit code of a process the resize engine ends on purpose (``UPSCALE_RESIZE_CRASH_WIDTH``).
+CRASH_EXIT_CODE = 70
 
 
 class ResizeUpscaler:
@@ -31,14 +35,16 @@ class ResizeUpscaler:
     Pillow. Stateless, hence thread-safe.
     """
 
-    def __init__(self, scale: int, *, delay_seconds: float = 0.0) -> None:
-        """``delay_seconds``: how long each call takes at least (``UPSCALE_RESIZE_DELAY_SECONDS``)."""
+    def __init__(self, scale: int, *, delay_seconds: float = 0.0, crash_width: int = 0) -> None:
+        """``delay_seconds``: how long each call takes at least (``UPSCALE_RESIZE_DELAY_SECONDS``);
+        ``crash_width``: an input this wide ends the process at once (``UPSCALE_RESIZE_CRASH_WIDTH``)."""
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
         if delay_seconds < 0:
             raise ValueError(f"delay_seconds must be >= 0, got {delay_seconds}")
         self.scale: int = scale
         self.delay_seconds = delay_seconds
+        self.crash_width = crash_width
 
     def tile_size_for(self, height: int, width: int) -> int:
         """Never tiles: a resize needs no memory beyond its output, so the whole image is one tile."""
@@ -64,6 +70,9 @@ class ResizeUpscaler:
         out_w, out_h = native if out_size is None else out_size
         if out_w < 1 or out_h < 1:
             raise ValueError(f"out_size must be positive, got {out_w}x{out_h}")
+        if self.crash_width and width == self.crash_width:
+            # Stands in for an input that kills its worker (a decoder fault, a driver reset): no cleanup.
+            os._exit(CRASH_EXIT_CODE)
         if self.delay_seconds:
             time.sleep(self.delay_seconds)  # stands in for a network's run time: the worker thread is busy
         out = resize_pixels(image, *native)
