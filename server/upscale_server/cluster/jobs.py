@@ -310,7 +310,10 @@ class JobConsumer:
         status, payload, ref = cast(list[str | None], await self.client.hmget(key, ["status", "job", "job_ref"]))
         if status != "processing":
             return None, "", 0
-        attempts = int(await self.client.hincrby(key, "attempts", 1))
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "attempts", 1)
+            pipe.hset(key, mapping={"worker": self.name, "started": self.queue._clock()})
+            attempts = int((await pipe.execute())[0])
         if not payload and ref:
             payload = (await asyncio.to_thread(self.queue.bucket.get, ref)).decode()
         return UpscaleJob.from_json(payload or "{}"), ref or "", attempts
