@@ -151,7 +151,8 @@ def flag(argv: list[str], name: str) -> str:
 
 
 def env_file_variables(path: Path) -> dict[str, str]:
-    """``NAME=value`` lines of an env file, as Compose reads them (comments and blank lines skipped)."""
+    """``NAME=value`` lines of an env file, as Compose reads them (comments and blank lines skipped, one pair of
+    quotes around a value removed)."""
     variables: dict[str, str] = {}
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
@@ -159,7 +160,10 @@ def env_file_variables(path: Path) -> dict[str, str]:
             continue
         name, separator, value = line.partition("=")
         assert separator, f"not NAME=value: {line!r}"
-        variables[name.strip()] = value.strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        variables[name.strip()] = value
     return variables
 
 
