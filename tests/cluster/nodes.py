@@ -128,7 +128,9 @@ class Cluster:
         self.env = dict(env)
         self.nodes: list[Node] = []
 
-    def add(self, role: str, name: str, *, start: bool = True, **settings: str) -> Node:
+    def add(self, role: str, name: str, *, wait: bool = True, **settings: str) -> Node:
+        """Start one more process (and wait until it is ready unless ``wait`` is False); ``settings`` are
+        its own ``UPSCALE_*`` settings, lower case without the prefix."""
         env = {
             **os.environ,
             **self.env,
@@ -137,7 +139,15 @@ class Cluster:
         }
         node = Node(name, role, free_port(), env, self.folder / f"{name}.log")
         self.nodes.append(node)
-        return node.start() if start else node
+        return node.start(wait=wait)
+
+    def start(self, api: int, workers: int, **settings: str) -> tuple[list[Node], list[Node]]:
+        """``api`` nodes (api-a, api-b, ...) and ``workers`` (worker-1, ...), started together."""
+        apis = [self.add("api", f"api-{chr(ord('a') + i)}", wait=False, **settings) for i in range(api)]
+        workers_ = [self.add("worker", f"worker-{i + 1}", wait=False, **settings) for i in range(workers)]
+        for node in [*apis, *workers_]:
+            node.wait_ready()
+        return apis, workers_
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
