@@ -134,9 +134,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def s3_failures() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import BotoCoreError
+    """Every botocore failure: unreachable, timed out, or an error answer (a 5xx, a bucket that went away,
+    credentials revoked). A missing object is not among them: the stores turn it into "not found" first."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    return (BotoCoreError,)
+    return (BotoCoreError, ClientError)
 
 
 @contextlib.contextmanager
