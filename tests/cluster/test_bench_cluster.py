@@ -21,6 +21,7 @@ ROWS = [
     "| sync latency, 1 client | cluster: 1 API node, 1 worker |",
     "| added latency (cluster - single) |",
     "| enqueue-to-start, 1 client |",
+    "| sync replies saying processing, no result |",
     "| recovery: kill to started again |",
     "| recovery: kill to finished |",
 ]
@@ -36,7 +37,7 @@ def test_quick_run_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert table in printed
     assert out.read_text() == table + "\n"
     lines = table.splitlines()
-    assert "| measure | configuration | p50 or value | p99 | target |" in lines
+    assert "| measure | configuration | p50 or value | p99 or max | target |" in lines
     for row in ROWS:
         assert sum(line.startswith(row) for line in lines) == 1, row
-    assert table.count("(met)") + table.count("(missed)") == 5  # scaling x2, added latency, recovery x2
+    assert table.count("(met)") + table.count("(missed)") == 6  # scaling x2, added latency, replies, recovery x2
