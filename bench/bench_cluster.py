@@ -202,14 +202,13 @@ def emit(record: dict[str, Any]) -> None:
 
 def cpu_info() -> tuple[str, list[str]]:
     """The CPU's model name and which of avx2, avx512f and the AMX flags it has (from /proc/cpuinfo)."""
-    model, flags = platform.processor() or "unknown CPU", set[str]()
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             name, _, value = line.partition(":")
-            if name.strip() == "model name" and model == (platform.processor() or "unknown CPU"):
-                model = value.strip()
-            elif name.strip() == "flags" and not flags:
-                flags = set(value.split())
+            fields.setdefault(name.strip(), value.strip())  # the first core's
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
     wanted = ["avx2", "avx512f", "amx_tile", "amx_bf16", "amx_int8"]
     return model, [flag for flag in wanted if flag in flags]
 
@@ -226,7 +225,7 @@ def machine(redis_url: str) -> dict[str, Any]:
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
         "python": platform.python_version(),
         "redis": redis_version,
-        "seaweedfs": " ".join(weed.stdout.split()[1:3]) or "?",
+        "seaweedfs": next((word for word in weed.stdout.split() if word[:1].isdigit() and "." in word), "?"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -537,7 +536,6 @@ def recovery(services: Services, plan: Plan) -> dict[str, Any]:
         "kill_to_restart_s": {"p50": round(percentile(restart, 50), 3), "max": max(restart)},
         "kill_to_finish_s": {"p50": round(percentile(finish, 50), 3), "max": max(finish)},
         "restart_target_s": plan.recovery_dead_s + RECOVERY_MARGIN_S,
-        "finish_target_s": plan.recovery_dead_s + RECOVERY_MARGIN_S + plan.recovery_delay_s,
     }
 
 
@@ -582,6 +580,7 @@ def verdict(met: bool) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The table ready to paste into docs/benchmarks.md, headed by the command, the machine and the settings."""
     s = result["settings"]
+    elsewhere = "" if s["recovery_dead_s"] == s["dead_s"] else f" (elsewhere {s['dead_s']:g})"
     lines = [
         f"`{result['command']}` on {machine_line(result['machine'])}.",
         "",
@@ -590,7 +589,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"after {s['warmup_s']:g} s; latency: 1 client, delay 0, {s['latency_requests']} requests to each after "
         f"{s['latency_warmup']} warm-up; recovery: 2 workers, delay {s['recovery_delay_s']:g} s, one async task per "
         f"kill, {s['recovery_runs']} kill(s), "
-        f"`UPSCALE_WORKER_DEAD_SECONDS={s['recovery_dead_s']:g}` (elsewhere {s['dead_s']:g}), "
+        f"`UPSCALE_WORKER_DEAD_SECONDS={s['recovery_dead_s']:g}`{elsewhere}, "
         f"`UPSCALE_CLUSTER_CHECK_SECONDS={s['check_s']:g}`; input {s['input']}, sync REST, output URL PNG.",
         "",
         "| measure | configuration | p50 or value | p99 or max | target |",
@@ -642,7 +641,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"<= {r['restart_target_s']:g} s: dead + {RECOVERY_MARGIN_S:g} s, every kill "
         f"({verdict(restart['max'] <= r['restart_target_s'])}) |",
         f"| recovery: kill to finished | {config} | {finish['p50']:.2f} s | max {finish['max']:.2f} s | "
-        f"<= {r['finish_target_s']:g} s: + delay, every kill ({verdict(finish['max'] <= r['finish_target_s'])}) |",
+        f"- (the service time after the restart: {r['delay_s']:g} s) |",
     ]
     return "\n".join(lines)
 

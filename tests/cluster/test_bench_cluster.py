@@ -40,4 +40,4 @@ def test_quick_run_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "| measure | configuration | p50 or value | p99 or max | target |" in lines
     for row in ROWS:
         assert sum(line.startswith(row) for line in lines) == 1, row
-    assert table.count("(met)") + table.count("(missed)") == 6  # scaling x2, added latency, replies, recovery x2
+    assert table.count("(met)") + table.count("(missed)") == 5  # scaling x2, added latency, replies, recovery
