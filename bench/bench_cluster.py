@@ -656,7 +656,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
-    command = "python -m bench.bench_cluster " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m bench.bench_cluster", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     began = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
