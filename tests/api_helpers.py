@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests import cluster_mode
 from tests.conftest import PHOTO
 from upscale_server.app import create_app
 from upscale_server.config import Settings
@@ -63,14 +64,25 @@ def upscale_task(image: str, **fields: Any) -> dict[str, Any]:
 
 def resize_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for an in-process app whose protocol is under test, not its pixels: the resize engine
-    (deterministic, milliseconds, no weights), on the CPU, with nothing loaded at start-up."""
-    fields: dict[str, Any] = {"device": "cpu", "engine": "resize", "preload_default_model": False, **overrides}
-    return Settings(data_dir=data_dir, **fields)
+    (deterministic, milliseconds, no weights), on the CPU, with nothing loaded at start-up. With
+    ``pytest --cluster``, on the session's Redis and S3 (tests/cluster_mode.py)."""
+    fields: dict[str, Any] = {"device": "cpu", "engine": "resize", "preload_default_model": False}
+    if cluster_mode.TARGET is not None:
+        fields.update(cluster_mode.TARGET.settings_for(data_dir))
+    return Settings(data_dir=data_dir, **{**fields, **overrides})
+
+
+def api_client(settings: Settings) -> TestClient:
+    """An in-process app for ``settings``; with ``pytest --cluster``, two nodes of one cluster taking
+    turns. Use it as a context manager."""
+    if settings.redis_url and cluster_mode.TARGET is not None:
+        return cluster_mode.TwoNodeClient(settings)  # type: ignore[return-value]
+    return TestClient(create_app(settings))
 
 
 def make_client(data_dir: Path, key: str, **overrides: Any) -> TestClient:
     """An in-process app on the resize engine that accepts ``key``; use it as a context manager."""
-    return TestClient(create_app(resize_settings(data_dir, api_keys=[key], **overrides)))
+    return api_client(resize_settings(data_dir, api_keys=[key], **overrides))
 
 
 def poll(client: TestClient, task_uuid: str, key: str) -> dict[str, Any]:

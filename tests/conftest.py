@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import cluster_mode
 from upscale_server.config import Settings
 from upscale_server.inference import ComputeConfig
 from upscale_server.inference.cpu import kernel
@@ -104,3 +105,18 @@ def load_real_network(manifest: Manifest, provisioned_models_dir: Path) -> Calla
         return cache[model_id]
 
     return load
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """With ``--cluster``: the session's Redis and S3, which the API helpers then point every app at."""
+    if not request.config.getoption("--cluster"):
+        yield
+        return
+    with cluster_mode.cluster_target(tmp_path_factory.mktemp("cluster-target")):
+        yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--cluster"):
+        cluster_mode.skip_local_only(items)

@@ -78,7 +78,7 @@ def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path:
         attempts = receiver.wait_for(3)  # the retries, about 1.5 s of backoff
     assert {(r.method, r.path) for r in attempts} == {("POST", "/hook?token=abc")}
     delivered = json.loads(attempts[-1].body)
-    assert delivered == response.json()  # the same JSON the API answered
+    assert delivered == response.json(), (delivered, response.json())  # the same JSON the API answered
 
 
 def test_webhook_receives_task_errors_too(tmp_path: Path, serve: Serve) -> None:

@@ -7,14 +7,14 @@ import logging
 import time
 from pathlib import Path
 
-from fastapi.testclient import TestClient
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_helpers import data_uri, encode, photo_crop, resize_settings, upscale_task
-from upscale_server.app import create_app
+from tests.api_helpers import api_client, data_uri, encode, photo_crop, resize_settings, upscale_task
 from upscale_server.observability.logs import JsonFormatter, TaskContextFilter
 
 
+@pytest.mark.local_only  # counts one process's events: in a cluster each node counts only its own
 def test_wired_app(tmp_path: Path) -> None:
     settings = resize_settings(tmp_path, preload_default_model=True)  # ready once the default model loaded
     records: list[str] = []
@@ -31,7 +31,7 @@ def test_wired_app(tmp_path: Path) -> None:
     old = root.level
     root.setLevel(logging.DEBUG)
     try:
-        with TestClient(create_app(settings)) as client:
+        with api_client(settings) as client:
             assert client.get("/health").json()["worker"] == "running"
             while client.get("/ready").status_code != 200:  # the default model loads in the background
                 time.sleep(0.01)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.api_helpers import (
     JobGate,
+    api_client,
     b64,
     data_uri,
     decode,
@@ -25,7 +26,6 @@ from tests.api_helpers import (
     upscale_task,
     wait_finished,
 )
-from upscale_server.app import create_app
 from upscale_server.config import Settings
 from upscale_server.storage import StoredImage
 from upscale_server.storage.local_images import LocalImageStore
@@ -40,7 +40,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(tmp_path))) as test_client:
+    with api_client(make_settings(tmp_path)) as test_client:
         yield test_client
 
 
@@ -78,7 +78,7 @@ def test_ping_and_keys(client: TestClient) -> None:
 
 
 def test_open_mode_accepts_any_key(tmp_path: Path) -> None:
-    with TestClient(create_app(resize_settings(tmp_path))) as open_client:
+    with api_client(resize_settings(tmp_path)) as open_client:
         status, _ = post(open_client, [{"taskType": "ping", "ping": True}], headers={"Authorization": "Bearer any"})
         assert status == 200
 
@@ -276,9 +276,9 @@ def test_unknown_images_and_tasks_are_404(client: TestClient) -> None:
 
 def test_restart_keeps_images_and_results(tmp_path: Path) -> None:
     task = upscale_task(data_uri(encode(photo_crop())))
-    with TestClient(create_app(make_settings(tmp_path))) as first:
+    with api_client(make_settings(tmp_path)) as first:
         item = post(first, [task])[1]["data"][0]
-    with TestClient(create_app(make_settings(tmp_path))) as second:
+    with api_client(make_settings(tmp_path)) as second:
         status, body = post(second, [{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
         assert status == 200 and body["data"][0]["imageUUID"] == item["imageUUID"]
         image, _ = fetch_image(second, item["imageURL"])
@@ -341,6 +341,6 @@ def test_an_in_body_authentication_task_over_rest(
 
 
 def test_open_mode_accepts_an_authentication_task_without_a_usable_key(tmp_path: Path) -> None:
-    with TestClient(create_app(resize_settings(tmp_path))) as open_client:
+    with api_client(resize_settings(tmp_path)) as open_client:
         for leading in ({"taskType": "authentication"}, {"taskType": "authentication", "apiKey": ""}):
             assert post(open_client, [leading, {"taskType": "ping", "ping": True}], headers=None)[0] == 200

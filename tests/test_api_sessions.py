@@ -11,8 +11,17 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import JobGate, data_uri, encode, photo_crop, poll, resize_settings, upscale_task, wait_finished
-from upscale_server.app import create_app
+from tests.api_helpers import (
+    JobGate,
+    api_client,
+    data_uri,
+    encode,
+    photo_crop,
+    poll,
+    resize_settings,
+    upscale_task,
+    wait_finished,
+)
 from upscale_server.sessions.local import LocalSessionStore
 
 KEY = "session-key"
@@ -20,7 +29,7 @@ KEY = "session-key"
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY]))) as test_client:
+    with api_client(resize_settings(tmp_path, api_keys=[KEY])) as test_client:
         yield test_client
 
 

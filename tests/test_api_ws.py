@@ -11,15 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
-from tests.api_helpers import data_uri, encode, new_uuid, photo_crop, resize_settings, upscale_task
-from upscale_server.app import create_app
+from tests.api_helpers import api_client, data_uri, encode, new_uuid, photo_crop, resize_settings, upscale_task
 
 KEY = "ws-key"
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(resize_settings(tmp_path, api_keys=[KEY]))) as test_client:
+    with api_client(resize_settings(tmp_path, api_keys=[KEY])) as test_client:
         yield test_client
 
 

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from starlette.testclient import WebSocketTestSession
 
-from tests.api_helpers import b64, data_uri, encode, photo_crop, resize_settings
+from tests.api_helpers import api_client, b64, data_uri, encode, photo_crop, resize_settings
 from upscale_server.app import create_app
 
 KEY = "fuzz-key"
@@ -74,7 +74,7 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestCli
         max_body_bytes=MAX_BODY,
         max_input_pixels=MAX_INPUT_PIXELS,
     )
-    with TestClient(create_app(app_settings)) as client:
+    with api_client(app_settings) as client:
         auth = {"Authorization": f"Bearer {KEY}"}
         upload = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": data_uri(PNG)}
         finished = {
@@ -596,7 +596,7 @@ def test_websocket_lone_surrogate_api_key_is_refused_not_fatal(tmp_path: Path) -
     """WS frame ``[{"taskType":"authentication","apiKey":"\\ud800"}]`` once closed the connection; now an
     ``invalidApiKey`` error frame, and the connection still answers pings."""
     app_settings = resize_settings(tmp_path, api_keys=[KEY])
-    with TestClient(create_app(app_settings)) as client, client.websocket_connect("/v1") as ws:
+    with api_client(app_settings) as client, client.websocket_connect("/v1") as ws:
         ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": SURROGATE}]))
         assert receive_frame(ws, timeout=5)["errors"][0]["code"] == "invalidApiKey"
         ws.send_text(json.dumps([{"taskType": "ping", "ping": True}]))

@@ -237,6 +237,13 @@ def test_touch_extends_life_and_untouched_expires(images: LocalImageStore, clock
     assert images.get(used.uuid) is None
 
 
+def test_a_ttl_of_any_size_is_a_finite_cap(images: LocalImageStore, clock: FakeClock) -> None:
+    """A client may send an integer of hundreds of digits; it caps nothing, and fails nothing."""
+    stored = images.put(b"x", format=ImageFormat.PNG, kind="output", ttl_seconds=10**400)
+    assert stored.expires_at is not None and stored.expires_at > clock() + RETENTION
+    assert images.get(stored.uuid) is not None
+
+
 def test_explicit_ttl_expires_earlier_even_when_used(images: LocalImageStore, clock: FakeClock) -> None:
     stored = images.put(b"x", format=ImageFormat.WEBP, kind="output", ttl_seconds=120)
     assert stored.expires_at == clock.now + 120

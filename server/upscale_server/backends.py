@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "upscale.sqlite3"
 IMAGES_FOLDER = "images"
 
+#: Seconds a stopping cluster process waits for its Redis connections to close.
+CLOSE_TIMEOUT = 5.0
+
 #: A readiness check: (passed, detail).
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 #: Reads a finished task back as the frame a WebSocket session gets (None when its record is gone).
@@ -108,6 +111,7 @@ async def open_cluster_backends(settings: Settings, *, consume: bool) -> Backend
     re-run if its worker died.
     """
     from upscale_server.cluster import connect
+    from upscale_server.cluster.connect import REDIS_FAILURES
     from upscale_server.cluster.images import S3ImageStore
     from upscale_server.cluster.jobs import RedisJobQueue, queue_stats
     from upscale_server.cluster.keys import Keys
@@ -147,7 +151,12 @@ async def open_cluster_backends(settings: Settings, *, consume: bool) -> Backend
 
     async def close() -> None:
         await wakeups.aclose()
-        await client.aclose()
+        try:  # bounded, like every step of a shutdown
+            await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("Redis connections not closed within %.0f s", CLOSE_TIMEOUT)
+        except REDIS_FAILURES as exc:
+            log.warning("Redis connections not closed cleanly (%s)", exc.__class__.__name__)
         blocking.close()
 
     async def redis_ready() -> tuple[bool, str]:

@@ -6,9 +6,9 @@ Tests share them, never their data: ``cluster_names`` gives each test its own Re
 own (created, empty) bucket, and removes both afterwards.
 
 A test may stop, kill or restart ``redis_server`` (it comes back on the same port and data dir); if it
-leaves it down, the next test finds it started again. Every test under ``tests/cluster/`` is marked
-``e2e`` here, like ``tests/e2e/`` by the root ``conftest.py``: it starts processes, so
-``scripts/test --fast`` leaves it out and CI runs it (the servers come from ``scripts/setup-services``).
+leaves it down, the next test finds it started again. The root ``conftest.py`` marks every test here
+``e2e``: they start processes, so ``scripts/test --fast`` leaves them out and CI runs them (the servers
+come from ``scripts/setup-services``).
 """
 
 from __future__ import annotations
@@ -23,15 +23,6 @@ import redis
 
 from tests.cluster.nodes import Cluster
 from tests.support.services import RedisServer, S3Server
-
-CLUSTER_ROOT = Path(__file__).resolve().parent
-
-
-@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.is_relative_to(CLUSTER_ROOT):
-            item.add_marker(pytest.mark.e2e)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from upscale_server.cluster import scripts
 from upscale_server.cluster.connect import translated
 from upscale_server.cluster.keys import Keys
 from upscale_server.cluster.objects import Bucket
-from upscale_server.storage import ImageKind, StoredImage
+from upscale_server.storage import ImageKind, StoredImage, ttl_cap
 from upscale_server.vocabulary import ImageFormat, canonical_uuid
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class S3ImageStore:
         if image_uuid is None:
             raise ValueError("image_uuid must be a hyphenated UUID")
         now = self._clock()
-        cap = now + ttl_seconds if ttl_seconds is not None else None
+        cap = ttl_cap(now, ttl_seconds)
         expires = min(now + self.retention_seconds, cap) if cap is not None else now + self.retention_seconds
         self.bucket.put(self.object_key(image_uuid, format), data, format.media_type)
         fields = {

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 INLINE_JOB_BYTES = 64 * 1024
 #: Dead-letter entries kept (approximately).
 DEAD_LETTERS_KEPT = 10_000
-#: Milliseconds a worker's read blocks when nothing is queued: how soon it notices a stop.
+#: Milliseconds a worker's read blocks when nothing is queued: how soon it notices a stop, and (with a
+#: quarter of the dead threshold when that is shorter) how soon an idle worker looks for abandoned jobs.
 READ_BLOCK_MS = 1000
 
 
@@ -76,7 +77,7 @@ class RedisJobQueue:
         self.slots = slots
         self.dead_seconds = dead_seconds
         self.max_deliveries = max_deliveries
-        self._clock = clock
+        self.clock = clock
         self._enqueue = client.register_script(scripts.ENQUEUE)
         self._waiters: dict[str, asyncio.Future[Outcome | None]] = {}
         self._consumer: JobConsumer | None = None
@@ -109,7 +110,7 @@ class RedisJobQueue:
                         self.capacity,
                         task.task_type,
                         task.delivery_method,
-                        self._clock(),
+                        self.clock(),
                         self.node,
                         job.session or "",
                         payload,
@@ -155,7 +156,8 @@ class RedisJobQueue:
                 pipe.hget(self.keys.task(task_uuid), "status")
             statuses = await pipe.execute()
         for task_uuid, status in zip(waiting, statuses, strict=True):
-            if status != "processing":
+            # No record yet: its enqueue has not returned (the waiter is registered before it); not finished.
+            if status is not None and status != "processing":
                 log.info("task %s finished without a wake-up reaching this node", task_uuid)
                 self._done(task_uuid)
 
@@ -261,9 +263,8 @@ class JobConsumer:
         return entries
 
     async def _read(self, count: int) -> list[tuple[str, dict[str, str]]]:
-        reply = await self.client.xreadgroup(
-            WORKERS_GROUP, self.name, {self.keys.jobs: ">"}, count=count, block=READ_BLOCK_MS
-        )
+        block = max(1, min(READ_BLOCK_MS, self.dead_ms // 4))
+        reply = await self.client.xreadgroup(WORKERS_GROUP, self.name, {self.keys.jobs: ">"}, count=count, block=block)
         streams = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or [])
         return [(str(entry_id), fields) for _, entries in streams for entry_id, fields in entries]
 
@@ -312,7 +313,7 @@ class JobConsumer:
             return None, "", 0
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, "attempts", 1)
-            pipe.hset(key, mapping={"worker": self.name, "started": self.queue._clock()})
+            pipe.hset(key, mapping={"worker": self.name, "started": self.queue.clock()})
             attempts = int((await pipe.execute())[0])
         if not payload and ref:
             payload = (await asyncio.to_thread(self.queue.bucket.get, ref)).decode()
@@ -353,7 +354,7 @@ class JobConsumer:
         interval = self.queue.dead_seconds / 3
         while True:
             try:
-                now = self.queue._clock()
+                now = self.queue.clock()
                 await self.client.zadd(self.keys.workers, {self.name: now})
                 self.last_heartbeat = time.monotonic()
             except REDIS_FAILURES as exc:

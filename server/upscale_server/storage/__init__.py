@@ -23,6 +23,18 @@ TaskStatus = Literal["processing", "success", "error"]
 JsonObject = dict[str, Any]
 
 
+#: An explicit ``ttl`` longer than this caps nothing a store keeps (the retention after last use is far
+#: shorter); clamped so that any integer a client sends is a finite time.
+LONGEST_TTL_SECONDS = 100 * 365 * 86400.0
+
+
+def ttl_cap(now: float, ttl_seconds: float | None) -> float | None:
+    """When an image with an explicit ``ttl`` expires whatever its use (None: no cap)."""
+    if ttl_seconds is None:
+        return None
+    return now + min(ttl_seconds, LONGEST_TTL_SECONDS)
+
+
 @dataclass(frozen=True)
 class StoredImage:
     """One stored image as recorded when it was looked up (times are clock seconds).

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from upscale_server.storage import ImageKind, StoredImage
+from upscale_server.storage import ImageKind, StoredImage, ttl_cap
 from upscale_server.storage.sqlite import Database
 from upscale_server.vocabulary import ImageFormat, canonical_uuid, staged_writer
 
@@ -104,7 +104,7 @@ class LocalImageStore:
             height=height,
             created_at=now,
             last_used_at=now,
-            expires_at=None if ttl_seconds is None else now + ttl_seconds,
+            expires_at=ttl_cap(now, ttl_seconds),
             local_path=final,
         )
         inserted = False

@@ -94,9 +94,12 @@ class RecordedResults:
         return outcome
 
     async def finished(self, task_uuid: str, base_url: str) -> Outcome:
-        """A finished task's outcome as its sync request gets it (an error with its own HTTP status)."""
+        """A finished task's outcome exactly as its sync request would have had it from the process that
+        ran it: without the poll's ``status`` field, an error with its own HTTP status."""
         outcome, status = await self._read(task_uuid, base_url)
-        return outcome if outcome.error is None else Outcome(error=outcome.error, status=status)
+        if outcome.error is not None:
+            return Outcome(error=_without_poll_status(outcome.error), status=status)
+        return Outcome(item=None if outcome.item is None else _without_poll_status(outcome.item))
 
     async def frame(self, task_uuid: str, base_url: str) -> dict[str, Any] | None:
         """A finished task as the frame its WebSocket session gets; None when its record is gone."""
@@ -120,3 +123,7 @@ class RecordedResults:
         error = {key: value for key, value in record.error.items() if key != _STATUS_MARK}
         status = record.error.get(_STATUS_MARK)
         return Outcome(error=error, status=200), status if isinstance(status, int) else 500
+
+
+def _without_poll_status(item: WireItem) -> WireItem:
+    return {key: value for key, value in item.items() if key != "status"}
