@@ -262,9 +262,7 @@ class Services:
 
 def start_nodes(running: Cluster, roles: list[tuple[str, str]]) -> list[Node]:
     """Start the processes at once, then wait until every one answers /ready."""
-    nodes = [running.add(role, name, start=False) for role, name in roles]
-    for node in nodes:
-        node.start(wait=False)
+    nodes = [running.add(role, name, wait=False) for role, name in roles]
     for node in nodes:
         node.wait_ready()
     return nodes

@@ -199,6 +199,11 @@ def test_a_task_that_crashes_every_worker_fails_after_three_deliveries_and_is_se
         time.sleep(0.1)
     error = poll(a, task["taskUUID"])
     assert error["code"] == "taskCrashedWorkers" and error["taskUUID"] == task["taskUUID"]
+    for worker in workers:  # a crash the loop had not seen yet (the other worker took the task on)
+        assert worker.process is not None
+        if worker.process.poll() is not None:
+            assert worker.process.returncode == 70
+            crashes += 1
     assert crashes == 3
     letters = store.dead_letters()
     assert [entry["task"] for entry in letters] == [task["taskUUID"]] and letters[0]["deliveries"] == "3"
