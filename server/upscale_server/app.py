@@ -47,9 +47,6 @@ from upscale_server.web import routes as web
 
 log = logging.getLogger(__name__)
 
-#: How long a stopping server lets accepted tasks (and then the worker, then webhooks) finish.
-SHUTDOWN_GRACE_SECONDS = 30.0
-
 
 #: What a process does. ``all``: the API and the inference worker (the single process, or a cluster
 #: node that also runs jobs); ``api``: a cluster API node, no model; ``worker``: a cluster worker, whose
@@ -117,7 +114,9 @@ async def start_parts(
         give_up_after=settings.webhook_give_up_after,
         on_result=metrics.webhook,
     )
-    stack.push_async_callback(webhooks.aclose, SHUTDOWN_GRACE_SECONDS)  # tasks that just finished may be notifying
+    stack.push_async_callback(
+        webhooks.aclose, settings.shutdown_grace_seconds
+    )  # tasks that just finished may be notifying
     # Decoding and encoding get their own bounded pool: never the worker's threads (the device would
     # wait for PNG), and not the default executor that SQLite and file reads share.
     codec_threads = settings.resolved_encode_workers()
@@ -127,7 +126,7 @@ async def start_parts(
     inference = await asyncio.to_thread(InferenceService, settings, compute, observer=metrics.inference_done)
     if runs_jobs:
         inference.start()
-        stack.push_async_callback(asyncio.to_thread, inference.stop, SHUTDOWN_GRACE_SECONDS)
+        stack.push_async_callback(asyncio.to_thread, inference.stop, settings.shutdown_grace_seconds)
 
     images = TaskImages(
         backends.images,
@@ -166,7 +165,7 @@ async def start_parts(
             sweep_forever([backends.images, backends.records], settings.sweep_interval_seconds, stop=stop_sweeping)
         )
         stack.push_async_callback(_stop_task, sweeper, stop_sweeping)
-    stack.push_async_callback(backends.jobs.drain, SHUTDOWN_GRACE_SECONDS)  # the first thing a stop does
+    stack.push_async_callback(backends.jobs.drain, settings.shutdown_grace_seconds)  # the first thing a stop does
 
     context = ServerContext(
         settings=settings,

@@ -139,6 +139,7 @@ async def open_cluster_backends(settings: Settings, *, consume: bool) -> Backend
         client,
         keys,
         bucket,
+        records,
         wakeups,
         node=node,
         capacity=settings.max_queue,
@@ -151,6 +152,7 @@ async def open_cluster_backends(settings: Settings, *, consume: bool) -> Backend
 
     async def close() -> None:
         await wakeups.aclose()
+        await sessions.aclose(CLOSE_TIMEOUT)
         try:  # bounded, like every step of a shutdown
             await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
         except TimeoutError:

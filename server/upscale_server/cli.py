@@ -339,7 +339,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         ws_max_size=settings.max_frame_bytes,
         log_config=None,  # keep configure_logging's handler: uvicorn's own config would replace it
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
     return 0
 

@@ -206,6 +206,15 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest WebSocket frame; a bigger one closes the connection with code 1009 (message too big).",
     )
+    shutdown_grace_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a stopping process lets accepted work finish (and then its worker and webhooks): "
+        "a cluster worker hands back the jobs still running after it, so another worker runs them at once. "
+        "Keep it below the orchestrator's own grace period (Compose `stop_grace_period`, Kubernetes "
+        "`terminationGracePeriodSeconds`).",
+    )
     session_resume_seconds: float = Field(
         default=120,
         ge=0,

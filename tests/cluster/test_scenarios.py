@@ -361,3 +361,21 @@ def test_probes_metrics_and_logs_name_the_cluster(test_cluster: Cluster, store: 
     assert f"api-a upscale_server.cluster.jobs [{task['taskUUID']}]: queued" in a.log()
     assert "worker-1 " in worker.log() and task["taskUUID"] in worker.log()
     assert httpx.get(worker.url + "/v1", timeout=10).status_code in (404, 405)  # a worker serves only probes
+
+
+def test_a_job_whose_data_is_gone_fails_once_instead_of_looping(
+    test_cluster: Cluster, store: Store, cluster_names: ClusterNames
+) -> None:
+    """A queued task whose job payload vanished (its S3 object deleted by hand, say) ends with an error."""
+    (a,), _ = test_cluster.start(api=1, workers=1)
+    task_uuid = new_uuid()
+    prefix = cluster_names.redis_prefix
+    store.client.hset(
+        f"{prefix}task:{task_uuid}",
+        mapping={"type": "imageUpscale", "delivery": "async", "status": "processing", "job": "", "job_ref": "x"},
+    )
+    store.client.xadd(f"{prefix}jobs", {"task": task_uuid})
+    error = finished(a, task_uuid)
+    assert error["code"] == "internalServerError" and "could not be read" in error["message"]
+    assert store.task(task_uuid)["attempts"] == "1"
+    assert wait_until(lambda: store.stream_length() == 0, "the entry to be acknowledged")

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -35,20 +36,37 @@ from upscale_server.cluster.connect import REDIS_FAILURES, unavailable_on_failur
 from upscale_server.cluster.keys import WORKERS_GROUP, Keys
 from upscale_server.cluster.objects import Bucket
 from upscale_server.cluster.wakeups import Wakeups
-from upscale_server.errors import ConflictTaskUUIDError, QueueFullError
+from upscale_server.errors import (
+    ConflictTaskUUIDError,
+    InternalError,
+    QueueFullError,
+    ServiceUnavailableError,
+    error_item,
+)
 from upscale_server.observability.logs import task_context
 from upscale_server.protocol import Outcome
 from upscale_server.queue import Executor, QueueFigures, UpscaleJob
+from upscale_server.storage import TaskRecords
 
 log = logging.getLogger(__name__)
 
 #: A job bigger than this (an inline image) travels through S3; the stream and the record keep its key.
 INLINE_JOB_BYTES = 64 * 1024
+#: Failures that leave a job pending for a later delivery (Redis unreachable, or S3 when loading the job).
+RETRYABLE: tuple[type[BaseException], ...] = (*REDIS_FAILURES, ServiceUnavailableError)
 #: Dead-letter entries kept (approximately).
 DEAD_LETTERS_KEPT = 10_000
 #: Milliseconds a worker's read blocks when nothing is queued: how soon it notices a stop, and (with a
 #: quarter of the dead threshold when that is shorter) how soon an idle worker looks for abandoned jobs.
 READ_BLOCK_MS = 1000
+
+
+@dataclass(frozen=True)
+class UnreadableJob:
+    """A queued task whose job data is missing or broken (its S3 payload deleted, a corrupted hash)."""
+
+    task_type: str
+    reason: str
 
 
 class RedisJobQueue:
@@ -60,6 +78,7 @@ class RedisJobQueue:
         client: redis.asyncio.Redis,
         keys: Keys,
         bucket: Bucket,
+        records: TaskRecords,
         wakeups: Wakeups,
         *,
         node: str,
@@ -72,6 +91,7 @@ class RedisJobQueue:
         self.client = client
         self.keys = keys
         self.bucket = bucket
+        self.records = records
         self.node = node
         self.capacity = capacity
         self.slots = slots
@@ -96,7 +116,9 @@ class RedisJobQueue:
         task = job.task
         payload, ref = job.to_json(), ""
         if len(payload) > INLINE_JOB_BYTES:
-            ref = f"jobs/{task.task_uuid}.json"
+            # Named for this acceptance, not the taskUUID: a duplicate that is refused as a conflict must
+            # neither overwrite nor delete the payload of the task that has the UUID.
+            ref = f"jobs/{task.task_uuid}-{job.output_uuid}.json"
             await asyncio.to_thread(self.bucket.put, ref, payload.encode(), "application/json")
             payload = ""
         future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
@@ -287,7 +309,9 @@ class JobConsumer:
         ref = ""
         try:
             job, ref, attempts = await self._load(task_uuid)
-            if job is not None:
+            if isinstance(job, UnreadableJob):
+                await self._fail_unreadable(task_uuid, job)
+            elif job is not None:
                 if attempts > self.queue.max_deliveries:
                     await self._dead_letter(entry_id, job, attempts)
                 else:
@@ -296,28 +320,40 @@ class JobConsumer:
                         await self.client.hincrby(self.keys.stats, "redeliveries", 1)
                     await self.execute(job)
             await self._ack(entry_id)
-        except REDIS_FAILURES as exc:  # the entry stays pending: a worker takes it again after the threshold
-            log.warning("job %s left for a retry: Redis failed (%s)", entry_id, exc.__class__.__name__)
+        except RETRYABLE as exc:  # the entry stays pending: a worker takes it again after the dead threshold
+            log.warning("job %s left for a retry: Redis or S3 failed (%s)", entry_id, exc.__class__.__name__)
             return
         finally:
             renewing.cancel()
         if ref:
             await asyncio.to_thread(_quietly, self.queue.bucket.delete, ref)
 
-    async def _load(self, task_uuid: str) -> tuple[UpscaleJob | None, str, int]:
+    async def _load(self, task_uuid: str) -> tuple[UpscaleJob | UnreadableJob | None, str, int]:
         """The job of an open task, its S3 payload key, and this delivery's number (None when the task
-        was finished already: a worker died between recording and acknowledging)."""
+        was finished already: a worker died between recording and acknowledging). A job whose data is
+        gone or broken comes back as :class:`UnreadableJob`, to be failed, never retried forever."""
         key = self.keys.task(task_uuid)
-        status, payload, ref = cast(list[str | None], await self.client.hmget(key, ["status", "job", "job_ref"]))
+        fields = ["status", "job", "job_ref", "type"]
+        status, payload, ref, task_type = cast(list[str | None], await self.client.hmget(key, fields))
         if status != "processing":
             return None, "", 0
+        try:
+            if not payload and ref:
+                payload = (await asyncio.to_thread(self.queue.bucket.get, ref)).decode()
+            job: UpscaleJob | UnreadableJob = UpscaleJob.from_json(payload or "")
+        except (FileNotFoundError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            job = UnreadableJob(task_type or "", f"{exc.__class__.__name__}: {exc}")
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, "attempts", 1)
             pipe.hset(key, mapping={"worker": self.name, "started": self.queue.clock()})
             attempts = int((await pipe.execute())[0])
-        if not payload and ref:
-            payload = (await asyncio.to_thread(self.queue.bucket.get, ref)).decode()
-        return UpscaleJob.from_json(payload or "{}"), ref or "", attempts
+        return job, ref or "", attempts
+
+    async def _fail_unreadable(self, task_uuid: str, job: UnreadableJob) -> None:
+        log.error("the queued job cannot be read (%s): the task fails", job.reason)
+        error = InternalError("the queued job could not be read back; send the task again with a new taskUUID")
+        item = {**error_item(error, task_type=job.task_type or None, task_uuid=task_uuid), "status": "error"}
+        await asyncio.to_thread(self.queue.records.fail, task_uuid, item)
 
     async def _dead_letter(self, entry_id: str, job: UpscaleJob, attempts: int) -> None:
         log.error("delivered %d times and its workers died each time: failed and set aside", attempts - 1)

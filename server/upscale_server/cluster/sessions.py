@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import redis.asyncio
@@ -138,6 +138,7 @@ class RedisSessionStore:
         #: A held session's life, renewed every check: it outlives a node that dies by about this long.
         self.held_ms = self.resume_ms + int(wakeups.interval * 3000)
         self.attached: dict[str, RedisSession] = {}
+        self._spawned: set[asyncio.Task[None]] = set()
         self._read_frame: FrameReader | None = None
         self._take = client.register_script(scripts.SESSION_TAKE)
         self._deliver = client.register_script(scripts.SESSION_DELIVER)
@@ -193,12 +194,24 @@ class RedisSessionStore:
     def _wake(self, session_uuid: str) -> None:
         session = self.attached.get(session_uuid)
         if session is not None:
-            asyncio.get_running_loop().create_task(session.pump())
+            self._spawn(session.pump())
 
     def _drop(self, session_uuid: str) -> None:
         session = self.attached.get(session_uuid)
         if session is not None:
-            asyncio.get_running_loop().create_task(self._verify(session))
+            self._spawn(self._verify(session))
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    async def aclose(self, timeout: float) -> None:
+        """Stop the sends that wake-ups started (at shutdown; the sessions live on in Redis)."""
+        for task in self._spawned:
+            task.cancel()
+        if self._spawned:
+            await asyncio.wait(set(self._spawned), timeout=timeout)
 
     async def _verify(self, session: RedisSession) -> None:
         epoch = await self.client.hget(self.keys.session(session.uuid), "epoch")

@@ -47,7 +47,10 @@ class Wakeups:
 
     def start(self) -> None:
         if not self._tasks:
-            self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._check_forever())]
+            self._tasks = [
+                asyncio.create_task(self._listen(), name="wake-up listener"),
+                asyncio.create_task(self._check_forever(), name="periodic check"),
+            ]
 
     async def aclose(self) -> None:
         """Stop listening and checking. Bounded: a cancelled Redis call that does not end promptly (a
@@ -55,7 +58,9 @@ class Wakeups:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
+            _, pending = await asyncio.wait(self._tasks, timeout=2 * CLOSE_TIMEOUT)
+            for task in pending:
+                log.warning("wake-up task %s did not stop within %.0f s", task.get_name(), 2 * CLOSE_TIMEOUT)
         self._tasks = []
 
     async def _listen(self) -> None:
@@ -76,8 +81,10 @@ class Wakeups:
                 log.warning("wake-up channel lost (%s); subscribing again", exc.__class__.__name__)
                 await asyncio.sleep(RESUBSCRIBE_SECONDS)
             finally:
+                # Bounded, and run even while this task is being cancelled: a connection stuck mid-reply
+                # must not keep the listener (and the shutdown waiting for it) alive.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT)  # type: ignore[no-untyped-call]
 
     def _dispatch(self, data: str) -> None:
         verb, _, argument = data.partition(" ")
