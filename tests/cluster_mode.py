@@ -47,6 +47,10 @@ class ClusterTarget:
 TARGET: ClusterTarget | None = None
 
 
+#: The TestClient methods that make a request; each call takes the next node.
+ROUTED = frozenset({"request", "get", "post", "head", "put", "patch", "delete", "options", "websocket_connect"})
+
+
 class TwoNodeClient:
     """Two API nodes of one cluster behind one client: each call goes to the next node in turn."""
 
@@ -69,32 +73,11 @@ class TwoNodeClient:
     def app(self) -> Any:
         return self._clients[0].app
 
-    def _next(self) -> TestClient:
-        return next(self._turn)
-
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().request(*args, **kwargs)
-
-    def get(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().get(*args, **kwargs)
-
-    def post(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().post(*args, **kwargs)
-
-    def head(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().head(*args, **kwargs)
-
-    def put(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().put(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().delete(*args, **kwargs)
-
-    def options(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().options(*args, **kwargs)
-
-    def websocket_connect(self, *args: Any, **kwargs: Any) -> Any:
-        return self._next().websocket_connect(*args, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        """Each request method (``get``, ``post``, ``websocket_connect``...) goes to the next node in turn."""
+        if name not in ROUTED:
+            raise AttributeError(name)
+        return getattr(next(self._turn), name)
 
 
 @contextlib.contextmanager

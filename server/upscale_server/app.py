@@ -114,9 +114,8 @@ async def start_parts(
         give_up_after=settings.webhook_give_up_after,
         on_result=metrics.webhook,
     )
-    stack.push_async_callback(
-        webhooks.aclose, settings.shutdown_grace_seconds
-    )  # tasks that just finished may be notifying
+    # Tasks that just finished may be notifying.
+    stack.push_async_callback(webhooks.aclose, settings.shutdown_grace_seconds)
     # Decoding and encoding get their own bounded pool: never the worker's threads (the device would
     # wait for PNG), and not the default executor that SQLite and file reads share.
     codec_threads = settings.resolved_encode_workers()
@@ -178,12 +177,12 @@ async def start_parts(
     checks = dict(backends.ready_checks)
     if backends.cluster and runs_jobs:
         checks["heartbeat"] = functools.partial(_heartbeat_check, backends.heartbeat_age, settings.worker_dead_seconds)
+    # A cluster process keeps nothing on its own disk; the single process's data folder must stay writable.
+    data_dir = None if backends.cluster else await asyncio.to_thread(settings.data_dir.expanduser().resolve)
     observability = HealthSource(
         worker_state=(lambda: inference.worker_state) if runs_jobs else (lambda: "none (API node)"),
         model_loaded=inference.model_loaded,
-        data_dir=None
-        if backends.cluster
-        else await asyncio.to_thread(lambda: settings.data_dir.expanduser().resolve()),
+        data_dir=data_dir,
         metrics=metrics,
         require_model=settings.preload_default_model,  # else nothing loads it until a request comes
         runs_models=runs_jobs,

@@ -14,14 +14,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from upscale_server.config import Settings
 from upscale_server.errors import TaskInterruptedError, error_item
 from upscale_server.protocol import with_status
 from upscale_server.queue import JobQueue, QueueFigures
 from upscale_server.queue.local import LocalJobQueue
-from upscale_server.sessions import SessionStore
+from upscale_server.sessions import FrameReader, SessionStore
 from upscale_server.sessions.local import LocalSessionStore
 from upscale_server.storage import ImageStorage, JsonObject, TaskRecord, TaskRecords
 from upscale_server.storage.local_images import LocalImageStore
@@ -39,8 +38,6 @@ CLOSE_TIMEOUT = 5.0
 
 #: A readiness check: (passed, detail).
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
-#: Reads a finished task back as the frame a WebSocket session gets (None when its record is gone).
-FrameReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
 @dataclass(frozen=True)
@@ -68,8 +65,7 @@ async def open_backends(settings: Settings, *, consume: bool) -> Backends:
     single process's. ``consume``: this process runs jobs (a worker, or a single process)."""
     if settings.redis_url:
         return await open_cluster_backends(settings, consume=consume)
-    local = await asyncio.to_thread(open_local_backends, settings)
-    return local
+    return await asyncio.to_thread(open_local_backends, settings)
 
 
 def open_local_backends(settings: Settings) -> Backends:

@@ -324,14 +324,16 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     from upscale_server.observability.logs import configure_logging
 
     role = args.role
-    if role != "all" or settings.redis_url:
+    if role != "api":
+        tune_process(settings, ComputeConfig.from_settings(settings).device)
+    # Settings this machine cannot honour (a device, a key file, a cluster role without Redis): one line
+    # here, not a failed start-up.
+    app = create_app(settings, role)
+    if settings.redis_url:
         from upscale_server.backends import check_cluster
 
         check_cluster(settings)  # Redis or S3 unusable: one line and exit code 2, before anything starts
-    if role != "api":
-        tune_process(settings, ComputeConfig.from_settings(settings).device)
-    configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings, role)  # an unusable device or kernel: one line here, not a failed start-up
+    configure_logging(settings.log_format, settings.log_level)  # after the checks: their line stays alone
     uvicorn.run(
         app,
         host=settings.host,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,6 +13,7 @@ import redis
 from PIL import Image
 from websockets.sync.client import ClientConnection, connect
 
+from tests.api_helpers import b64, encode, new_uuid
 from tests.cluster.nodes import KEY, Node
 
 T = TypeVar("T")
@@ -25,13 +23,8 @@ WAIT_TIMEOUT = 60.0
 
 
 def png(width: int = 24, height: int = 16, color: tuple[int, int, int] = (200, 30, 40)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def new_uuid() -> str:
-    return str(uuid.uuid4())
+    """A plain PNG as the base64 text a task carries (its width is what the crash hook looks at)."""
+    return b64(encode(Image.new("RGB", (width, height), color)))
 
 
 def upscale(image: str, **fields: Any) -> dict[str, Any]:

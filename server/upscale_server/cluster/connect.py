@@ -87,11 +87,10 @@ def open_s3(settings: Settings) -> Any:
 
 
 def check_cluster(settings: Settings) -> None:
-    """Reach Redis and the bucket once, at start-up; UnusableSettingError with one clear line if not."""
-    if not settings.redis_url:
-        raise UnusableSettingError("cluster roles need UPSCALE_REDIS_URL (the Redis or Valkey all nodes share)")
-    if not settings.s3_bucket:
-        raise UnusableSettingError("cluster roles need UPSCALE_S3_BUCKET (the bucket for images)")
+    """Reach Redis and the bucket once, at start-up; UnusableSettingError with one clear line if not.
+
+    For settings :func:`upscale_server.app.create_app` accepted: it requires both for a cluster role."""
+    assert settings.redis_url and settings.s3_bucket, "create_app() checks the cluster settings first"
     client = open_redis(settings.redis_url)
     try:
         client.ping()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import cast
 
@@ -20,7 +19,7 @@ from upscale_server.cluster import scripts
 from upscale_server.cluster.connect import translated
 from upscale_server.cluster.keys import Keys
 from upscale_server.cluster.objects import Bucket
-from upscale_server.storage import ImageKind, StoredImage, ttl_cap
+from upscale_server.storage import ImageKind, StoredImage, image_uuid_for, ttl_cap
 from upscale_server.vocabulary import ImageFormat, canonical_uuid
 
 log = logging.getLogger(__name__)
@@ -67,12 +66,10 @@ class S3ImageStore:
         width: int | None = None,
         height: int | None = None,
     ) -> StoredImage:
-        image_uuid = canonical_uuid(image_uuid) if image_uuid is not None else str(uuid.uuid4())
-        if image_uuid is None:
-            raise ValueError("image_uuid must be a hyphenated UUID")
+        image_uuid = image_uuid_for(image_uuid)
         now = self._clock()
         cap = ttl_cap(now, ttl_seconds)
-        expires = min(now + self.retention_seconds, cap) if cap is not None else now + self.retention_seconds
+        expires = self._expiry(now, cap)
         self.bucket.put(self.object_key(image_uuid, format), data, format.media_type)
         fields = {
             "format": format.value,
@@ -109,7 +106,7 @@ class S3ImageStore:
         used = float(fields["used"])
         if touch:
             cap = float(fields["cap"]) if fields.get("cap") else None
-            expires = now + self.retention_seconds if cap is None else min(now + self.retention_seconds, cap)
+            expires = self._expiry(now, cap)
             used = now
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.hset(self.keys.image(canonical), "used", now)
@@ -126,6 +123,11 @@ class S3ImageStore:
             last_used_at=used,
             expires_at=expires,
         )
+
+    def _expiry(self, last_used: float, cap: float | None) -> float:
+        """The retention after the last use, capped by the image's explicit ttl."""
+        expires = last_used + self.retention_seconds
+        return expires if cap is None else min(expires, cap)
 
     def read_bytes(self, image: StoredImage) -> bytes:
         return self.bucket.get(self.object_key(image.uuid, image.format))

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import redis.asyncio
@@ -28,13 +28,9 @@ from upscale_server.cluster.connect import REDIS_FAILURES, unavailable_on_failur
 from upscale_server.cluster.keys import Keys
 from upscale_server.cluster.records import SESSION_FRAMES
 from upscale_server.cluster.wakeups import Wakeups
-from upscale_server.sessions import Sender
+from upscale_server.sessions import FrameReader, Sender
 
 log = logging.getLogger(__name__)
-
-#: Reads a finished task back as the frame its session gets: (taskUUID, base URL) -> payload, or None
-#: when the record is gone.
-FrameReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 #: Frames read from the stream per round trip.
 PUMP_BATCH = 64
@@ -65,9 +61,7 @@ class RedisSession:
     async def detach(self, sender: Sender) -> None:
         if self._sender is not sender:
             return
-        self._sender = None
-        if self.store.attached.get(self.uuid) is self:
-            del self.store.attached[self.uuid]
+        self._let_go()
         await self.store.keep(self, self.store.resume_ms)
 
     async def deliver(self, payload: dict[str, Any]) -> None:
@@ -120,6 +114,10 @@ class RedisSession:
     def _lost(self) -> None:
         """Another connection took the session (on this node or another): stop sending here."""
         log.info("session %s was taken over by another connection", self.uuid)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Stop sending on this node: no socket, and no longer among the sessions it holds."""
         self._sender = None
         if self.store.attached.get(self.uuid) is self:
             del self.store.attached[self.uuid]

@@ -77,11 +77,11 @@ class HealthSource:
         assert self.data_dir is not None
         return await self._storage_probe.check(self.data_dir, self.storage_timeout)
 
-    async def run_checks(self) -> dict[str, tuple[bool, str]]:
-        """Every check that applies to this process, by name: (passed, detail)."""
+    async def run_checks(self, worker: str) -> dict[str, tuple[bool, str]]:
+        """Every check that applies to this process, by name: (passed, detail); ``worker`` is the
+        worker state the probe read."""
         results: dict[str, tuple[bool, str]] = {}
         if self.runs_models:
-            worker = _worker_state(self)
             results["model"] = _model_check(self)
             results["worker"] = (worker == WORKER_RUNNING, worker)
         if self.data_dir is not None:
@@ -170,7 +170,7 @@ async def ready(request: Request) -> JSONResponse:
         body: dict[str, Any] = {"status": "unavailable", "worker": "starting", "checks": {}, "failing": ["startup"]}
         return JSONResponse(body, status_code=503, headers=NO_STORE)
     worker = _worker_state(source)
-    results = await source.run_checks()
+    results = await source.run_checks(worker)
     checks = {name: detail for name, (_, detail) in results.items()}
     failing = [name for name, (passed, _) in results.items() if not passed]
     body = {"status": "unavailable" if failing else "ready", "worker": worker, "checks": checks}

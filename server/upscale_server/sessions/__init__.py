@@ -14,6 +14,9 @@ from typing import Any, Protocol
 
 #: Sends one text frame on a socket; raises when the socket is gone.
 Sender = Callable[[str], Awaitable[None]]
+#: Reads a finished task back as the frame its session gets: (taskUUID, base URL) -> the payload, or
+#: None when its record is gone. Sessions that keep references to results (a cluster's) need one.
+FrameReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
 class Session(Protocol):

@@ -11,12 +11,13 @@ Every method blocks (file and database I/O): async callers run them with ``async
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from upscale_server.vocabulary import ImageFormat
+from upscale_server.vocabulary import ImageFormat, canonical_uuid
 
 ImageKind = Literal["upload", "output"]
 TaskStatus = Literal["processing", "success", "error"]
@@ -29,10 +30,24 @@ LONGEST_TTL_SECONDS = 100 * 365 * 86400.0
 
 
 def ttl_cap(now: float, ttl_seconds: float | None) -> float | None:
-    """When an image with an explicit ``ttl`` expires whatever its use (None: no cap)."""
+    """When an image with an explicit ``ttl`` expires whatever its use (None: no cap); ValueError when
+    the ttl is not positive."""
     if ttl_seconds is None:
         return None
+    if ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
     return now + min(ttl_seconds, LONGEST_TTL_SECONDS)
+
+
+def image_uuid_for(image_uuid: str | None) -> str:
+    """The canonical UUID a new image is stored under: ``image_uuid`` (ValueError when it is not a
+    hyphenated UUID), or a fresh uuid4."""
+    if image_uuid is None:
+        return str(uuid.uuid4())
+    canonical = canonical_uuid(image_uuid)
+    if canonical is None:
+        raise ValueError(f"not a UUID: {image_uuid!r}")
+    return canonical
 
 
 @dataclass(frozen=True)

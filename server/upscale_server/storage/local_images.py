@@ -19,12 +19,11 @@ import logging
 import re
 import sqlite3
 import time
-import uuid as uuid_module
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from upscale_server.storage import ImageKind, StoredImage, ttl_cap
+from upscale_server.storage import ImageKind, StoredImage, image_uuid_for, ttl_cap
 from upscale_server.storage.sqlite import Database
 from upscale_server.vocabulary import ImageFormat, canonical_uuid, staged_writer
 
@@ -83,16 +82,7 @@ class LocalImageStore:
         fmt = ImageFormat(format)
         if kind not in ("upload", "output"):
             raise ValueError(f"unknown image kind {kind!r}")
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
-        if image_uuid is None:
-            canonical = str(uuid_module.uuid4())
-        else:
-            normalized = canonical_uuid(image_uuid)
-            if normalized is None:
-                raise ValueError(f"not a UUID: {image_uuid!r}")
-            canonical = normalized
-
+        canonical = image_uuid_for(image_uuid)
         final = self.path_for(canonical, fmt)
         now = self._clock()
         image = StoredImage(

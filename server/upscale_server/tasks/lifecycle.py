@@ -57,7 +57,7 @@ class TaskLifecycle:
         try:
             item = await work
         except Exception as exc:
-            return await self.fail(Outcome.failed(exc, task_type, task_uuid), task_type, task_uuid)
+            return await self._fail(Outcome.failed(exc, task_type, task_uuid), task_type, task_uuid)
         self.metrics.task_finished(task_type, "success")
         try:
             stored = stored_result(with_status(item, "success"), base_url)
@@ -66,7 +66,7 @@ class TaskLifecycle:
             return Outcome(item=item), await self._record_failure(Outcome.failed(exc, task_type, task_uuid), task_uuid)
         return Outcome(item=item), recorded
 
-    async def fail(self, outcome: Outcome, task_type: str, task_uuid: str) -> tuple[Outcome, bool]:
+    async def _fail(self, outcome: Outcome, task_type: str, task_uuid: str) -> tuple[Outcome, bool]:
         """Count and record a failed task's outcome; returns it and whether this call recorded it."""
         assert outcome.error is not None
         self.metrics.task_finished(task_type, str(outcome.error["code"]))
