@@ -82,19 +82,33 @@ class OomAbove(Recording):
         return out
 
 
+class SharedCount:
+    """A counter that module copies share (the CPU bf16 method runs a bf16 copy of the module)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SharedCount:
+        return self
+
+
 class BadInLowPrecision(Recording):
-    """Correct in fp32; NaN (or black) when its convs run in reduced precision (CPU bf16 autocast)."""
+    """Correct in fp32; NaN (or black) when its convs run in reduced precision (the CPU bf16 method)."""
 
     def __init__(self, inner: nn.Module, mode: str) -> None:
         super().__init__(inner)
         self.mode = mode
-        self.low_precision_calls = 0
+        self.count = SharedCount()
+
+    @property
+    def low_precision_calls(self) -> int:
+        return self.count.value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.inner(x)
         probe = self.inner.conv1(x[:, :, :1, :1])
         if probe.dtype != torch.float32:
-            self.low_precision_calls += 1
+            self.count.value += 1
             return torch.full_like(out, float("nan")) if self.mode == "nan" else torch.zeros_like(out)
         return out
 

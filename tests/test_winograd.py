@@ -151,7 +151,7 @@ def test_engine_runs_cpu_exact_mode_with_the_chosen_convolution(convolution: str
     network = _toy_network()
     reference = Upscaler(_toy_network(), device=torch.device("cpu"), dtype=torch.float32, convolution="direct")
     engine = Upscaler(network, device=torch.device("cpu"), dtype=torch.float32, convolution=convolution)
-    assert isinstance(engine._exact_module(), expected)
+    assert isinstance(engine._cpu_runner(engine.cpu_choice(9, 11).method), expected)
     image = np.random.default_rng(0).random((9, 11, 3), dtype=np.float32)
     np.testing.assert_allclose(engine.upscale(image), reference.upscale(image), atol=1e-4)
 
@@ -168,7 +168,8 @@ def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.
     with pytest.raises(ValueError, match="Winograd convolutions are not available"):
         Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="winograd")
     fallback = Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="auto")
-    assert isinstance(fallback._exact_module(), RRDBNet)
+    assert fallback.cpu_methods == ("direct",)
+    assert isinstance(fallback._cpu_runner("direct"), RRDBNet)
 
 
 @pytest.mark.parametrize(("t", "k", "n"), [(7, 20, 32), (64, 64, 48), (13, 5, 12)])

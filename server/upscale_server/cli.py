@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--models-dir", type=Path, help="folder of weight files (default: the repo's models/)")
     models.add_argument("--download", action="store_true", help="allow downloading official weights (with --prepare)")
     models.set_defaults(handler=run_models)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="show this machine's hardware and the compute methods chosen on it, and why",
+        description="The CPU, GPU and kernel this machine offers, the compute settings as resolved, and the CPU "
+        "method measured for each model and window size (cached per CPU model and torch version).",
+    )
+    doctor.add_argument("--measure", action="store_true", help="load a model and measure its CPU methods now")
+    doctor.add_argument("--model", metavar="ID", help="the model --measure loads (default: the default model)")
+    add_compute_args(doctor)
+    doctor.set_defaults(handler=run_doctor)
     return parser
 
 
@@ -141,12 +152,14 @@ UPSCALE_HELP = (
 def add_compute_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compute (defaults come from UPSCALE_* settings)")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="bf16 = CPU fast mode")
+    group.add_argument(
+        "--precision", choices=("auto", "fp32", "fp16", "bf16"), help="fp32 = exact; bf16 = CPU fast mode"
+    )
     group.add_argument(
         "--convolution",
         dest="cpu_convolution",
         choices=get_args(Convolution),
-        help="CPU fp32 convolutions (auto = winograd when its kernel builds)",
+        help="CPU fp32 convolutions (auto = the faster on this machine, measured)",
     )
     group.add_argument("--tile-size", type=int, metavar="PX", help="tile edge in input pixels (0 = auto)")
     group.add_argument("--threads", type=int, metavar="N", help="CPU threads (0 = all cores)")
@@ -350,6 +363,17 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """A cluster worker is the serve command's process with the ``worker`` role: the same start-up checks,
     the same graceful stop (SIGTERM: take no new job, finish or hand back the running ones)."""
     return run_serve(args, settings)
+
+
+# --------------------------------------------------------------------------------------------- doctor
+
+
+def run_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from upscale_server.doctor import report
+
+    for line in report(settings, measure_model=args.model, measure=args.measure):
+        print(line)  # noqa: T201 - the command's output
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- models

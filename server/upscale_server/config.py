@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     )
     precision: Precision = Field(
         default="auto",
-        description="Compute precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 (CUDA only) or bf16 "
-        "(the CPU fast mode; costs a little accuracy).",
+        description="Compute precision: auto (fp16 on CUDA; on the CPU the fastest of the exact methods and, where "
+        "the CPU has native bf16 arithmetic, bf16, measured once per machine), fp32 (exact), fp16 (CUDA only) or "
+        "bf16 (the fast mode; costs a few tenths of a level on average).",
     )
     tile_size: int = Field(
         default=0,
@@ -77,9 +78,14 @@ class Settings(BaseSettings):
     threads: int = Field(default=0, ge=0, description="CPU threads for inference; 0 uses every core.")
     cpu_convolution: Convolution = Field(
         default="auto",
-        description="3x3 convolutions of the CPU exact (fp32) mode: winograd (F(4x4,3x3), about 1.6x faster than "
-        "direct for x4plus, within 0.01 levels of it; needs a C compiler on first use), direct (oneDNN), or auto "
-        "(winograd when its kernel builds, else direct).",
+        description="3x3 convolutions of the CPU exact (fp32) mode: winograd (F(4x4,3x3), within 0.01 levels of "
+        "direct; needs the kernel built at install), direct (oneDNN), or auto (whichever measures faster on this "
+        "machine for each window size).",
+    )
+    cpu_method_cache: Path | None = Field(
+        default=None,
+        description="JSON file keeping the CPU methods measured on this machine (per CPU model, torch version and "
+        "model); unset uses the user's cache folder (~/.cache/upscale-server/cpu-methods.json on Linux).",
     )
     compile: bool = Field(
         default=False,

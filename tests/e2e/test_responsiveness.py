@@ -43,7 +43,10 @@ RECV_GUARD_S = 60
 def real_server(tmp_path_factory: pytest.TempPathFactory, provisioned_models_dir: Path) -> Iterator[UpscaleTestServer]:
     """A server with the real engine and the converted weights (the default model is loaded before /ready)."""
     with live_server_at(
-        tmp_path_factory.mktemp("real-server"), models_dir=provisioned_models_dir, env={"UPSCALE_ENGINE": "realesrgan"}
+        tmp_path_factory.mktemp("real-server"),
+        models_dir=provisioned_models_dir,
+        # One fixed CPU method: this test is about the event loop, not about measuring methods at load.
+        env={"UPSCALE_ENGINE": "realesrgan", "UPSCALE_PRECISION": "fp32", "UPSCALE_CPU_CONVOLUTION": "winograd"},
     ) as server:
         yield server
 

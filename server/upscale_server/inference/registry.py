@@ -20,6 +20,8 @@ import logging
 import threading
 
 from upscale_server.config import Settings
+from upscale_server.inference.cpu import kernel
+from upscale_server.inference.cpu.tuning import MethodTable
 from upscale_server.inference.engine.base import ImageUpscaler
 from upscale_server.inference.engine.resize import ResizeUpscaler
 from upscale_server.inference.engine.upscaler import Upscaler
@@ -48,6 +50,10 @@ class ModelRegistry:
         self.batcher: DynamicBatcher | None = None
         if self.compute.batch_window_s > 0 and not self.resize_engine:
             self.batcher = DynamicBatcher(window_s=self.compute.batch_window_s, max_batch=self.compute.max_batch)
+        #: The CPU methods measured on this machine, shared by every model (None where nothing is chosen).
+        self.method_table: MethodTable | None = None
+        if len(compute.cpu_methods) > 1 and not self.resize_engine:
+            self.method_table = MethodTable(compute.method_cache, kernel.build_id())
 
     def close(self) -> None:
         """Stop the batcher (if any): items still waiting in it fail rather than hang. Idempotent."""
@@ -97,7 +103,13 @@ class ModelRegistry:
                     batcher=self.batcher,
                     compile_module=self.compute.compile_module,
                     convolution=self.compute.convolution,
+                    cpu_methods=self.compute.cpu_methods or None,
+                    method_table=self.method_table,
                 )
                 log.info("loaded %s (%s) from %s on %s", spec.id, spec.name, path, self.compute.describe())
+                if self.method_table is not None:
+                    # Before the model counts as loaded (readiness): the first request should not pay it.
+                    for choice in found.choose_cpu_methods():
+                        log.info("%s: %s", spec.id, choice.describe())
                 self._upscalers[spec.id] = found
             return found

@@ -146,6 +146,11 @@ def load(*, build: bool = True) -> ctypes.CDLL:
         return loaded
 
 
+def build_id() -> str:
+    """Which build of the kernel this process uses (part of the CPU method cache's key)."""
+    return shared_object_path().stem
+
+
 def available() -> bool:
     """True when the kernel is (or can be) compiled and loaded on this machine."""
     try:

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, Protocol, get_args
 
 import numpy as np
@@ -46,7 +47,16 @@ from upscale_server.config import Convolution
 from upscale_server.errors import InferenceError
 from upscale_server.imaging import resize_pixels
 from upscale_server.inference.archs.base import Architecture
-from upscale_server.inference.cpu import kernel
+from upscale_server.inference.cpu import methods
+from upscale_server.inference.cpu.methods import CpuMethod, Runner, is_exact
+from upscale_server.inference.cpu.tuning import (
+    SHAPE_CLASSES,
+    Choice,
+    MethodTable,
+    fastest_exact,
+    probe_seconds,
+    shape_class,
+)
 from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
 from upscale_server.inference.engine.tiling import (
     Tile,
@@ -76,7 +86,7 @@ MEMORY_FRACTION: Final = {"cuda": 0.5, "cpu": 0.35}
 _BLACK_OUTPUT: Final = 0.5 / 255
 #: ... which is suspicious only when the input tile has something visible in it.
 _VISIBLE_INPUT: Final = 4 / 255
-#: CPU exact-mode convolution algorithms (see :func:`_cpu_exact_module`).
+#: CPU exact-mode convolution algorithms (see :mod:`upscale_server.inference.cpu.methods`).
 CONVOLUTIONS: Final = get_args(Convolution)
 #: Support of Pillow's Lanczos filter, in pixels of the smaller of the two grids it maps between.
 _LANCZOS_SUPPORT: Final = 3
@@ -87,6 +97,9 @@ class NetworkInfo(Protocol):
 
     @property
     def scale(self) -> int: ...
+
+    @property
+    def params(self) -> Mapping[str, int | str]: ...
 
 
 class Network(Protocol):
@@ -138,27 +151,6 @@ def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
     return module
 
 
-def _cpu_exact_module(arch: Architecture, module: nn.Module, convolution: str) -> nn.Module:
-    """The module that runs CPU fp32 passes: the architecture's Winograd form (same weights) unless
-    told otherwise.
-
-    Winograd needs 4x fewer multiplications for the 3x3 convolutions that make up these networks and
-    stays within 0.01 levels of the direct result (docs/benchmarks.md); "auto" keeps the direct
-    path where the kernel cannot be built (no C compiler).
-    """
-    if convolution == "direct":
-        return module
-    fast = arch.winograd_form(module) if kernel.available() else None
-    if fast is not None:
-        return fast
-    if convolution == "winograd":
-        raise ValueError(
-            "Winograd convolutions are not available here (no C compiler, or an architecture without a Winograd "
-            "form); use convolution 'direct' or 'auto'"
-        )
-    return module
-
-
 class Upscaler:
     """Runs one network over RGB images.
 
@@ -170,10 +162,9 @@ class Upscaler:
 
     Precision modes, by ``(device, dtype)``:
 
-    * CPU fp32 (exact): the architecture's Winograd form (F(4x4, 3x3) convolutions,
-      :mod:`upscale_server.inference.cpu.winograd`) where the kernel can be had, else oneDNN's direct
-      convolutions with the module in ``channels_last``.
-    * CPU bf16 (fast, a few levels off): ``torch.autocast("cpu", bfloat16)`` over the fp32 module.
+    * CPU: one of the methods of :mod:`upscale_server.inference.cpu.methods` per window shape class:
+      exact fp32 (Winograd or oneDNN direct) or the bf16 fast mode, as ``cpu_methods`` allows; with a
+      ``method_table`` the fastest is measured once per machine, without one the first is used.
     * CUDA fp16/bf16: a reduced-precision copy of the module on the device; a tile that comes out
       NaN/Inf, or black from a visible input, is redone with an fp32 copy made on first need.
     * CUDA fp32: an fp32 copy on the device.
@@ -201,6 +192,8 @@ class Upscaler:
         batcher: DynamicBatcher | None = None,
         compile_module: bool = False,
         convolution: str = "auto",
+        cpu_methods: Sequence[CpuMethod] | None = None,
+        method_table: MethodTable | None = None,
     ) -> None:
         """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
         the context in input pixels on each side of a tile (None: the architecture's
@@ -211,7 +204,9 @@ class Upscaler:
         ``torch.compile``, compiled on first use, falling back to eager (one warning) if that fails.
         ``convolution`` picks the CPU exact mode's 3x3 convolutions: ``"winograd"``
         (:mod:`upscale_server.inference.cpu.winograd`, ValueError when its kernel cannot be had),
-        ``"direct"`` (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA."""
+        ``"direct"`` (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA.
+        ``cpu_methods`` (CPU only) replaces what ``dtype`` and ``convolution`` imply with explicit
+        candidates; ``method_table`` picks among them by measurement (else the first is used)."""
         arch = network.arch
         if tile_overlap is None:
             tile_overlap = arch.default_tile_overlap
@@ -248,10 +243,16 @@ class Upscaler:
         # Compiled wrappers by id() of the eager module they wrap; empty and unused after a failure.
         self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._compile_failed = False
+        self._cpu_methods: tuple[CpuMethod, ...] = ()
+        self._method_table = method_table
+        self._runners: dict[CpuMethod, Runner] = {}
+        self._network_key = f"{arch.name} x{self.scale} " + json.dumps(dict(network.info.params), sort_keys=True)
         if device.type == "cpu":
-            # bf16 on the CPU is autocast over the fp32 weights, so one module serves both modes.
+            # Every CPU method is built over this one fp32 module (no second copy of the fp32 weights).
             self._module = _placed(master, device, torch.float32)
-            self._fp32_module = _cpu_exact_module(arch, self._module, convolution)
+            self._cpu_methods = self._resolve_cpu_methods(cpu_methods, dtype, convolution)
+            self.dtype = torch.bfloat16 if self._cpu_methods == ("bf16",) else torch.float32
+            self._fp32_module = None
             self._master = None
         else:
             self._master = master
@@ -260,6 +261,23 @@ class Upscaler:
         self._exact = dtype == torch.float32
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def cpu_methods(self) -> tuple[CpuMethod, ...]:
+        """The CPU methods this upscaler may choose among (empty on CUDA)."""
+        return self._cpu_methods
+
+    def cpu_choice(self, height: int, width: int) -> Choice:
+        """The CPU method for a ``height`` x ``width`` window, and why (measured on first need)."""
+        shape = shape_class(height, width)
+        if self._method_table is None or len(self._cpu_methods) == 1:
+            reason = "only candidate" if len(self._cpu_methods) == 1 else "not measured"
+            return Choice(self._cpu_methods[0], shape.name, shape.probe, {}, reason)
+        return self._method_table.choose(self._network_key, height, width, self._cpu_methods, self._probe)
+
+    def choose_cpu_methods(self) -> list[Choice]:
+        """Measure (or read) the choice for every window shape class now, e.g. at start-up."""
+        return [self.cpu_choice(c.probe, c.probe) for c in SHAPE_CLASSES]
 
     def tile_size_for(self, height: int, width: int) -> int:
         """The tile edge (input pixels, without context) used for a ``height`` x ``width`` image.
@@ -458,8 +476,9 @@ class Upscaler:
         """Run one window (1 x 3 x H x W on the device) and return its output on the host: unclamped
         float32 HWC, or uint8 HWC quantised on the device when ``quantize``."""
         h, w = x.shape[2], x.shape[3]
-        y = self._infer(x, exact=self._exact)
-        if not self._exact:
+        exact = self._exact if not self._cpu_methods else is_exact(self.cpu_choice(h, w).method)
+        y = self._infer(x, exact=exact)
+        if not exact:
             problem = self._suspicious(x, y)
             if problem is not None:
                 self._log_fallback(problem)
@@ -490,11 +509,11 @@ class Upscaler:
         """One network pass; float32 result on the device. Maps failures to the engine's errors."""
         try:
             with torch.inference_mode():
-                if exact:
+                if self._cpu_methods:
+                    runner = self._cpu_runner(self._cpu_method(x, exact=exact))
+                    y = self._call(runner, x) if isinstance(runner, nn.Module) else runner(x)
+                elif exact:
                     y = self._call(self._exact_module(), x)
-                elif self.device.type == "cpu":
-                    with torch.autocast("cpu", dtype=self.dtype):
-                        y = self._call(self._module, x)
                 else:
                     y = self._call(self._module, x.to(self.dtype))
                 result: torch.Tensor = y.float()
@@ -554,6 +573,63 @@ class Upscaler:
                     return None
                 self._compiled[id(module)] = found
             return found
+
+    def _resolve_cpu_methods(
+        self, explicit: Sequence[CpuMethod] | None, dtype: torch.dtype, convolution: str
+    ) -> tuple[CpuMethod, ...]:
+        """The CPU candidates: ``explicit``, or what ``dtype`` and ``convolution`` imply. The Winograd
+        form is built now, so a machine without its kernel fails here, not on the first request."""
+        if explicit is not None:
+            found = tuple(explicit)
+        else:
+            precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+            found = methods.candidates(precision, convolution, winograd_ok=True, native_bf16=False)
+        if not found:
+            raise ValueError("no CPU method to run the network with")
+        if "winograd" in found:
+            try:
+                self._cpu_runner("winograd")
+            except ValueError:
+                if found == ("winograd",) or convolution == "winograd":
+                    raise
+                found = tuple(m for m in found if m != "winograd")
+        return found
+
+    def _cpu_method(self, x: torch.Tensor, *, exact: bool) -> CpuMethod:
+        """The method for this window: the measured choice, or its fastest exact method when ``exact``
+        is asked for (the redo of a suspicious bf16 window)."""
+        choice = self.cpu_choice(x.shape[2], x.shape[3])
+        if not exact or is_exact(choice.method):
+            return choice.method
+        found = fastest_exact(self._cpu_methods, choice)
+        if found is None:  # bf16 forced: the redo takes Winograd where it can be had
+            try:
+                self._cpu_runner("winograd")
+                found = "winograd"
+            except ValueError:
+                found = "direct"
+        return found
+
+    def _cpu_runner(self, method: CpuMethod) -> Runner:
+        """The runner for ``method``, built on first need (the bf16 copy costs half the weights again)."""
+        found = self._runners.get(method)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._runners.get(method)
+            if found is None:
+                found = methods.build(method, self.arch, self._module)
+                self._runners[method] = found
+            return found
+
+    def _probe(self, method: CpuMethod, side: int) -> float:
+        """Seconds for one pass of ``method`` over a ``side`` x ``side`` window (rounded up to the grid)."""
+        side = -(-side // self.multiple) * self.multiple
+        generator = torch.Generator().manual_seed(side)
+        x = torch.rand(1, 3, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
+        runner = self._cpu_runner(method)
+        with torch.inference_mode():
+            return probe_seconds(lambda: runner(x))
 
     def _exact_module(self) -> nn.Module:
         """The fp32 module on the device, copied from the host master on first need (under the lock)."""

@@ -8,13 +8,17 @@ glibc's allocator) and is called once, by the entry point that owns the process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import platformdirs
 import torch
 
 from upscale_server.config import Settings, UnusableSettingError
 from upscale_server.inference.cpu import kernel
+from upscale_server.inference.cpu.methods import CpuMethod, candidates
 from upscale_server.inference.runtime.devices import (
     configure_threads,
+    cpu_has_fast_bf16,
     resolve_device,
     resolve_dtype,
     tune_cpu_allocator,
@@ -33,6 +37,9 @@ class ComputeConfig:
     convolution: str = "auto"
     batch_window_s: float = 0.0  # 0: no cross-request batching
     max_batch: int = 1
+    #: CPU only: the methods the engine may choose among (measured per window class when several).
+    cpu_methods: tuple[CpuMethod, ...] = ()
+    method_cache: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ComputeConfig:
@@ -44,10 +51,17 @@ class ComputeConfig:
             dtype = resolve_dtype(settings.precision, device)
         except ValueError as exc:
             raise UnusableSettingError(str(exc)) from None
-        if device.type == "cpu" and settings.cpu_convolution == "winograd" and not kernel.available():
-            raise UnusableSettingError(
-                "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
-                "use 'auto' or 'direct'"
+        cpu_methods: tuple[CpuMethod, ...] = ()
+        if device.type == "cpu":
+            if settings.cpu_convolution == "winograd" and not kernel.available():
+                raise UnusableSettingError(
+                    "cpu_convolution 'winograd' needs its kernel, which is not available here; use 'auto' or 'direct'"
+                )
+            cpu_methods = candidates(
+                settings.precision,
+                settings.cpu_convolution,
+                winograd_ok=kernel.available(),
+                native_bf16=cpu_has_fast_bf16(),
             )
         return cls(
             device=device,
@@ -58,16 +72,27 @@ class ComputeConfig:
             convolution=settings.cpu_convolution,
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch=settings.max_batch,
+            cpu_methods=cpu_methods,
+            method_cache=settings.cpu_method_cache or default_method_cache(),
         )
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         tiles = f"tile {self.tile_size or 'auto'}, overlap {'auto' if self.tile_overlap is None else self.tile_overlap}"
-        extras = f", {self.convolution} convolutions" if self.device.type == "cpu" else ""
+        extras = ""
+        if self.device.type == "cpu":
+            dtype = "/".join(self.cpu_methods)
+            if len(self.cpu_methods) > 1:
+                extras = " (fastest measured per window size)"
         extras += ", torch.compile" if self.compile_module else ""
         if self.batch_window_s > 0:
             extras += f", batches of up to {self.max_batch} tiles within {self.batch_window_s * 1000:g} ms"
         return f"{self.device} {dtype}, {tiles}, {torch.get_num_threads()} threads{extras}"
+
+
+def default_method_cache() -> Path:
+    """Where CPU method measurements are kept unless ``cpu_method_cache`` says otherwise."""
+    return platformdirs.user_cache_path("upscale-server", appauthor=False) / "cpu-methods.json"
 
 
 def tune_process(settings: Settings, device: torch.device) -> None:

@@ -1,0 +1,132 @@
+"""The ways a network can run on the CPU, and how each one is built from the same fp32 weights.
+
+* ``winograd``: exact (fp32). The architecture's Winograd form
+  (:mod:`upscale_server.inference.cpu.winograd`): 4x fewer multiplications for 3x3 convolutions,
+  within 0.01 levels of direct convolutions. Needs the compiled kernel.
+* ``direct``: exact (fp32). oneDNN's direct convolutions over the module in ``channels_last``.
+* ``bf16``: the fast mode, a few tenths of a level off on average. A bfloat16 copy of the module whose
+  convolutions hold their weights pre-packed in oneDNN's blocked layout and run as inference
+  primitives. Measured on an AVX512-BF16 Xeon: eager bf16 convolutions reorder their weights on every
+  call and autocast also casts every weight every call; for x4plus at 128² autocast took 19.0 s,
+  a plain bf16 module 5.4 s and the pre-packed one 3.5 s, with identical output (``bench/``).
+
+Which one is fastest depends on the CPU and the window size (Winograd wins on an AVX2-only EPYC;
+oneDNN's direct convolutions win at 256² on an AVX-512 Xeon; bf16 only pays where the cores have
+native bf16 arithmetic, and not even always there), so the engine measures
+(:mod:`upscale_server.inference.cpu.tuning`) instead of assuming.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Final, Literal, get_args
+
+import torch
+from torch import nn
+
+from upscale_server.inference.archs.base import Architecture
+
+CpuMethod = Literal["winograd", "direct", "bf16"]
+METHODS: Final[tuple[CpuMethod, ...]] = get_args(CpuMethod)
+#: The methods that give the exact (fp32) result, fastest-first by default where nothing is measured.
+EXACT_METHODS: Final[tuple[CpuMethod, ...]] = ("winograd", "direct")
+#: A runner maps an fp32 NCHW (channels_last) window to the network's fp32 output.
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def is_exact(method: CpuMethod) -> bool:
+    return method in EXACT_METHODS
+
+
+def candidates(precision: str, convolution: str, *, winograd_ok: bool, native_bf16: bool) -> tuple[CpuMethod, ...]:
+    """The methods the settings allow on this machine, in the order used when nothing is measured.
+
+    ``precision`` fp32 keeps the exact methods, bf16 the fast one, auto both (bf16 only where the CPU
+    has native bf16 arithmetic: emulated bf16 is about 10x slower than fp32, never a candidate).
+    ``convolution`` (winograd, direct, auto) narrows the exact methods.
+    """
+    exact: list[CpuMethod] = []
+    if convolution in ("auto", "winograd") and winograd_ok:
+        exact.append("winograd")
+    if convolution in ("auto", "direct"):
+        exact.append("direct")
+    if precision == "bf16":
+        return ("bf16",)
+    if precision == "auto" and native_bf16:
+        return (*exact, "bf16")
+    return tuple(exact)
+
+
+class PrepackedConv2d(nn.Module):
+    """A convolution whose weight is reordered once into oneDNN's blocked layout (inference only).
+
+    ``torch.ops.mkldnn._convolution_pointwise`` is the operator PyTorch's own compiler emits for frozen
+    CPU graphs; it takes the packed weight as is, so no reorder happens per call."""
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, probe_hw: tuple[int, int] = (64, 64)) -> None:
+        super().__init__()
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            raise ValueError("only explicitly padded zero-padding convolutions can be pre-packed")
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+        weight = conv.weight.detach().to(dtype)
+        self.register_buffer(
+            "packed",
+            torch.ops.mkldnn._reorder_convolution_weight(
+                weight, self.padding, self.stride, self.dilation, self.groups, [1, conv.in_channels, *probe_hw]
+            ),
+            persistent=False,
+        )
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._convolution_pointwise(
+            x, self.packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
+        return out
+
+
+def prepacked(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` in ``dtype`` with every convolution pre-packed (the original is untouched)."""
+    clone = copy.deepcopy(module).to(dtype)
+    _replace_convolutions(clone, dtype)
+    return clone.eval()
+
+
+def _replace_convolutions(parent: nn.Module, dtype: torch.dtype) -> None:
+    for name, child in parent.named_children():
+        if isinstance(child, nn.Conv2d):
+            setattr(parent, name, PrepackedConv2d(child, dtype))
+        else:
+            _replace_convolutions(child, dtype)
+
+
+def build(method: CpuMethod, arch: Architecture, module: nn.Module) -> Runner:
+    """The runner for ``method`` over ``module`` (fp32, eval, ``channels_last``, shared, never changed).
+
+    ValueError when ``method`` cannot run here (Winograd without its kernel or without a form for
+    this architecture, bf16 where the oneDNN build lacks it)."""
+    if method == "direct":
+        return module
+    if method == "winograd":
+        from upscale_server.inference.cpu import kernel
+
+        fast = arch.winograd_form(module) if kernel.available() else None
+        if fast is None:
+            raise ValueError(
+                "Winograd convolutions are not available here (the kernel was not built, or the architecture "
+                "has no Winograd form); use convolution 'direct' or 'auto'"
+            )
+        return fast
+    if method == "bf16":
+        half = prepacked(module, torch.bfloat16)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = half(x.to(torch.bfloat16))
+            return out.float()
+
+        return run
+    raise ValueError(f"unknown CPU method {method!r}: use one of {', '.join(METHODS)}")
