@@ -1,11 +1,13 @@
 """Engine throughput next to the ncnn runtime, in one run on the same inputs and weights.
 
-For each model, input size, precision and CPU convolution algorithm: the median wall time of the
-whole engine path (tiling included) against ncnn's CPU runtime on the same official files, the
-achieved GFLOP/s (FLOPs counted from the network's convolutions as direct 3x3 convolutions, so for
-Winograd it is an effective rate), and the accuracy cost against exact fp32 / ncnn.
+For each model, input size and CPU method (winograd, direct, bf16, or auto: what the server picks by
+measurement on this machine): the median wall time of the whole engine path (tiling included)
+against ncnn's CPU runtime on the same official files, the achieved GFLOP/s (FLOPs counted from the
+network's convolutions as direct 3x3 convolutions, so for Winograd it is an effective rate) next to
+the machine's fp32 peak, and the accuracy cost against ncnn (exact methods) or our exact output (bf16).
+Every result names the CPU model and its instruction sets.
 
-    .venv/bin/python -m bench.bench_engine --sizes 128 256 --precisions fp32 --convolutions direct winograd
+    .venv/bin/python -m bench.bench_engine --models x4plus --sizes 128 256 512 --methods auto winograd direct bf16
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -26,8 +29,11 @@ import torch
 from bench.ncnn_reference import NcnnUpscaler, ncnn_files
 from upscale_server.config import Settings
 from upscale_server.imaging import read_image_file, resize_pixels
+from upscale_server.inference.cpu import kernel
+from upscale_server.inference.cpu.methods import METHODS, candidates, is_exact
+from upscale_server.inference.cpu.tuning import MethodTable, cpu_description
 from upscale_server.inference.engine.upscaler import Upscaler
-from upscale_server.inference.runtime.devices import configure_threads, resolve_dtype, tune_cpu_allocator
+from upscale_server.inference.runtime.devices import configure_threads, cpu_has_fast_bf16, tune_cpu_allocator
 from upscale_server.inference.weights.loading import LoadedNetwork, load_network
 from upscale_server.inference.weights.manifest import load_manifest
 from upscale_server.inference.weights.provision import WeightStore
@@ -100,13 +106,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument(
-        "--convolutions",
+        "--methods",
         nargs="+",
-        default=["winograd"],
-        choices=["direct", "winograd"],
-        help="CPU convolution algorithms to time (bf16 always runs direct)",
+        default=["auto", "winograd", "direct", "bf16"],
+        choices=["auto", *METHODS],
+        help="CPU methods to time; auto = what the server picks by measurement (its probe time is reported apart)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="0 = every core")
@@ -119,46 +124,61 @@ def main() -> None:
     manifest = load_manifest()
     store = WeightStore(Settings().resolved_models_dir())
     device = torch.device("cpu")
+    available = candidates("auto", "auto", winograd_ok=kernel.available(), native_bf16=cpu_has_fast_bf16())
+    wanted = [m for m in args.methods if m == "auto" or m in available]  # emulated bf16: hours, not a mode
     rows: list[dict[str, object]] = []
+    load_before = os.getloadavg()
     for name in args.models:
         spec = manifest.get(MODELS[name])
         network = load_network(store.ensure(spec))
         flops_px = conv_flops_per_input_pixel(network)
-        for size in args.sizes:
-            image = test_input(size)
-            ncnn_s, ncnn_all, ncnn_out = ncnn_timed_elsewhere(*ncnn_files(spec), image, args.repeats, threads)
-            exact: np.ndarray | None = None
-            runs = [(p, c) for p in args.precisions for c in (args.convolutions if p == "fp32" else ["direct"])]
-            for precision, convolution in runs:
-                dtype = resolve_dtype(precision, device)
-                engine = Upscaler(network, device=device, dtype=dtype, convolution=convolution)
-                out = engine.upscale(image)
-                # fp32 is compared with the ncnn runtime, the fast modes with our own fp32 output.
-                baseline = ncnn_out if precision == "fp32" or exact is None else exact
-                levels = np.abs(out - baseline) * 255
-                if precision == "fp32":
-                    exact = out
-                ours_s, ours_all = median_seconds(lambda e=engine, i=image: e.upscale(i), args.repeats)
-                tflop = flops_px * size * size / 1e12
-                row = {
-                    "model": name,
-                    "input": f"{size}x{size}",
-                    "precision": precision,
-                    "convolution": convolution,
-                    "engine_s": round(ours_s, 4),
-                    "engine_runs_s": [round(t, 4) for t in ours_all],
-                    "ncnn_s": round(ncnn_s, 4),
-                    "ncnn_runs_s": [round(t, 4) for t in ncnn_all],
-                    "speedup_vs_ncnn": round(ncnn_s / ours_s, 3),
-                    "engine_gflops": round(tflop * 1e3 / ours_s, 1),
-                    "output_mpix_s": round((4 * size) ** 2 / 1e6 / ours_s, 3),
-                    "diff_vs": "ncnn" if baseline is ncnn_out else "fp32",
-                    "max_diff_levels": round(float(levels.max()), 3),
-                    "mean_diff_levels": round(float(levels.mean()), 4),
-                }
-                rows.append(row)
-                print(json.dumps(row))
+        with tempfile.TemporaryDirectory() as scratch:
+            # A fresh cache: "auto" measures here, as a server's first start on this machine would.
+            table = MethodTable(Path(scratch) / "methods.json", kernel.build_id())
+            for size in args.sizes:
+                image = test_input(size)
+                ncnn_s, ncnn_all, ncnn_out = ncnn_timed_elsewhere(*ncnn_files(spec), image, args.repeats, threads)
+                exact: np.ndarray | None = None
+                for method in wanted:
+                    allowed = available if method == "auto" else (method,)
+                    engine = Upscaler(
+                        network,
+                        device=device,
+                        dtype=torch.float32,
+                        cpu_methods=allowed,
+                        method_table=table if method == "auto" else None,
+                    )
+                    started = time.perf_counter()
+                    chosen = engine.cpu_choice(size, size)
+                    probe_s = time.perf_counter() - started
+                    out = engine.upscale(image)
+                    # Exact methods are compared with the ncnn runtime, bf16 with our own exact output.
+                    baseline = ncnn_out if is_exact(chosen.method) or exact is None else exact
+                    levels = np.abs(out - baseline) * 255
+                    if is_exact(chosen.method) and exact is None:
+                        exact = out
+                    ours_s, ours_all = median_seconds(lambda e=engine, i=image: e.upscale(i), args.repeats)
+                    tflop = flops_px * size * size / 1e12
+                    row = {
+                        "model": name,
+                        "input": f"{size}x{size}",
+                        "method": method if method != "auto" else f"auto: {chosen.method}",
+                        "probe_s": round(probe_s, 2) if method == "auto" else None,
+                        "engine_s": round(ours_s, 4),
+                        "engine_runs_s": [round(t, 4) for t in ours_all],
+                        "ncnn_s": round(ncnn_s, 4),
+                        "ncnn_runs_s": [round(t, 4) for t in ncnn_all],
+                        "speedup_vs_ncnn": round(ncnn_s / ours_s, 3),
+                        "engine_gflops": round(tflop * 1e3 / ours_s, 1),
+                        "output_mpix_s": round((4 * size) ** 2 / 1e6 / ours_s, 3),
+                        "diff_vs": "ncnn" if baseline is ncnn_out else "exact",
+                        "max_diff_levels": round(float(levels.max()), 3),
+                        "mean_diff_levels": round(float(levels.mean()), 4),
+                    }
+                    rows.append(row)
+                    print(json.dumps(row))
 
+    model, flags = cpu_description()
     result = {
         "command": "python -m bench.bench_engine "
         + " ".join(
@@ -167,41 +187,74 @@ def main() -> None:
                 *args.models,
                 "--sizes",
                 *map(str, args.sizes),
-                "--precisions",
-                *args.precisions,
-                "--convolutions",
-                *args.convolutions,
+                "--methods",
+                *args.methods,
                 "--repeats",
                 str(args.repeats),
             ]
         ),
-        "machine": f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}",
-        "cpu": cpu_model(),
+        "machine": machine_line(threads),
+        "cpu": model,
+        "cpu_flags": flags,
+        "peak_fp32_gflops": peak_fp32_gflops(threads),
+        "sgemm_gflops": gemm_gflops(),
+        "kernel": kernel.build_id() if kernel.available() else None,
+        "load_average_before_after": [load_before, os.getloadavg()],
         "rows": rows,
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['machine']}; MKL sgemm reaches {result['sgemm_gflops']} GFLOP/s")
     print(markdown_table(rows))
 
 
-def cpu_model() -> str:
+def machine_line(threads: int) -> str:
+    """The CPU model, its relevant instruction sets, threads, fp32 peak, torch and kernel: beside every figure."""
+    model, flags = cpu_description()
+    peak = peak_fp32_gflops(threads)
+    peak_text = f", fp32 FMA peak {peak:.0f} GFLOP/s at the listed clock" if peak else ""
+    build = kernel.build_id() if kernel.available() else "no Winograd kernel"
+    return f"{model} [{' '.join(flags)}], {threads} threads{peak_text}, torch {torch.__version__}, {build}"
+
+
+def gemm_gflops() -> float:
+    """The best fp32 rate MKL's sgemm reaches here (2048² x 2048²): the practical ceiling of the cores."""
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    best = min(timeit_once(lambda: torch.mm(a, b)) for _ in range(5))
+    return round(2 * 2048**3 / best / 1e9, 1)
+
+
+def timeit_once(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def peak_fp32_gflops(threads: int) -> float | None:
+    """Two FMA units x SIMD width x 2 FLOPs x clock x threads: the ceiling GFLOP/s are judged against.
+
+    The clock is /proc/cpuinfo's "cpu MHz" (what the hypervisor reports; turbo may run higher)."""
+    _, flags = cpu_description()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+        mhz = next(
+            float(line.split(":", 1)[1])
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("cpu MHz")
+        )
+    except (OSError, StopIteration, ValueError):
+        return None
+    return round(2 * lanes * 2 * mhz / 1e3 * threads, 1)
 
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| model | input | precision | convolution | engine (median s) | ncnn (median s) | engine / ncnn speed | "
+        "| model | input | method | engine (median s) | ncnn (median s) | engine / ncnn speed | "
         "GFLOP/s | output MPix/s | max / mean diff (levels) vs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['precision']} | {r['convolution']} | {r['engine_s']} | "
+            f"| {r['model']} | {r['input']} | {r['method']} | {r['engine_s']} | "
             f"{r['ncnn_s']} | {r['speedup_vs_ncnn']}x | {r['engine_gflops']} | {r['output_mpix_s']} | "
             f"{r['max_diff_levels']} / {r['mean_diff_levels']} vs {r['diff_vs']} |"
         )
