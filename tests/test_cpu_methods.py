@@ -97,7 +97,7 @@ def test_classes_and_candidate_sets_are_measured_apart(tmp_path: Path) -> None:
     assert table.choose("net", 64, 64, ("winograd", "direct"), fast_small).method == "winograd"
     slow_large = FakeTimes({"winograd": 5.0, "direct": 4.0})
     assert table.choose("net", 512, 512, ("winograd", "direct"), slow_large).method == "direct"
-    assert [side for _, side in slow_large.calls if side != 32] == [192, 192]
+    assert [side for _, side in slow_large.calls if side != 32] == [256, 256]
     only = FakeTimes({})
     assert table.choose("net", 64, 64, ("direct",), only).reason == "only candidate" and not only.calls
 

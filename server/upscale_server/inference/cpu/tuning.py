@@ -10,8 +10,8 @@ the fastest kept.
 The result is cached in a JSON file keyed by everything that changes it: the CPU model and its
 relevant instruction sets, the torch version, the Winograd kernel build, the thread count, the
 architecture and its parameters. Another machine, an upgraded torch or a new thread count measures
-again; the same machine never does. Measuring x4plus costs about 20-30 s on two cores, once, when its
-first window of a class is run (the server's start-up warm-up does the default model's small class).
+again; the same machine never does. Measuring x4plus costs 30-50 s on two cores, once per machine,
+when the model is loaded (for the default model: at start-up, before the server reports ready).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ class ShapeClass:
     probe: int
 
 
-#: Window classes, smallest first. The probe sides bracket where the measured crossovers lie
-#: (between 128² and 256² input windows) while keeping one probe of x4plus to seconds.
-SHAPE_CLASSES: Final = (ShapeClass("small", 160 * 160, 128), ShapeClass("large", None, 192))
+#: Window classes, smallest first, each timed at the size where the measured crossovers were seen
+#: (Winograd ahead at 128² everywhere, behind direct at 256² on an AVX-512 Xeon). Windows above 256²
+#: behave like 256² ones: their layers no longer fit the caches either way.
+SHAPE_CLASSES: Final = (ShapeClass("small", 160 * 160, 128), ShapeClass("large", None, 256))
 #: CPU flags that change which method wins (the rest of /proc/cpuinfo's list does not).
 _RELEVANT_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "asimd")
 
