@@ -51,13 +51,20 @@ class TinyNet(nn.Module):
         return out + F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
 
 
+class SharedSizes(list[tuple[int, int]]):
+    """A record that module copies share (the CPU bf16 method runs a bf16 copy of the module)."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SharedSizes:
+        return self
+
+
 class Recording(nn.Module):
     """Wraps a module and records the (H, W) of every input it sees (thread-safe append)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
-        self.sizes: list[tuple[int, int]] = []
+        self.sizes: list[tuple[int, int]] = SharedSizes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.sizes.append((x.shape[2], x.shape[3]))

@@ -27,6 +27,7 @@ from upscale_server.inference.engine.resize import ResizeUpscaler
 from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.runtime.batching import DynamicBatcher
 from upscale_server.inference.runtime.compute import ComputeConfig
+from upscale_server.inference.runtime.devices import bind_thread
 from upscale_server.inference.weights.loading import load_network
 from upscale_server.inference.weights.manifest import Manifest, ModelSpec, load_manifest
 from upscale_server.inference.weights.provision import WeightStatus, WeightStore
@@ -49,7 +50,12 @@ class ModelRegistry:
         #: resize engine, which has no network to batch).
         self.batcher: DynamicBatcher | None = None
         if self.compute.batch_window_s > 0 and not self.resize_engine:
-            self.batcher = DynamicBatcher(window_s=self.compute.batch_window_s, max_batch=self.compute.max_batch)
+            device = self.compute.device
+            self.batcher = DynamicBatcher(
+                window_s=self.compute.batch_window_s,
+                max_batch=self.compute.max_batch,
+                thread_init=lambda: bind_thread(device),
+            )
         #: The CPU methods measured on this machine, shared by every model (None where nothing is chosen).
         self.method_table: MethodTable | None = None
         if len(compute.cpu_methods) > 1 and not self.resize_engine:

@@ -19,9 +19,11 @@ from upscale_server.config import Settings
 from upscale_server.errors import UpscaleError
 from upscale_server.imaging import Picture
 from upscale_server.inference.engine.base import Progress
+from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.pipeline import UpscalePipeline, UpscalePlan
 from upscale_server.inference.registry import ModelRegistry
 from upscale_server.inference.runtime.compute import ComputeConfig
+from upscale_server.inference.runtime.devices import bind_thread
 from upscale_server.inference.runtime.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ class InferenceService:
         self._registry = ModelRegistry(settings, compute)
         self._pipeline = UpscalePipeline(self._registry)
         self._observer = observer
-        self._worker = InferenceWorker(concurrency=settings.worker_concurrency)
+        device = compute.device
+        self._worker = InferenceWorker(concurrency=settings.worker_concurrency, thread_init=lambda: bind_thread(device))
         self._warmup: threading.Thread | None = None
         if self._registry.resize_engine:
             log.warning(
@@ -85,10 +88,17 @@ class InferenceService:
             self._warmup.join()
 
     def _warm_default_model(self) -> None:
+        """Load the default model; on CUDA also run its window shapes once (:meth:`Upscaler.warm_up`),
+        so cudnn's benchmark and torch.compile do not stall the first requests."""
         try:
-            self._registry.upscaler(self._registry.spec(None))
+            upscaler = self._registry.upscaler(self._registry.spec(None))
         except UpscaleError as exc:
             log.warning("default model not loaded at start-up: %s", exc.message)
+            return
+        if isinstance(upscaler, Upscaler) and self._registry.compute.device.type == "cuda":
+            started = time.perf_counter()
+            shapes = upscaler.warm_up()
+            log.info("warmed up %d window shapes in %.1f s", len(shapes), time.perf_counter() - started)
 
     # ------------------------------------------------------------------ models
 

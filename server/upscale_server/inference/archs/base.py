@@ -104,6 +104,12 @@ class Architecture(ABC):
     def peak_values_per_input_pixel(self, scale: int) -> int:
         """The memory model: estimated peak activation values per input pixel of a window at ``scale``."""
 
+    def largest_activation_per_input_pixel(self, scale: int) -> int:
+        """Values per input pixel of the largest single tensor a window makes (a batch of windows makes
+        it ``batch`` times larger). Kernels index tensors with 32-bit integers, so the engine caps
+        windows to keep it under 2**31 elements. The default, the whole peak, is safe but loose."""
+        return self.peak_values_per_input_pixel(scale)
+
     @abstractmethod
     def ncnn_layout(self, info: ArchInfo) -> NcnnLayout:
         """The weighted layers the official ncnn graph of ``info`` has, in order."""

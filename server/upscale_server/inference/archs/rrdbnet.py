@@ -262,6 +262,11 @@ class RRDBNetArchitecture(Architecture):
         concatenations (600 direct; the Winograd form keeps the concatenation transformed, 2.25x larger)."""
         return 3 * 64 * scale * scale + 1000
 
+    def largest_activation_per_input_pixel(self, scale: int) -> int:
+        """A 64-channel feature map at output resolution, or a dense block's 192-channel
+        concatenation at body resolution (the input's, or smaller after pixel-unshuffle)."""
+        return max(64 * scale * scale, 192)
+
     def ncnn_layout(self, info: ArchInfo) -> NcnnLayout:
         """conv_first, the body's 15 convs per RRDB (leaky ReLU fused into conv1-4 of each dense
         block), conv_body, the two upsampling convs and conv_hr (leaky ReLU fused), conv_last. The

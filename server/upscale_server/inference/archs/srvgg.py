@@ -147,6 +147,10 @@ class SRVGGNetCompactArchitecture(Architecture):
         shuffle, whose input and output and the nearest-upsampled base are ``3 * scale**2`` each."""
         return 4 * 64 + 2 * 3 * scale * scale + 48
 
+    def largest_activation_per_input_pixel(self, scale: int) -> int:
+        """A 64-channel body feature map, or the ``3 * scale**2``-channel pixel-shuffle input."""
+        return max(64, 3 * scale * scale)
+
     def ncnn_layout(self, info: ArchInfo) -> NcnnLayout:
         """Each body conv, followed by its PReLU (the only activation with weights), then the last
         conv; the ``PixelShuffle`` layer must be the model's scale."""

@@ -64,6 +64,9 @@ class PrepackedConv2d(nn.Module):
     ``torch.ops.mkldnn._convolution_pointwise`` is the operator PyTorch's own compiler emits for frozen
     CPU graphs; it takes the packed weight as is, so no reorder happens per call."""
 
+    #: Hooks that act on every convolution's input (the device pipeline's masks) treat it as one.
+    is_convolution = True
+
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, probe_hw: tuple[int, int] = (64, 64)) -> None:
         super().__init__()
         if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
@@ -104,6 +107,18 @@ def _replace_convolutions(parent: nn.Module, dtype: torch.dtype) -> None:
             _replace_convolutions(child, dtype)
 
 
+class Bf16Network(nn.Module):
+    """fp32 in, fp32 out, bf16 inside: the bf16 method's runner."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.network(x.to(torch.bfloat16))
+        return out.float()
+
+
 def build(method: CpuMethod, arch: Architecture, module: nn.Module) -> Runner:
     """The runner for ``method`` over ``module`` (fp32, eval, ``channels_last``, shared, never changed).
 
@@ -122,11 +137,5 @@ def build(method: CpuMethod, arch: Architecture, module: nn.Module) -> Runner:
             )
         return fast
     if method == "bf16":
-        half = prepacked(module, torch.bfloat16)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = half(x.to(torch.bfloat16))
-            return out.float()
-
-        return run
+        return Bf16Network(prepacked(module, torch.bfloat16))
     raise ValueError(f"unknown CPU method {method!r}: use one of {', '.join(METHODS)}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import json
 import logging
 import math
@@ -57,7 +58,18 @@ from upscale_server.inference.cpu.tuning import (
     probe_seconds,
     shape_class,
 )
+from upscale_server.inference.engine import device_ops
 from upscale_server.inference.engine.base import FloatImage, Progress, validate_rgb
+from upscale_server.inference.engine.buckets import (
+    batch_fits,
+    bucket_tile,
+    choose_bucket,
+    fp32_split_side,
+    smaller_bucket,
+    tiling_buckets,
+    usable_buckets,
+    window_cap,
+)
 from upscale_server.inference.engine.tiling import (
     Tile,
     TilePlan,
@@ -131,11 +143,9 @@ def bytes_per_input_pixel(arch: Architecture, scale: int, dtype: torch.dtype) ->
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises ``torch.OutOfMemoryError``; older paths and the CPU allocator raise RuntimeError."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    message = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in message or "not enough memory" in message)
+    """CUDA raises ``torch.OutOfMemoryError``; older paths and the CPU allocator raise RuntimeError;
+    cuDNN/cuBLAS resource failures are fixed by smaller windows too (:func:`device_ops.is_resource_error`)."""
+    return device_ops.is_resource_error(exc)
 
 
 def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -194,6 +204,7 @@ class Upscaler:
         convolution: str = "auto",
         cpu_methods: Sequence[CpuMethod] | None = None,
         method_table: MethodTable | None = None,
+        device_pipeline: bool | None = None,
     ) -> None:
         """``tile_size`` 0 picks the tile from free memory (:meth:`tile_size_for`); ``tile_overlap`` is
         the context in input pixels on each side of a tile (None: the architecture's
@@ -206,7 +217,9 @@ class Upscaler:
         (:mod:`upscale_server.inference.cpu.winograd`, ValueError when its kernel cannot be had),
         ``"direct"`` (oneDNN), or ``"auto"`` (Winograd when available, else direct); ignored on CUDA.
         ``cpu_methods`` (CPU only) replaces what ``dtype`` and ``convolution`` imply with explicit
-        candidates; ``method_table`` picks among them by measurement (else the first is used)."""
+        candidates; ``method_table`` picks among them by measurement (else the first is used).
+        ``device_pipeline`` (None: on CUDA only) runs windows in bucketed shapes and resizes, blends and
+        quantises on the device (:meth:`_upscale_on_device`); True on the CPU is for tests."""
         arch = network.arch
         if tile_overlap is None:
             tile_overlap = arch.default_tile_overlap
@@ -235,30 +248,51 @@ class Upscaler:
         self.batcher = batcher
         self.compile_module = compile_module
 
-        master = network.module.eval()
         self._lock = threading.Lock()
         self._fallback_logged = False
-        self._master: nn.Module | None
-        self._fp32_module: nn.Module | None
         # Compiled wrappers by id() of the eager module they wrap; empty and unused after a failure.
         self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._compile_failed = False
-        self._cpu_methods: tuple[CpuMethod, ...] = ()
         self._method_table = method_table
         self._runners: dict[CpuMethod, Runner] = {}
         self._network_key = f"{arch.name} x{self.scale} " + json.dumps(dict(network.info.params), sort_keys=True)
-        if device.type == "cpu":
-            # Every CPU method is built over this one fp32 module (no second copy of the fp32 weights).
-            self._module = _placed(master, device, torch.float32)
-            self._cpu_methods = self._resolve_cpu_methods(cpu_methods, dtype, convolution)
+        pipeline = device.type == "cuda" if device_pipeline is None else device_pipeline
+        if pipeline and device.type == "cpu":
+            # The device pipeline on the CPU is for tests; its masked passes hook module convolutions,
+            # which the Winograd form does not have.
+            cpu_methods = ("bf16",) if dtype == torch.bfloat16 else ("direct",)
+        self._init_modules(network.module.eval(), cpu_methods, convolution)
+        self._init_device_pipeline(pipeline)
+
+    def _init_modules(self, master: nn.Module, cpu_methods: Sequence[CpuMethod] | None, convolution: str) -> None:
+        """The modules of each mode: on the CPU every method over one fp32 module (no second copy of
+        the fp32 weights); on CUDA a device copy in the compute dtype, the fp32 one made on first need."""
+        self._master: nn.Module | None = None
+        self._fp32_module: nn.Module | None = None
+        self._cpu_methods: tuple[CpuMethod, ...] = ()
+        if self.device.type == "cpu":
+            self._module = _placed(master, self.device, torch.float32)
+            self._cpu_methods = self._resolve_cpu_methods(cpu_methods, self.dtype, convolution)
             self.dtype = torch.bfloat16 if self._cpu_methods == ("bf16",) else torch.float32
-            self._fp32_module = None
-            self._master = None
         else:
             self._master = master
-            self._module = _placed(copy.deepcopy(master), device, dtype)
-            self._fp32_module = self._module if dtype == torch.float32 else None
-        self._exact = dtype == torch.float32
+            self._module = _placed(copy.deepcopy(master), self.device, self.dtype)
+            self._fp32_module = self._module if self.dtype == torch.float32 else None
+            # Exact mode (and fp16's fp32 fallback) must be fp32, not TF32's 10-bit mantissa.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self._exact = self.dtype == torch.float32
+
+    def _init_device_pipeline(self, enabled: bool) -> None:
+        self._device_pipeline = enabled
+        self._staging = device_ops.StagingPool(self.device)
+        self._max_batch = self.batcher.max_batch if self.batcher is not None else 1
+        cap = window_cap(self.arch.largest_activation_per_input_pixel(self.scale), self._max_batch)
+        #: Window sides the device pipeline runs (tests may narrow them).
+        self._buckets = usable_buckets(cap)
+        #: Shapes warm_up() ran: on the device pipeline only these use the compiled module.
+        self._compiled_shapes: set[tuple[int, ...]] = set()
+        self._eager_only = threading.local()
 
     # ------------------------------------------------------------------ public API
 
@@ -291,6 +325,13 @@ class Upscaler:
         largest tile that fits can waste most of a window (a 2048 side in 1528-pixel tiles runs two
         1592-pixel windows, 2.4x the pixels and memory of two 1056-pixel ones for the same count).
         """
+        if self._device_pipeline:
+            side = self._bucket_for(height, width)
+            return (
+                max(height, width)
+                if side >= max(height, width)
+                else bucket_tile(side, self.tile_overlap, self.multiple)
+            )
         if self.tile_size:
             return self.tile_size
         per_pixel = bytes_per_input_pixel(self.arch, self.scale, self.dtype)
@@ -348,6 +389,8 @@ class Upscaler:
         out_w, out_h = native if out_size is None else out_size
         if out_w < 1 or out_h < 1:
             raise ValueError(f"out_size must be positive, got {out_w}x{out_h}")
+        if self._device_pipeline:
+            return self._upscale_on_device(image, (out_w, out_h), progress, quantize_8bit)
         padded = self._pad_to_multiple(image)
         # Per-window resizing needs every window edge on the target grid, no padding to crop away, and
         # room in the context for the filter beyond the blend band.
@@ -530,8 +573,14 @@ class Upscaler:
 
     def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``module(x)``, compiled when asked for; a compiled call that fails (other than out of
-        memory) turns compilation off for this upscaler and is redone eagerly."""
+        memory) turns compilation off for this upscaler and is redone eagerly. On the device pipeline
+        only the shapes :meth:`warm_up` compiled use it (no compiling on a serving thread), and never
+        a masked call (compiled code would skip its hooks)."""
         compiled = self._compiled_for(module)
+        if compiled is not None and self._device_pipeline:
+            eager = getattr(self._eager_only, "on", False)
+            if eager or tuple(x.shape) not in self._compiled_shapes:
+                compiled = None
         if compiled is not None:
             try:
                 return compiled(x)
@@ -602,6 +651,8 @@ class Upscaler:
         if not exact or is_exact(choice.method):
             return choice.method
         found = fastest_exact(self._cpu_methods, choice)
+        if found is None and self._device_pipeline:
+            found = "direct"  # the device pipeline's masks hook module convolutions
         if found is None:  # bf16 forced: the redo takes Winograd where it can be had
             try:
                 self._cpu_runner("winograd")
@@ -636,6 +687,8 @@ class Upscaler:
         module = self._fp32_module
         if module is not None:
             return module
+        if self.device.type == "cpu":
+            return self._module
         with self._lock:
             if self._fp32_module is None:
                 assert self._master is not None  # only CUDA reduced precision starts without one
@@ -664,3 +717,285 @@ class Upscaler:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ device pipeline
+
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Run every bucket shape once (batch 1 and the batcher's ``max_batch``) that fits free memory,
+        so cudnn's benchmark (turned on here for CUDA) and ``torch.compile`` (when enabled) pay their
+        per-shape cost at start-up, not on a request's first window. Returns the (batch, side) pairs
+        run; a shape that does not fit ends the sweep. Nothing to do off the device pipeline."""
+        if not self._device_pipeline:
+            return []
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        if self.compile_module:
+            config = importlib.import_module("torch._dynamo").config  # loaded only with compile on
+            limit = 2 * len(self._buckets) + 8
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, max(limit, getattr(config, name)))
+        per_pixel = bytes_per_input_pixel(self.arch, self.scale, self.dtype)
+        budget = free_memory_bytes(self.device) * MEMORY_FRACTION[self.device.type]
+        done: list[tuple[int, int]] = []
+        for side in self._buckets:
+            for batch in sorted({1, self._max_batch}):
+                if not batch_fits(side, per_pixel, batch, budget):
+                    return done
+                x = torch.rand((batch, 3, side, side), device=self.device).contiguous(memory_format=torch.channels_last)
+                shape = tuple(x.shape)
+                self._compiled_shapes.add(shape)
+                try:
+                    self._forward(x, exact=self._exact)
+                except (_OutOfMemoryError, InferenceError) as exc:
+                    self._compiled_shapes.discard(shape)
+                    logger.warning(
+                        "warm-up of %s stopped at %dx%d windows x%d: %s", self.arch.name, side, side, batch, exc
+                    )
+                    self._release_memory()
+                    return done
+                done.append((batch, side))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return done
+
+    def _bucket_for(self, height: int, width: int) -> int:
+        """The window side for a ``height`` x ``width`` (padded) image: from the free memory budget
+        for a whole batch (:func:`~.buckets.choose_bucket`), or around an explicit ``tile_size``."""
+        whole = max(height, width)
+        if self.tile_size:
+            context = -(-self.tile_overlap // self.multiple) * self.multiple
+            want = min(whole, self.tile_size + 2 * context)
+            candidates = (
+                self._buckets if want == whole else tiling_buckets(self._buckets, self.tile_overlap, self.multiple)
+            )
+            fits = [s for s in candidates if s >= want]
+            return min(fits) if fits else max(candidates)
+        return choose_bucket(
+            height,
+            width,
+            overlap=self.tile_overlap,
+            buckets=self._buckets,
+            bytes_per_pixel=bytes_per_input_pixel(self.arch, self.scale, self.dtype),
+            max_batch=self._max_batch,
+            budget=free_memory_bytes(self.device) * MEMORY_FRACTION[self.device.type],
+            multiple=self.multiple,
+        )
+
+    def _upscale_on_device(
+        self, image: FloatImage, out_size: tuple[int, int], progress: Progress | None, quantize: bool
+    ) -> FloatImage:
+        """:meth:`upscale` with everything after the upload on the device: windows in bucket shapes,
+        feathered blending into a device canvas at the target scale, the Lanczos resize, clamping and
+        8-bit quantisation; one copy back of the final output through a reused staging buffer."""
+        height, width = image.shape[:2]
+        out_w, out_h = out_size
+        padded = self._pad_to_multiple(image)
+        target = out_w // width
+        per_window = (
+            (out_w, out_h) == (width * target, height * target)
+            and padded is image
+            and self.feather + self._resize_margin(target) <= self.tile_overlap
+        )
+        if not per_window:
+            target = self.scale
+        side = self._bucket_for(*padded.shape[:2])
+        while True:
+            try:
+                canvas = self._run_on_device(padded, side, progress, target)
+                break
+            except _OutOfMemoryError as exc:
+                self._release_memory()
+                smaller = smaller_bucket(side, self._buckets, self.tile_overlap, self.multiple)
+                if smaller is None:
+                    raise InferenceError(
+                        f"out of memory on {self.device} even with {side}px windows; free memory on the "
+                        "device or use a smaller image"
+                    ) from (exc.__cause__ or exc)
+                logger.warning("out of memory on %s with %dpx windows; retrying with %dpx", self.device, side, smaller)
+                side = smaller
+        with torch.inference_mode():
+            out = canvas[:, : height * target, : width * target].clamp_(0.0, 1.0)
+            if (out.shape[2], out.shape[1]) != (out_w, out_h):
+                out = device_ops.lanczos_resize(out, out_w, out_h)
+            return self._download(out, quantize=quantize)
+
+    def _run_on_device(self, image: FloatImage, side: int, progress: Progress | None, target: int) -> torch.Tensor:
+        """The 3 x H*target x W*target canvas on the device, every window blended in."""
+        height, width = image.shape[:2]
+        whole = max(height, width) <= side
+        tile = max(height, width) if whole else bucket_tile(side, self.tile_overlap, self.multiple)
+        plan = plan_tiles(height, width, tile, self.tile_overlap, self.multiple)
+        total = len(plan)
+        feather = min(self.feather, max_feather(plan))
+        margin = self._resize_margin(target)
+        with torch.inference_mode():
+            canvas = torch.zeros((3, height * target, width * target), dtype=torch.float32, device=self.device)
+            for done, (spec, x) in enumerate(self._device_uploads(image, plan.tiles), start=1):
+                y = self._device_window(x, side)
+                blended = spec
+                if target != self.scale:
+                    blended = trim_tile(plan, spec, feather, margin)
+                    r0 = (blended.rows.win_start - spec.rows.win_start) * self.scale
+                    c0 = (blended.cols.win_start - spec.cols.win_start) * self.scale
+                    part = y[
+                        :, r0 : r0 + blended.rows.win_size * self.scale, c0 : c0 + blended.cols.win_size * self.scale
+                    ]
+                    y = device_ops.lanczos_resize(
+                        part.clamp(0.0, 1.0), blended.cols.win_size * target, blended.rows.win_size * target
+                    )
+                device_ops.blend_into(canvas, y, plan, blended, scale=target, feather=feather)
+                del y
+                if progress is not None:
+                    progress(done, total)
+        return canvas
+
+    def _device_window(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        """One window's native output (3 x h*scale x w*scale float32 on the device), checked with a
+        single host sync; a suspicious reduced-precision result is redone in fp32 (:meth:`_fp32_redo`)."""
+        y = self._device_pass(x, side, exact=self._exact)
+        finite, y_max, x_max = torch.stack([torch.isfinite(y).all().float(), y.amax(), x.amax()]).tolist()
+        if not self._exact:
+            problem = None
+            if not finite:
+                problem = "NaN/Inf values"
+            elif y_max < _BLACK_OUTPUT and x_max > _VISIBLE_INPUT:
+                problem = "an all-black tile from a visible input"
+            if problem is not None:
+                self._log_fallback(problem)
+                y = self._fp32_redo(x, side)
+                finite = bool(torch.isfinite(y).all())
+        if not finite:
+            raise InferenceError("the network produced non-finite values in full precision")
+        return y
+
+    def _fp32_redo(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        """``x``'s window in fp32, split into sub-windows of at most half its pixels (with full context,
+        feather-blended on the device) so twice the bytes per pixel fit where the window did."""
+        h, w = x.shape[2], x.shape[3]
+        sub = fp32_split_side(side, self.tile_overlap, self.multiple)
+        if sub is None or max(h, w) <= sub:
+            return self._device_pass(x, side, exact=True)
+        plan = plan_tiles(h, w, bucket_tile(sub, self.tile_overlap, self.multiple), self.tile_overlap, self.multiple)
+        feather = min(self.feather, max_feather(plan))
+        out = torch.zeros((3, h * self.scale, w * self.scale), dtype=torch.float32, device=x.device)
+        for spec in plan.tiles:
+            rows, cols = spec.window
+            part = self._device_pass(x[:, :, rows, cols], sub, exact=True)
+            device_ops.blend_into(out, part, plan, spec, scale=self.scale, feather=feather)
+        return out
+
+    def _device_pass(self, x: torch.Tensor, side: int, *, exact: bool) -> torch.Tensor:
+        """``x`` (1 x 3 x h x w) run as a ``side`` x ``side`` window (masked zero padding when smaller,
+        :func:`device_ops.masked_call`), through the batcher when there is one; 3 x h*scale x w*scale."""
+        h, w = x.shape[2], x.shape[3]
+        padded = (h, w) != (side, side) and device_ops.maskable(self._pass_module(x, exact=exact))
+        if padded:
+            item = device_ops.with_mask(x, h, w, side)
+            key: tuple[object, ...] = (id(self), exact, "masked", side)
+
+            def forward(batch: torch.Tensor) -> torch.Tensor:
+                return self._forward_masked(batch, exact=exact)
+        else:
+            item, key = x, (id(self), exact, tuple(x.shape))
+
+            def forward(batch: torch.Tensor) -> torch.Tensor:
+                return self._forward(batch, exact=exact)
+
+        if self.batcher is None:
+            y = forward(item)
+        else:
+            try:
+                y = self.batcher.run(key, item, forward)
+            except BatcherClosedError as exc:
+                raise InferenceError("inference was stopped: the server is shutting down") from exc
+        run_h, run_w = (side, side) if padded else (h, w)
+        expected = (1, 3, run_h * self.scale, run_w * self.scale)
+        if tuple(y.shape) != expected:
+            raise InferenceError(
+                f"the network returned shape {tuple(y.shape)} for a {run_h}x{run_w} tile, expected {expected}"
+            )
+        return y[0, :, : h * self.scale, : w * self.scale]
+
+    def _pass_module(self, x: torch.Tensor, *, exact: bool) -> nn.Module:
+        """The module a pass over ``x`` runs: on the CPU its method's runner, on CUDA the device copy."""
+        if self._cpu_methods:
+            runner = self._cpu_runner(self._cpu_method(x, exact=exact))
+            assert isinstance(runner, nn.Module)  # the device pipeline's CPU methods are modules
+            return runner
+        return self._exact_module() if exact else self._module
+
+    def _forward_masked(self, batch: torch.Tensor, *, exact: bool) -> torch.Tensor:
+        """:meth:`_forward` of a masked batch, eagerly (compiled code would skip the mask hooks)."""
+        module = self._pass_module(batch, exact=exact)
+        self._eager_only.on = True
+        try:
+            return device_ops.masked_call(module, batch, lambda images: self._forward(images, exact=exact))
+        finally:
+            self._eager_only.on = False
+
+    def _device_uploads(self, image: FloatImage, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """Each tile with its window (1 x 3 x h x w) on the device. On CUDA windows go through two
+        staging buffers from the upscaler's pool (pinned, reused across windows and calls) on a side
+        stream, the next window's copy overlapping the current window's compute."""
+        if self.device.type != "cuda":
+            for tile in tiles:
+                yield tile, torch.from_numpy(np.ascontiguousarray(image[tile.window])).permute(2, 0, 1).unsqueeze(0)
+            return
+        nbytes = max(t.rows.win_size * t.cols.win_size for t in tiles) * 3 * 4
+        slots = [self._staging.acquire(nbytes), self._staging.acquire(nbytes)]
+        events: list[torch.cuda.Event | None] = [None, None]
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+
+        def start(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            slot = i % 2
+            previous = events[slot]
+            if previous is not None:
+                previous.synchronize()  # the copy of two windows ago: long done
+            window = image[tiles[i].window]
+            staged = device_ops.view_as(slots[slot], window.shape, torch.float32)
+            np.copyto(staged.numpy(), window)
+            with torch.cuda.stream(stream):
+                x = staged.to(self.device, non_blocking=True)
+                copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                copied.record(stream)
+            events[slot] = copied
+            return x, copied
+
+        try:
+            pending = start(0)
+            for i, tile in enumerate(tiles):
+                x, copied = pending
+                if i + 1 < len(tiles):
+                    pending = start(i + 1)
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(copied)
+                x.record_stream(current)
+                yield tile, x.permute(2, 0, 1).unsqueeze(0)
+        finally:
+            for event in events:
+                if event is not None:
+                    event.synchronize()
+            for buffer in slots:
+                self._staging.release(buffer)
+
+    def _download(self, out: torch.Tensor, *, quantize: bool) -> FloatImage:
+        """The final C x H x W output as a host H x W x C float32 array; quantised to uint8 on the
+        device first when ``quantize`` (a quarter of the bytes to copy), returned as ``k / 255``."""
+        hwc = (device_ops.quantize_8bit(out) if quantize else out).permute(1, 2, 0).contiguous()
+        if self.device.type == "cuda":
+            buffer = self._staging.acquire(hwc.numel() * hwc.element_size())
+            try:
+                staged = device_ops.view_as(buffer, tuple(hwc.shape), hwc.dtype)
+                staged.copy_(hwc, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+                host = staged.numpy().copy()
+            finally:
+                self._staging.release(buffer)
+        else:
+            host = hwc.numpy().copy()
+        if quantize:
+            floats: FloatImage = np.multiply(host, np.float32(1.0 / 255.0), dtype=np.float32)
+            return floats
+        return np.ascontiguousarray(host, dtype=np.float32)

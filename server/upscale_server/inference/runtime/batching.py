@@ -47,10 +47,19 @@ class _Request:
 class DynamicBatcher:
     """Groups same-key items from many threads into one ``forward`` call on one worker thread."""
 
-    def __init__(self, window_s: float, max_batch: int, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        window_s: float,
+        max_batch: int,
+        *,
+        clock: Clock = time.monotonic,
+        thread_init: Callable[[], None] | None = None,
+    ) -> None:
         """``window_s``: how long the first item of a batch waits for company (0: take only what is
         already queued); ``max_batch``: the most items per ``forward`` call (1 disables batching);
-        ``clock``: what the window is measured on."""
+        ``clock``: what the window is measured on; ``thread_init``: called first on the batcher's
+        thread (``torch.cuda.set_device``: the current device is per thread)."""
+        self._thread_init = thread_init
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
         if max_batch < 1:
@@ -100,6 +109,8 @@ class DynamicBatcher:
     # ------------------------------------------------------------------ worker thread
 
     def _loop(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
         while True:
             batch = self._next_batch()
             if batch is None:

@@ -67,6 +67,15 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
+def bind_thread(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device of the calling thread (a no-op elsewhere).
+
+    The current device is per thread and starts as cuda:0: a worker or batcher thread that skipped
+    this would allocate its temporaries and streams on the wrong GPU with ``cuda:1``."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Turn the ``precision`` setting (auto, fp32, fp16, bf16) into the compute dtype for ``device``.
 

@@ -55,7 +55,11 @@ class InferenceWorker:
     job is either waiting, running or resolved, never lost between them.
     """
 
-    def __init__(self, *, concurrency: int = 1, name: str = "inference-worker") -> None:
+    def __init__(
+        self, *, concurrency: int = 1, name: str = "inference-worker", thread_init: Callable[[], None] | None = None
+    ) -> None:
+        """``thread_init`` runs first on each worker thread (``torch.cuda.set_device``: per thread)."""
+        self._thread_init = thread_init
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.concurrency = concurrency
@@ -112,6 +116,8 @@ class InferenceWorker:
 
     def _loop(self) -> None:
         try:
+            if self._thread_init is not None:
+                self._thread_init()
             while True:
                 with self._cond:
                     while not self._jobs and self._state is WorkerState.RUNNING:
