@@ -118,8 +118,9 @@ def bytes_per_input_pixel(arch: Architecture, scale: int, dtype: torch.dtype) ->
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises ``torch.OutOfMemoryError``; older paths and the CPU allocator raise RuntimeError."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    """CUDA raises ``torch.OutOfMemoryError``; older paths and the CPU allocator raise RuntimeError; the
+    Winograd kernel raises MemoryError when one of its own allocations fails."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     message = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in message or "not enough memory" in message)
@@ -144,7 +145,7 @@ def _cpu_exact_module(arch: Architecture, module: nn.Module, convolution: str) -
 
     Winograd needs 4x fewer multiplications for the 3x3 convolutions that make up these networks and
     stays within 0.01 levels of the direct result (docs/benchmarks.md); "auto" keeps the direct
-    path where the kernel cannot be built (no C compiler).
+    path where the kernel is unavailable (not built at install time: no C compiler then).
     """
     if convolution == "direct":
         return module
@@ -152,10 +153,8 @@ def _cpu_exact_module(arch: Architecture, module: nn.Module, convolution: str) -
     if fast is not None:
         return fast
     if convolution == "winograd":
-        raise ValueError(
-            "Winograd convolutions are not available here (no C compiler, or an architecture without a Winograd "
-            "form); use convolution 'direct' or 'auto'"
-        )
+        reason = kernel.unavailable_reason() or "this architecture has no Winograd form"
+        raise ValueError(f"Winograd convolutions are not available here ({reason}); use convolution 'direct' or 'auto'")
     return module
 
 

@@ -46,7 +46,7 @@ class ComputeConfig:
             raise UnusableSettingError(str(exc)) from None
         if device.type == "cpu" and settings.cpu_convolution == "winograd" and not kernel.available():
             raise UnusableSettingError(
-                "cpu_convolution 'winograd' needs its kernel, which could not be built (is a C compiler installed?); "
+                f"cpu_convolution 'winograd' needs its kernel, which is unavailable ({kernel.unavailable_reason()}); "
                 "use 'auto' or 'direct'"
             )
         return cls(
