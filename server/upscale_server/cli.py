@@ -146,7 +146,7 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
         "--convolution",
         dest="cpu_convolution",
         choices=get_args(Convolution),
-        help="CPU fp32 convolutions (auto = winograd when its kernel builds)",
+        help="CPU fp32 convolutions (auto = winograd when its kernel was built at install time)",
     )
     group.add_argument("--tile-size", type=int, metavar="PX", help="tile edge in input pixels (0 = auto)")
     group.add_argument("--threads", type=int, metavar="N", help="CPU threads (0 = all cores)")

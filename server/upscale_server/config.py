@@ -78,8 +78,8 @@ class Settings(BaseSettings):
     cpu_convolution: Convolution = Field(
         default="auto",
         description="3x3 convolutions of the CPU exact (fp32) mode: winograd (F(4x4,3x3), about 1.6x faster than "
-        "direct for x4plus, within 0.01 levels of it; needs a C compiler on first use), direct (oneDNN), or auto "
-        "(winograd when its kernel builds, else direct).",
+        "direct for x4plus, within 0.01 levels of it; needs a C compiler when the package is installed), direct "
+        "(oneDNN), or auto (winograd when its kernel was built at install time, else direct).",
     )
     compile: bool = Field(
         default=False,
