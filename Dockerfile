@@ -29,7 +29,7 @@ RUN apt-get update \
 # torch first, in its own layer: it is most of the image and changes least often.
 RUN pip install torch==2.13.0
 
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md hatch_build.py /src/
 COPY server /src/server
 RUN pip install "/src[cluster]" && rm -rf /src
 

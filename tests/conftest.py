@@ -1,13 +1,12 @@
 """Shared fixtures (the real test images, the real weights, a model registry) and session-wide rules.
 
-Session rules: the Winograd CPU kernel must have been built before the tests (they load it, never
-compile it), and every test leaves torch's thread count as it found it.
+Session rules: the Winograd CPU kernel must have been built when the package was installed (the tests
+load it, never compile it), and every test leaves torch's thread count as it found it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,15 +31,13 @@ MODELS = REPO / "models"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Load the prebuilt Winograd kernel for the whole session, or stop it with one line: a test never
+    """Load the installed Winograd kernel for the whole session, or stop it with one line: a test never
     compiles the kernel, and never skips the Winograd path for want of it."""
     try:
-        kernel.load(build=False)
-    except OSError:
-        raise pytest.UsageError(
-            f"the Winograd CPU kernel is not built for this machine ({kernel.shared_object_path()}); "
-            f"build it first: {sys.executable} -m upscale_server.inference.cpu"
-        ) from None
+        kernel.load()
+    except OSError as exc:
+        how = "" if "reinstall: pip install -e ." in str(exc) else "; reinstall: pip install -e ."
+        raise pytest.UsageError(f"the Winograd CPU kernel cannot be loaded: {exc}{how}") from None
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ loads under that name in a project that has its own ``server`` package."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,16 +16,56 @@ import pytest
 from tests.conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
-    """The wheel built from this checkout with the project's own build backend (no network)."""
-    out = tmp_path_factory.mktemp("wheel")
+def build_wheel(out: Path, env: dict[str, str] | None = None, root: Path = REPO) -> tuple[zipfile.ZipFile, str]:
+    """The wheel built from ``root`` (this checkout) with the project's own build backend (no network,
+    no torch needed: the build hook compiles the CPU kernel); and the build's stderr."""
     build = "import sys; from hatchling.build import build_wheel; print(build_wheel(sys.argv[1]))"
     process = subprocess.run(
-        [sys.executable, "-c", build, str(out)], cwd=REPO, capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, "-c", build, str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env=env,
     )
     assert process.returncode == 0, process.stderr
-    return zipfile.ZipFile(out / process.stdout.strip().splitlines()[-1])
+    return zipfile.ZipFile(out / process.stdout.strip().splitlines()[-1]), process.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))[0]
+
+
+def _kernel_variants() -> list[str]:
+    from upscale_server.inference.cpu import variants
+
+    return [v.filename for v in variants.buildable()]
+
+
+def test_the_wheel_holds_the_kernel_built_for_its_platform(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    built = {f"upscale_server/inference/cpu/_built/{name}" for name in _kernel_variants()}
+    assert built <= names, sorted(names - built)[:5]
+    assert {n for n in names if n.endswith(".so")} == built, "only this build's libraries, no leftovers"
+    assert all(wheel.getinfo(name).file_size > 1000 for name in built)
+    # Native code: a platform wheel (not py3-none-any), and not a pure-Python one.
+    assert wheel.filename is not None and not wheel.filename.endswith("-any.whl"), wheel.filename
+    assert "Root-Is-Purelib: false" in wheel.read("upscale_server-0.1.0.dist-info/WHEEL").decode()
+
+
+def test_without_a_c_compiler_the_wheel_still_builds_and_warns(tmp_path: Path) -> None:
+    # A copy of the project: a failed build removes the checkout's libraries, which this session uses.
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "server", root / "server", ignore=shutil.ignore_patterns("_built", "__pycache__"))
+    for name in ("pyproject.toml", "README.md", "hatch_build.py", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
+    wheel, stderr = build_wheel(tmp_path, env, root)
+    assert not [n for n in wheel.namelist() if n.endswith(".so")]
+    assert wheel.filename is not None and wheel.filename.endswith("-py3-none-any.whl")
+    assert "the Winograd CPU kernel was not built" in stderr and "reinstall" in stderr
 
 
 def test_the_wheel_holds_one_uniquely_named_package(wheel: zipfile.ZipFile) -> None:

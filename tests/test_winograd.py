@@ -1,10 +1,11 @@
 """Winograd F(4x4, 3x3) convolutions: equal to torch's direct convolution, on toy and real networks.
 
-The kernel is the one built before the session (tests/conftest.py); tests/test_kernel.py covers building it."""
+The kernel is the one built when the package was installed (tests/conftest.py); the fidelity tests run
+once per variant this CPU can run (``each_variant``); tests/test_kernel.py covers building and loading."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,23 @@ from upscale_server.inference.archs.rrdbnet import DESCRIPTOR as RRDBNET
 from upscale_server.inference.archs.rrdbnet import RRDBNet, WinogradRRDBNet
 from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
 from upscale_server.inference.archs.srvgg import SRVGGNetCompact, WinogradSRVGGNet
-from upscale_server.inference.cpu import kernel, winograd
+from upscale_server.inference.cpu import kernel, variants, winograd
 from upscale_server.inference.weights.loading import LoadedNetwork
+
+
+def _runnable_variants() -> list[str]:
+    flags = kernel.cpu_flags()
+    return [v.name for v in variants.buildable() if v.cpu_flags <= flags and kernel.library_path(v).is_file()]
+
+
+@pytest.fixture(params=_runnable_variants())
+def each_variant(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The test runs with each built variant this CPU can run in turn; the default is restored after."""
+    default = kernel.variant()
+    kernel.load(variant=request.param)
+    yield request.param
+    if default is not None:
+        kernel.load(variant=default)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +47,12 @@ def _direct(x_nhwc: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
         return _nhwc(conv(x_nhwc.permute(0, 3, 1, 2)))
 
 
-@pytest.mark.parametrize(("n", "h", "w", "cin", "cout"), [(1, 16, 16, 8, 8), (2, 13, 7, 5, 12), (1, 1, 1, 3, 4)])
+@pytest.mark.usefixtures("each_variant")
+@pytest.mark.parametrize(
+    ("n", "h", "w", "cin", "cout"),
+    # x4plus's widths too (64 -> 32, 35 -> 64): the AVX-512 GEMM's 32-column blocks and 16-channel blocks.
+    [(1, 16, 16, 8, 8), (2, 13, 7, 5, 12), (1, 1, 1, 3, 4), (1, 10, 9, 64, 32), (1, 7, 13, 35, 64)],
+)
 def test_conv_equals_direct_convolution(n: int, h: int, w: int, cin: int, cout: int) -> None:
     # Sides that are not multiples of 4 and channel counts that are not multiples of 8 exercise
     # the kernel's partial tiles and partial channel blocks.
@@ -43,6 +64,7 @@ def test_conv_equals_direct_convolution(n: int, h: int, w: int, cin: int, cout: 
     torch.testing.assert_close(got, _direct(x, conv), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("each_variant")
 def test_fused_activation_scale_and_residual() -> None:
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(6, 6, 3, 1, 1)
@@ -68,6 +90,7 @@ def test_weight_transform_shape_and_refusals() -> None:
         winograd.conv(torch.zeros(1, 8, 8, 4).transpose(1, 2), layer)
 
 
+@pytest.mark.usefixtures("each_variant")
 @pytest.mark.parametrize("scale", [4, 2, 1])
 def test_rrdbnet_forward_equals_the_module(scale: int) -> None:
     torch.manual_seed(2)
@@ -79,6 +102,7 @@ def test_rrdbnet_forward_equals_the_module(scale: int) -> None:
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("each_variant")
 @pytest.mark.parametrize("act_type", ["prelu", "leakyrelu", "relu"])
 def test_srvgg_forward_equals_the_module(act_type: str) -> None:
     torch.manual_seed(3)
@@ -103,6 +127,7 @@ def test_other_modules_have_no_winograd_form() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("each_variant")
 @pytest.mark.parametrize("model_id", ["runware:504@1", "local:realesr-animevideov3@1"])
 def test_real_weights_match_the_direct_path(
     model_id: str, photo_path: Path, load_real_network: Callable[[str], LoadedNetwork]
@@ -163,8 +188,7 @@ def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.
     with pytest.raises(ValueError, match="convolution must be one of auto, winograd, direct"):
         Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="fft")
     monkeypatch.setattr(kernel, "_kernel", kernel._KernelState())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernel, "BUILT_DIR", tmp_path)  # as if installed without a C compiler
     with pytest.raises(ValueError, match="Winograd convolutions are not available"):
         Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="winograd")
     fallback = Upscaler(_toy_network(), device=cpu, dtype=torch.float32, convolution="auto")
@@ -172,6 +196,7 @@ def test_engine_refuses_unknown_or_unavailable_convolutions(monkeypatch: pytest.
     assert isinstance(fallback._cpu_runner("direct"), RRDBNet)
 
 
+@pytest.mark.usefixtures("each_variant")
 @pytest.mark.parametrize(("t", "k", "n"), [(7, 20, 32), (64, 64, 48), (13, 5, 12)])
 def test_products_equal_batched_matmul_on_channel_slices(t: int, k: int, n: int) -> None:
     # n = 12 is not a multiple of 16: the kernel declines and torch.bmm answers.

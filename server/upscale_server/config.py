@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     cpu_convolution: Convolution = Field(
         default="auto",
         description="3x3 convolutions of the CPU exact (fp32) mode: winograd (F(4x4,3x3), within 0.01 levels of "
-        "direct; needs the kernel built at install), direct (oneDNN), or auto (whichever measures faster on this "
-        "machine for each window size).",
+        "direct; its kernel is built when the package is installed with a C compiler present), direct (oneDNN), or "
+        "auto (whichever measures faster on this machine for each window size).",
     )
     cpu_method_cache: Path | None = Field(
         default=None,

@@ -1,4 +1,4 @@
-"""``python -m upscale_server.inference.cpu``: build the Winograd kernel ahead of time (see ``kernel.py``)."""
+"""``python -m upscale_server.inference.cpu``: which Winograd kernel variant loads here and why (``kernel.py``)."""
 
 from upscale_server.inference.cpu.kernel import main
 

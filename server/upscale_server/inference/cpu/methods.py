@@ -131,9 +131,9 @@ def build(method: CpuMethod, arch: Architecture, module: nn.Module) -> Runner:
 
         fast = arch.winograd_form(module) if kernel.available() else None
         if fast is None:
+            reason = kernel.unavailable_reason() or f"{arch.name} has no Winograd form"
             raise ValueError(
-                "Winograd convolutions are not available here (the kernel was not built, or the architecture "
-                "has no Winograd form); use convolution 'direct' or 'auto'"
+                f"Winograd convolutions are not available here ({reason}); use convolution 'direct' or 'auto'"
             )
         return fast
     if method == "bf16":

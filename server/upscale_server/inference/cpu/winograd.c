@@ -17,12 +17,59 @@
  * Layouts: spatial tensors are [N][H][W] pixels of `cstride` floats, the layer's channels starting
  * at `coff`. The transformed domain is [36][T] rows of `ldc` floats (T = N * ceil(H/4) * ceil(W/4)
  * tiles, tile t = (n * th + ty) * tw + tx), so each of the 36 positions is one GEMM operand.
+ *
+ * Built at install time (hatch_build.py) in several variants (portable, AVX2+FMA, AVX-512); kernel.py
+ * picks one for the CPU. OpenMP: compiled with -fopenmp but linked without a runtime, so the GOMP_*
+ * calls bind to the one torch has loaded (kernel.py makes it global first) and both share one pool.
+ *
+ * Every entry point returns a status: WINO_OK, WINO_DECLINED (wino_gemm: shape not handled, the
+ * caller uses torch.bmm) or WINO_ENOMEM (an allocation failed; nothing useful was written).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define CB 8 /* channels per inner block: one AVX2 register of floats */
+#define WINO_OK 0
+#define WINO_DECLINED 1
+#define WINO_ENOMEM (-1)
+
+#ifndef CB
+#define CB 8 /* channels per inner block: one AVX2 register of floats (the AVX-512 build uses 16) */
+#endif
+
+/*
+ * Test hook: after `n` more successful allocations every allocation fails (n < 0: never), so the
+ * out-of-memory paths can be exercised deterministically (a huge size would depend on overcommit).
+ */
+static long alloc_budget = -1;
+
+void wino_set_alloc_budget(long n) { __atomic_store_n(&alloc_budget, n, __ATOMIC_SEQ_CST); }
+
+static int alloc_allowed(void) {
+    long left = __atomic_load_n(&alloc_budget, __ATOMIC_SEQ_CST);
+    while (left >= 0) {
+        if (left == 0) return 0;
+        if (__atomic_compare_exchange_n(&alloc_budget, &left, left - 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return 1;
+    }
+    return 1;
+}
+
+static void *wino_malloc(size_t bytes) { return alloc_allowed() ? malloc(bytes) : NULL; }
+static void *wino_calloc(size_t n, size_t size) { return alloc_allowed() ? calloc(n, size) : NULL; }
+
+/* Int, not bool, for OpenMP atomics: set by any thread whose buffer could not be had. */
+static inline void mark_failed(int *failed) {
+#pragma omp atomic write
+    *failed = 1;
+}
+
+static inline int has_failed(int *failed) {
+    int v;
+#pragma omp atomic read
+    v = *failed;
+    return v;
+}
 
 /* Short copies inline: a libc memcpy call per 8 floats costs more than the transform itself. */
 static inline void copy_floats(float *restrict dst, const float *restrict src, int n) {
@@ -69,19 +116,30 @@ static inline void out_1d(const float *m0, const float *m1, const float *m2, con
  */
 #define TB 32
 
+/*
+ * Per-thread buffers inside the parallel regions: a thread whose allocation fails marks the region
+ * failed; after a barrier every thread still enters the worksharing loop (all must) but skips its
+ * iterations, and the function returns WINO_ENOMEM.
+ */
+
 /* x (spatial, C channels at coff of cstride) -> V[36][T][ldc] at channel offset voff. */
-void wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int coff,
+int wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int coff,
                 float *v, int ldc, int voff, int nthreads) {
     const int th = (h + 3) / 4, tw = (w + 3) / 4;
     const int64_t tiles = (int64_t)n_img * th * tw;
     const int64_t pstride = tiles * ldc;
     const int cblocks = (c + CB - 1) / CB, cpad = cblocks * CB;
     const int64_t nblocks = (tiles + TB - 1) / TB;
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *buf = malloc(sizeof(float) * 36 * TB * cpad);
+        float *buf = wino_malloc(sizeof(float) * 36 * TB * (size_t)cpad);
+        if (!buf) mark_failed(&failed);
+#pragma omp barrier
+        const int skip = has_failed(&failed);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; blk++) {
+            if (skip) continue;
             const int64_t t0 = blk * TB, t1 = t0 + TB < tiles ? t0 + TB : tiles;
             for (int64_t t = t0; t < t1; t++) {
                 const int n = (int)(t / ((int64_t)th * tw));
@@ -120,6 +178,7 @@ void wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int
         }
         free(buf);
     }
+    return failed ? WINO_ENOMEM : WINO_OK;
 }
 
 /*
@@ -129,7 +188,7 @@ void wino_input(const float *x, int n_img, int h, int w, int c, int cstride, int
  * `activate`, identity otherwise. `res` may alias y (same layout), since each output element is
  * read once before it is written.
  */
-void wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int c,
+int wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int c,
                  const float *bias, int activate, float slope, const float *slopes, float scale,
                  const float *res, int res_cstride, int res_coff,
                  float *y, int cstride, int coff, int nthreads) {
@@ -139,16 +198,26 @@ void wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int
     const int cblocks = (c + CB - 1) / CB, cpad = cblocks * CB;
     const int64_t nblocks = (tiles + TB - 1) / TB;
     /* Per-channel constants, padded to whole blocks; slope 1 means "no activation". */
-    float *b = calloc(cpad, sizeof(float)), *s = malloc(sizeof(float) * cpad);
+    float *b = wino_calloc(cpad, sizeof(float)), *s = wino_malloc(sizeof(float) * cpad);
+    if (!b || !s) {
+        free(b);
+        free(s);
+        return WINO_ENOMEM;
+    }
     for (int k = 0; k < cpad; k++) {
         if (bias && k < c) b[k] = bias[k];
         s[k] = !activate ? 1.0f : slopes && k < c ? slopes[k] : slope;
     }
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *buf = calloc((size_t)36 * TB * cpad, sizeof(float));
+        float *buf = wino_calloc((size_t)36 * TB * cpad, sizeof(float));
+        if (!buf) mark_failed(&failed);
+#pragma omp barrier
+        const int skip = has_failed(&failed);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; blk++) {
+            if (skip) continue;
             const int64_t t0 = blk * TB, t1 = t0 + TB < tiles ? t0 + TB : tiles;
             for (int p = 0; p < 36; p++)
                 for (int64_t t = t0; t < t1; t++)
@@ -196,14 +265,16 @@ void wino_output(const float *m, int ldc, int moff, int n_img, int h, int w, int
     }
     free(b);
     free(s);
+    return failed ? WINO_ENOMEM : WINO_OK;
 }
 
 /*
  * The 36 products M[p] = V[p] @ U[p] (V[p]: T x K rows of ldv floats, U[p]: K x N row-major, M[p]:
  * T x N rows of ldm floats). MKL's sgemm reaches only about half of an AMD core's FMA peak on these
  * skinny shapes (N = 32 or 64); a 6x16 register-blocked AVX2 kernel with U[p] resident in L1 does
- * better. Returns 0 (and does nothing) where the kernel is not compiled for AVX2+FMA or N is not a
- * multiple of 16; the caller then uses torch.bmm.
+ * better, and the AVX-512 build adds a 6x32 kernel (12 zmm accumulators) for 32-column blocks.
+ * Returns WINO_DECLINED (and does nothing) where the kernel is not compiled for AVX2+FMA or N is
+ * not a multiple of 16; the caller then uses torch.bmm.
  */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -237,14 +308,55 @@ static inline void kernel_6x16(const float *a, int64_t lda, const float *b, int 
     _mm256_storeu_ps(c + 5 * ldc, c50); _mm256_storeu_ps(c + 5 * ldc + 8, c51);
 }
 
+#if defined(__AVX512F__)
+static inline void kernel_6x32(const float *a, int64_t lda, const float *b, int ldb, int k_len,
+                               float *c, int64_t ldc) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps(), c10 = _mm512_setzero_ps(),
+           c11 = _mm512_setzero_ps(), c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps(),
+           c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps(), c40 = _mm512_setzero_ps(),
+           c41 = _mm512_setzero_ps(), c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
+    for (int k = 0; k < k_len; k++) {
+        const __m512 b0 = _mm512_loadu_ps(b + (int64_t)k * ldb), b1 = _mm512_loadu_ps(b + (int64_t)k * ldb + 16);
+        __m512 a0 = _mm512_set1_ps(a[k]);
+        c00 = _mm512_fmadd_ps(a0, b0, c00); c01 = _mm512_fmadd_ps(a0, b1, c01);
+        a0 = _mm512_set1_ps(a[lda + k]);
+        c10 = _mm512_fmadd_ps(a0, b0, c10); c11 = _mm512_fmadd_ps(a0, b1, c11);
+        a0 = _mm512_set1_ps(a[2 * lda + k]);
+        c20 = _mm512_fmadd_ps(a0, b0, c20); c21 = _mm512_fmadd_ps(a0, b1, c21);
+        a0 = _mm512_set1_ps(a[3 * lda + k]);
+        c30 = _mm512_fmadd_ps(a0, b0, c30); c31 = _mm512_fmadd_ps(a0, b1, c31);
+        a0 = _mm512_set1_ps(a[4 * lda + k]);
+        c40 = _mm512_fmadd_ps(a0, b0, c40); c41 = _mm512_fmadd_ps(a0, b1, c41);
+        a0 = _mm512_set1_ps(a[5 * lda + k]);
+        c50 = _mm512_fmadd_ps(a0, b0, c50); c51 = _mm512_fmadd_ps(a0, b1, c51);
+    }
+    _mm512_storeu_ps(c, c00); _mm512_storeu_ps(c + 16, c01);
+    _mm512_storeu_ps(c + ldc, c10); _mm512_storeu_ps(c + ldc + 16, c11);
+    _mm512_storeu_ps(c + 2 * ldc, c20); _mm512_storeu_ps(c + 2 * ldc + 16, c21);
+    _mm512_storeu_ps(c + 3 * ldc, c30); _mm512_storeu_ps(c + 3 * ldc + 16, c31);
+    _mm512_storeu_ps(c + 4 * ldc, c40); _mm512_storeu_ps(c + 4 * ldc + 16, c41);
+    _mm512_storeu_ps(c + 5 * ldc, c50); _mm512_storeu_ps(c + 5 * ldc + 16, c51);
+}
+#endif
+
+/* One 6-row block of M[p]: 32-column kernels where the build has them, 16-column ones for the rest. */
+static inline void row_block(const float *a, int64_t lda, const float *b, int n_len, int k_len, float *c,
+                             int64_t ldc) {
+    int j = 0;
+#if defined(__AVX512F__)
+    for (; j + 32 <= n_len; j += 32) kernel_6x32(a, lda, b + j, n_len, k_len, c + j, ldc);
+#endif
+    for (; j < n_len; j += 16) kernel_6x16(a, lda, b + j, n_len, k_len, c + j, ldc);
+}
+
 int wino_gemm(const float *v, int ldv, const float *u, int k_len, int n_len, float *m, int ldm,
               int64_t tiles, int nthreads) {
-    if (n_len % 16 != 0 || k_len > 256) return 0;
+    if (n_len % 16 != 0 || n_len > 256 || k_len > 256) return WINO_DECLINED;
     const int64_t vstride = tiles * ldv, mstride = tiles * ldm, ustride = (int64_t)k_len * n_len;
     const int64_t row_blocks = (tiles + 5) / 6;
 #pragma omp parallel num_threads(nthreads)
     {
-        float a_pad[6 * 256], c_pad[6 * 16];
+        float a_pad[6 * 256], c_pad[6 * 256];
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < 36 * row_blocks; job++) {
             const int p = (int)(job / row_blocks);
@@ -253,23 +365,21 @@ int wino_gemm(const float *v, int ldv, const float *u, int k_len, int n_len, flo
             float *c = m + p * mstride + r0 * ldm;
             const int rows = tiles - r0 < 6 ? (int)(tiles - r0) : 6;
             if (rows == 6) {
-                for (int j = 0; j < n_len; j += 16) kernel_6x16(a, ldv, b + j, n_len, k_len, c + j, ldm);
-            } else { /* the last few rows: zero-padded copies, so the one kernel serves */
+                row_block(a, ldv, b, n_len, k_len, c, ldm);
+            } else { /* the last few rows: zero-padded copies, so the same kernels serve */
                 memset(a_pad, 0, sizeof a_pad);
                 for (int r = 0; r < rows; r++) copy_floats(a_pad + r * k_len, a + r * ldv, k_len);
-                for (int j = 0; j < n_len; j += 16) {
-                    kernel_6x16(a_pad, k_len, b + j, n_len, k_len, c_pad, 16);
-                    for (int r = 0; r < rows; r++) copy_floats(c + r * ldm + j, c_pad + r * 16, 16);
-                }
+                row_block(a_pad, k_len, b, n_len, k_len, c_pad, n_len);
+                for (int r = 0; r < rows; r++) copy_floats(c + r * ldm, c_pad + r * n_len, n_len);
             }
         }
     }
-    return 1;
+    return WINO_OK;
 }
 #else
 int wino_gemm(const float *v, int ldv, const float *u, int k_len, int n_len, float *m, int ldm,
               int64_t tiles, int nthreads) {
     (void)v; (void)ldv; (void)u; (void)k_len; (void)n_len; (void)m; (void)ldm; (void)tiles; (void)nthreads;
-    return 0;
+    return WINO_DECLINED;
 }
 #endif

@@ -18,8 +18,10 @@ F(4x4, 3x3) in float32 differs from a direct convolution by about 1e-6 relative 
 x4plus's 350 layers that stays below 0.01 levels on the 0..255 scale (the engine's fidelity tests
 hold it to ncnn within 1 level max, 0.01 mean).
 
-The C kernel is built and loaded by :mod:`upscale_server.inference.cpu.kernel`; where it cannot be
-had, ``kernel.available()`` is False and the engine keeps oneDNN's direct path.
+The C kernel is built at install time and loaded by :mod:`upscale_server.inference.cpu.kernel`; where
+it cannot be had, ``kernel.available()`` is False and the engine keeps oneDNN's direct path. A kernel
+allocation that fails raises MemoryError ("out of memory"), which the engine answers with smaller
+tiles.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int) -> None:
     """Transform NHWC ``x`` into the channels ``v[:, :, offset:offset + C]`` (``v`` is ``[36, T, ldc]``)."""
     n, h, w, c = x.shape
     _check_layout(v, x)
-    kernel.load().wino_input(_ptr(x), n, h, w, c, c, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
+    status = kernel.load().wino_input(_ptr(x), n, h, w, c, c, 0, _ptr(v), v.shape[2], offset, torch.get_num_threads())
+    kernel.check(status, "wino_input")
 
 
 def transform_output(
@@ -114,7 +117,7 @@ def transform_output(
     n, h, w, c = out.shape
     _check_layout(m, out, residual)
     activate = slope is not None or slopes is not None
-    kernel.load().wino_output(
+    status = kernel.load().wino_output(
         _ptr(m),
         m.shape[2],
         0,
@@ -135,11 +138,12 @@ def transform_output(
         0,
         torch.get_num_threads(),  # OpenMP's own default is per thread; follow torch's (UPSCALE_THREADS)
     )
+    kernel.check(status, "wino_output")
     return out
 
 
 def products(v: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[p] = v[p] @ u[p]`` for the 36 positions: the kernel's AVX2 GEMM where it applies, else
+    """``out[p] = v[p] @ u[p]`` for the 36 positions: the kernel's AVX2/AVX-512 GEMM where it applies, else
     ``torch.bmm``. ``v`` may be a channel slice ``[36, T, :K]`` of a wider contiguous buffer."""
     if v.shape[0] != POSITIONS or not (
         v.stride(2) == 1 and v.stride(0) == v.shape[1] * v.stride(1) and u.is_contiguous() and out.is_contiguous()
@@ -147,8 +151,8 @@ def products(v: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tenso
         raise ValueError("products() needs row-major operands (v may be a channel slice of a buffer)")
     _, t, k = v.shape
     n = u.shape[2]
-    done = kernel.load().wino_gemm(_ptr(v), v.stride(1), _ptr(u), k, n, _ptr(out), n, t, torch.get_num_threads())
-    if not done:
+    status = kernel.load().wino_gemm(_ptr(v), v.stride(1), _ptr(u), k, n, _ptr(out), n, t, torch.get_num_threads())
+    if kernel.check(status, "wino_gemm") == kernel.WINO_DECLINED:
         torch.bmm(v, u, out=out)
     return out
 

@@ -144,8 +144,9 @@ def bytes_per_input_pixel(arch: Architecture, scale: int, dtype: torch.dtype) ->
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     """CUDA raises ``torch.OutOfMemoryError``; older paths and the CPU allocator raise RuntimeError;
-    cuDNN/cuBLAS resource failures are fixed by smaller windows too (:func:`device_ops.is_resource_error`)."""
-    return device_ops.is_resource_error(exc)
+    cuDNN/cuBLAS resource failures are fixed by smaller windows too (:func:`device_ops.is_resource_error`);
+    the Winograd kernel raises MemoryError when one of its own allocations fails."""
+    return isinstance(exc, MemoryError) or device_ops.is_resource_error(exc)
 
 
 def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

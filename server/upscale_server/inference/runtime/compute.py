@@ -54,8 +54,10 @@ class ComputeConfig:
         cpu_methods: tuple[CpuMethod, ...] = ()
         if device.type == "cpu":
             if settings.cpu_convolution == "winograd" and not kernel.available():
+                reason = kernel.unavailable_reason()
                 raise UnusableSettingError(
-                    "cpu_convolution 'winograd' needs its kernel, which is not available here; use 'auto' or 'direct'"
+                    f"cpu_convolution 'winograd' needs its kernel, which is unavailable ({reason}); "
+                    "use 'auto' or 'direct'"
                 )
             cpu_methods = candidates(
                 settings.precision,
