@@ -6,9 +6,11 @@
 * ``direct``: exact (fp32). oneDNN's direct convolutions over the module in ``channels_last``.
 * ``bf16``: the fast mode, a few tenths of a level off on average. A bfloat16 copy of the module whose
   convolutions hold their weights pre-packed in oneDNN's blocked layout and run as inference
-  primitives. Measured on an AVX512-BF16 Xeon: eager bf16 convolutions reorder their weights on every
-  call and autocast also casts every weight every call; for x4plus at 128² autocast took 19.0 s,
-  a plain bf16 module 5.4 s and the pre-packed one 3.5 s, with identical output (``bench/``).
+  primitives, instead of autocast, which casts every weight on every call, and eager bf16
+  convolutions, which oneDNN runs as training primitives that reorder their weights on every call
+  (seen on an AMX Xeon). On an AVX512-BF16 Xeon without AMX the two ran alike (x4plus: 3.64 s vs
+  3.66 s at 128², 14.9 s vs 14.7 s at 256²) and both at half the fp32 speed, which is why bf16 is
+  only ever chosen by measurement.
 
 Which one is fastest depends on the CPU and the window size (Winograd wins on an AVX2-only EPYC;
 oneDNN's direct convolutions win at 256² on an AVX-512 Xeon; bf16 only pays where the cores have
