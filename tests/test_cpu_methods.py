@@ -233,6 +233,7 @@ def test_doctor_shows_the_machine_and_what_may_run(
         "seconds": {"winograd": 1.2, "direct": 1.0},
         "reason": "measured",
     }
+    torch.set_num_threads(1)  # the key names the thread count; the session restores it after the test
     key = tuning.machine_key(kernel.build_id())
     cache.write_text(json.dumps({key: {"SRVGG x2 {} | small | winograd,direct": measured}}))
     monkeypatch.setenv("UPSCALE_CPU_METHOD_CACHE", str(cache))
@@ -240,7 +241,7 @@ def test_doctor_shows_the_machine_and_what_may_run(
     out = capsys.readouterr().out
     assert "CPU: " in out and "torch " in out and "Winograd kernel: " in out
     assert "CPU methods allowed: direct (precision fp32; convolution direct)" in out
-    assert cli.main(["doctor", "--device", "cpu", "--precision", "fp32"]) == 0
+    assert cli.main(["doctor", "--device", "cpu", "--precision", "fp32", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "CPU methods allowed: winograd, direct" in out
     assert "SRVGG x2 {}: small windows: direct (measured; 128² probe: direct 1.00 s, winograd 1.20 s)" in out

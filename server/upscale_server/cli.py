@@ -369,9 +369,9 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from upscale_server.doctor import report
+    from upscale_server.inference import doctor_report
 
-    for line in report(settings, measure_model=args.model, measure=args.measure):
+    for line in doctor_report(settings, measure_model=args.model, measure=args.measure):
         print(line)  # noqa: T201 - the command's output
     return 0
 

@@ -7,9 +7,11 @@ The app, the CLI and the tasks use this face only::
 Behind it, split by reason to change: ``archs`` (one descriptor per network architecture),
 ``weights`` (manifest, provisioning, loading, ncnn conversion), ``engine`` (host orchestration,
 tiling, transfers), ``runtime`` (worker, batching, devices, compute settings) and ``cpu`` (the
-Winograd kernel and its primitives).
+CPU methods, their measured choice, the Winograd kernel and its primitives); ``doctor`` reports
+what the machine offers and what was chosen on it.
 """
 
+from upscale_server.inference.doctor import report as doctor_report
 from upscale_server.inference.engine.base import Progress
 from upscale_server.inference.pipeline import UpscalePlan
 from upscale_server.inference.runtime.compute import ComputeConfig, tune_process
@@ -22,5 +24,6 @@ __all__ = [
     "ModelInfo",
     "Progress",
     "UpscalePlan",
+    "doctor_report",
     "tune_process",
 ]

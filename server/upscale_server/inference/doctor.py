@@ -8,24 +8,19 @@ methods now (once per machine; later runs read the cache).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
 from upscale_server.config import Settings
-
-if TYPE_CHECKING:
-    from upscale_server.inference.runtime.compute import ComputeConfig
+from upscale_server.inference.cpu import kernel
+from upscale_server.inference.cpu.tuning import MethodTable, cpu_description
+from upscale_server.inference.registry import ModelRegistry
+from upscale_server.inference.runtime.compute import ComputeConfig
+from upscale_server.inference.runtime.devices import configure_threads, cpu_has_fast_bf16
 
 
 def report(settings: Settings, *, measure_model: str | None, measure: bool) -> list[str]:
     """The doctor's lines. Raises UnusableSettingError (settings this machine cannot honour) or an
     :class:`~upscale_server.errors.UpscaleError` (a model that cannot be loaded for ``--measure``)."""
-    import torch
-
-    from upscale_server.inference.cpu import kernel
-    from upscale_server.inference.cpu.tuning import MethodTable, cpu_description
-    from upscale_server.inference.runtime.compute import ComputeConfig
-    from upscale_server.inference.runtime.devices import configure_threads, cpu_has_fast_bf16
-
     configure_threads(settings.threads)
     model, flags = cpu_description()
     lines = [
@@ -55,8 +50,6 @@ def report(settings: Settings, *, measure_model: str | None, measure: bool) -> l
 
 
 def _cuda() -> str:
-    import torch
-
     if not torch.cuda.is_available():
         return "not available"
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -71,8 +64,6 @@ def _why(settings: Settings, methods: tuple[str, ...]) -> str:
 
 
 def _measure(settings: Settings, compute: ComputeConfig, model_id: str | None) -> None:
-    from upscale_server.inference.registry import ModelRegistry
-
     registry = ModelRegistry(settings, compute)
     try:
         registry.upscaler(registry.spec(model_id))  # loading measures every window class
