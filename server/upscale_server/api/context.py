@@ -55,8 +55,9 @@ class RunwareJSONResponse(JSONResponse):
 LARGE_BODY = 1 << 20
 
 
-async def parse_tasks(body: bytes, settings: Settings) -> list[object]:
-    """The task array of a REST body or WebSocket frame, parsed off the event loop when it is big."""
+async def parse_tasks(body: bytes | str, settings: Settings) -> list[object]:
+    """The task array of a REST body or WebSocket frame (text frames as they came: no copy to bytes on
+    the loop), parsed off the event loop when it is big."""
     if len(body) > LARGE_BODY:
         return await asyncio.to_thread(parse_request_body, body, max_tasks=settings.max_tasks)
     return parse_request_body(body, max_tasks=settings.max_tasks)
