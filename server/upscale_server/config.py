@@ -227,6 +227,13 @@ class Settings(BaseSettings):
         description="How long a WebSocket session outlives its connection: a reconnect with its "
         "connectionSessionUUID receives the results that finished meanwhile.",
     )
+    session_buffer_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        description="Most frame text a detached WebSocket session keeps for its reconnect (a result can inline a "
+        "whole image as base64; at most 256 frames in any case); beyond it the oldest frames are dropped, and "
+        "their tasks stay pollable with getResponse. Single process only: cluster sessions keep references.",
+    )
     log_format: Literal["plain", "json"] = Field(
         default="plain",
         description="Log lines as plain text or as one JSON object per line (time, level, logger, message, "
