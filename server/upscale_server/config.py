@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         default=8, ge=1, le=256, description="Most tiles in one batched network pass (with `UPSCALE_BATCH_WINDOW_MS`)."
     )
+    batch_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="With cross-request batching, the longest a tile waits for its network pass (queued and "
+        "running); past it its task fails with an inference timeout. A hung pass itself cannot be interrupted: "
+        "the tiles behind it time out too, until it returns.",
+    )
     worker_concurrency: int = Field(
         default=1,
         ge=1,
