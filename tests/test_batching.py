@@ -18,7 +18,7 @@ from tests.test_engine import CPU, Recording, TinyNet, image, network
 from upscale_server.errors import InferenceError
 from upscale_server.inference.engine.tiling import plan_tiles
 from upscale_server.inference.engine.upscaler import Upscaler
-from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.runtime.batching import BatcherClosedError, BatcherTimeoutError, DynamicBatcher
 
 #: How long a test waits for threads that should already be done: a hang guard, not a measurement.
 PATIENCE_S = 30
@@ -67,6 +67,36 @@ class FakeClock:
             )
 
 
+class Deadline:
+    """The batcher's wait for a result, with a deadline that passes when the test says so.
+
+    Until :meth:`pass_now`, a waiting caller gets its result whenever it comes; after it, every
+    caller still waiting (and every later one, until :meth:`reset`) gives up at once.
+    """
+
+    def __init__(self) -> None:
+        self.passed = threading.Event()
+        self.timeouts: list[float | None] = []
+
+    def __call__(self, done: threading.Event, timeout_s: float | None) -> bool:
+        self.timeouts.append(timeout_s)
+        while not done.wait(0.01):  # a poll for the test's signal, not a timing
+            if self.passed.is_set():
+                return done.is_set()
+        return True
+
+    def pass_now(self) -> None:
+        self.passed.set()
+
+    def reset(self) -> None:
+        self.passed.clear()
+
+
+def _wait(done: threading.Event, timeout_s: float | None) -> bool:
+    """A real wait that cannot expire in a test: a caller that hangs fails the test instead."""
+    return done.wait(PATIENCE_S if timeout_s is None else min(timeout_s, PATIENCE_S))
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -77,8 +107,16 @@ def batcher(clock: FakeClock) -> Iterator[Callable[..., DynamicBatcher]]:
     """A factory of batchers on the test's fake clock, all closed at the end of the test."""
     made: list[DynamicBatcher] = []
 
-    def make(window_s: float = 0.2, max_batch: int = 8) -> DynamicBatcher:
-        made.append(DynamicBatcher(window_s=window_s, max_batch=max_batch, clock=clock))
+    def make(window_s: float = 0.2, max_batch: int = 8, deadline: Deadline | None = None) -> DynamicBatcher:
+        made.append(
+            DynamicBatcher(
+                window_s=window_s,
+                max_batch=max_batch,
+                clock=clock,
+                timeout_s=PATIENCE_S if deadline is None else 7.0,
+                wait=_wait if deadline is None else deadline,
+            )
+        )
         return made[-1]
 
     yield make
@@ -259,6 +297,100 @@ def test_bad_settings_are_refused(window_s: float, max_batch: int) -> None:
         DynamicBatcher(window_s=window_s, max_batch=max_batch)
 
 
+def test_items_that_cannot_be_stacked_fail_only_their_own_batch(
+    batcher: Callable[..., DynamicBatcher], clock: FakeClock
+) -> None:
+    b = batcher(window_s=1.0, max_batch=2)
+    other, other_out = started(lambda: b.run("other", torch.ones(1, 1), CountingForward()))
+    clock.wait_arrivals(1)  # queued first: its key is served first, once its window passes
+    errors: list[BaseException] = []
+
+    def mismatched(width: int) -> None:
+        try:
+            b.run("k", torch.zeros(1, width), CountingForward())
+        except BaseException as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=mismatched, args=(w,)) for w in (2, 3)]
+    for t in callers:
+        t.start()
+    clock.wait_arrivals(3)
+    clock.advance(1.0)
+    for t in [other, *callers]:
+        finished(t)
+    torch.testing.assert_close(other_out[0], torch.full((1, 1), 3.0))
+    assert len(errors) == 2
+    for error in errors:
+        assert isinstance(error, RuntimeError) and "could not be stacked" in str(error)
+        assert "(1, 2), (1, 3)" in str(error) or "(1, 3), (1, 2)" in str(error)
+
+
+class StuckForward:
+    """A forward that blocks until :attr:`release` is set; :attr:`entered` tells that it runs."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        assert self.release.wait(PATIENCE_S), "the test never released the stuck pass"
+        return batch
+
+
+def test_a_caller_of_a_stuck_pass_times_out_and_later_batches_still_run(
+    batcher: Callable[..., DynamicBatcher], clock: FakeClock
+) -> None:
+    deadline = Deadline()
+    b = batcher(window_s=0.0, deadline=deadline)
+    stuck = StuckForward()
+    queued = CountingForward()
+    errors: dict[str, BaseException] = {}
+
+    def caller(key: str, forward: Callable[[torch.Tensor], torch.Tensor]) -> threading.Thread:
+        def run() -> None:
+            try:
+                b.run(key, torch.zeros(1, 1), forward)
+            except BaseException as exc:
+                errors[key] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    on_stuck = caller("stuck", stuck)
+    assert stuck.entered.wait(PATIENCE_S)
+    behind = caller("queued", queued)  # another key, queued behind the stuck pass
+    clock.wait_arrivals(2)
+    deadline.pass_now()
+    finished(on_stuck)
+    finished(behind)
+    assert isinstance(errors["stuck"], BatcherTimeoutError) and "has not returned" in str(errors["stuck"])
+    assert isinstance(errors["queued"], BatcherTimeoutError) and "still queued" in str(errors["queued"])
+    assert "after 7 s" in str(errors["stuck"]) and deadline.timeouts == [7.0, 7.0]
+    # The stuck pass returns at last: the worker serves the queue again; the item that gave up is gone.
+    deadline.reset()
+    stuck.release.set()
+    later = CountingForward()
+    torch.testing.assert_close(b.run("later", torch.ones(1, 1), later), torch.full((1, 1), 3.0))
+    assert later.sizes == [1] and queued.sizes == []
+
+
+def test_a_failing_worker_thread_closes_the_batcher() -> None:
+    def broken_init() -> None:
+        raise RuntimeError("no device")
+
+    b = DynamicBatcher(window_s=0.0, max_batch=1, thread_init=broken_init)
+    with pytest.raises(BatcherClosedError):  # refused, or failed by the dying worker: never left waiting
+        b.run("k", torch.zeros(1, 1), CountingForward())
+    b.close()
+
+
+def test_a_non_positive_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        DynamicBatcher(window_s=0.0, max_batch=1, timeout_s=0)
+
+
 # --------------------------------------------------------------------------- the engine hook
 
 
@@ -286,3 +418,25 @@ def test_engine_turns_a_closed_batcher_into_an_inference_error(batcher: Callable
     shared.close()
     with pytest.raises(InferenceError, match="shutting down"):
         up.upscale(image(8, 8))
+
+
+def test_engine_turns_a_batcher_timeout_into_an_inference_error(batcher: Callable[..., DynamicBatcher]) -> None:
+    deadline = Deadline()
+    shared = batcher(window_s=0.0, deadline=deadline)
+    stuck = StuckForward()
+
+    def block() -> None:
+        with pytest.raises(BatcherTimeoutError):  # its caller gives up too when the deadline passes
+            shared.run("another network", torch.zeros(1, 1), stuck)
+
+    blocker, _ = started(block)
+    assert stuck.entered.wait(PATIENCE_S)
+    up = Upscaler(network(TinyNet(2), 2), device=CPU, dtype=torch.float32, batcher=shared)
+    deadline.pass_now()  # the engine's tile queues behind the stuck pass and gives up at once
+    try:
+        with pytest.raises(InferenceError, match="inference timed out"):
+            up.upscale(image(8, 8))
+    finally:
+        deadline.reset()
+        stuck.release.set()
+    finished(blocker)

@@ -439,6 +439,55 @@ def test_16bit_png_round_trips_with_identical_values(channels: int) -> None:
     np.testing.assert_array_equal(decode_image(encoded).pixels, picture.pixels)
 
 
+def pypng_samples(data: bytes) -> np.ndarray:
+    """What pypng (the pure-Python reference decoder) reads from a 16-bit PNG, as uint16 H x W x C."""
+    width, height, rows, info = png.Reader(bytes=data).read()
+    return np.vstack([np.frombuffer(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+
+
+def filtered_png16(values: np.ndarray, filter_type: int) -> bytes:
+    """A 16-bit PNG whose rows all use ``filter_type`` (0..4), written here so every filter is exercised."""
+    h, w, c = values.shape
+    bpp = 2 * c
+    raw = values.astype(">u2").reshape(h, w * c).view(np.uint8).astype(np.int64)
+    rows = []
+    previous = np.zeros(w * bpp, dtype=np.int64)
+    for row in raw:
+        out = np.empty_like(row)
+        for i, x in enumerate(row):
+            a = int(row[i - bpp]) if i >= bpp else 0
+            b = int(previous[i])
+            cc = int(previous[i - bpp]) if i >= bpp else 0
+            if filter_type == 4:
+                p = a + b - cc
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - cc)
+                pred = a if pa <= pb and pa <= pc else b if pb <= pc else cc
+            else:
+                pred = (0, a, b, (a + b) // 2)[filter_type]
+            out[i] = (x - pred) % 256
+        rows.append(bytes([filter_type]) + out.astype(np.uint8).tobytes())
+        previous = row
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    gama = png_chunk(b"gAMA", struct.pack(">I", 100000))  # gamma 1.0 declared: must not change the samples
+    idat = png_chunk(b"IDAT", zlib.compress(b"".join(rows)))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + gama + idat + png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("filter_type", [0, 1, 2, 3, 4])
+def test_16bit_png_samples_equal_pypngs(channels: int, filter_type: int) -> None:
+    """The compiled 16-bit decoder gives pypng's values exactly: gray, gray+alpha, RGB and RGBA, every row
+    filter, and a gAMA chunk ignored by both."""
+    values = RNG.integers(0, 65536, (6, 7, channels), dtype=np.uint16)
+    values[2:4] = values[1:2]  # runs of equal rows and pixels, where the filters predict well
+    data = filtered_png16(values, filter_type)
+    reference = pypng_samples(data)
+    np.testing.assert_array_equal(reference, values)
+    picture = decode_image(data)
+    assert (picture.channels, picture.bit_depth) == (channels, 16)
+    np.testing.assert_array_equal(to_u16(picture.pixels), reference)
+
+
 def test_16bit_interlaced_and_trns() -> None:
     values = RNG.integers(0, 65536, (9, 10, 3), dtype=np.uint16)
     values[0, 0] = (1, 2, 3)

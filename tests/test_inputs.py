@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from upscale_server.errors import InvalidParameterError, error_item
+from upscale_server.tasks import inputs
 from upscale_server.tasks.inputs import (
     Base64Ref,
     DataUriRef,
@@ -105,3 +107,20 @@ def test_parameter_defaults_to_input_image() -> None:
     with pytest.raises(InvalidParameterError) as caught:
         classify_image_input("")
     assert caught.value.code == "invalidInputImage"
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 50, 51, 52, 53])
+def test_base64_is_decoded_alike_whatever_the_piece_boundaries(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """Big base64 is worked through in pieces (the GIL changes hands between them); where the pieces
+    are cut, and whitespace or padding at the cuts, changes nothing."""
+    data = np.random.default_rng(size).integers(0, 256, size + 1, dtype=np.uint8).tobytes()
+    text = base64.b64encode(data).decode()
+    wrapped = "\n".join(text[i : i + 5] for i in range(0, len(text), 5)) + " \n"
+    for piece in (1, 3, 4, 7, 1 << 20):
+        monkeypatch.setattr(inputs, "_PIECE", piece)
+        for value in (text, wrapped, text.rstrip("=")):
+            ref = classify_image_input(value)
+            assert isinstance(ref, Base64Ref) and ref.data == data, (piece, value)
+    monkeypatch.setattr(inputs, "_PIECE", 3)
+    with pytest.raises(InvalidParameterError, match="outside the base64 alphabet"):
+        classify_image_input(text[:4] + "=" + text[4:] if len(text) > 4 else "A=AA")

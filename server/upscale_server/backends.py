@@ -95,7 +95,9 @@ def open_local_backends(settings: Settings) -> Backends:
         images=images,
         records=records,
         jobs=LocalJobQueue(records, capacity=settings.max_queue),
-        sessions=LocalSessionStore(resume_seconds=settings.session_resume_seconds),
+        sessions=LocalSessionStore(
+            resume_seconds=settings.session_resume_seconds, buffer_bytes=settings.session_buffer_bytes
+        ),
         close=close,
     )
 

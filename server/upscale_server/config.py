@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         default=8, ge=1, le=256, description="Most tiles in one batched network pass (with `UPSCALE_BATCH_WINDOW_MS`)."
     )
+    batch_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="With cross-request batching, the longest a tile waits for its network pass (queued and "
+        "running); past it its task fails with an inference timeout. A hung pass itself cannot be interrupted: "
+        "the tiles behind it time out too, until it returns.",
+    )
     worker_concurrency: int = Field(
         default=1,
         ge=1,
@@ -226,6 +234,13 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a WebSocket session outlives its connection: a reconnect with its "
         "connectionSessionUUID receives the results that finished meanwhile.",
+    )
+    session_buffer_bytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        description="Most frame text a detached WebSocket session keeps for its reconnect (a result can inline a "
+        "whole image as base64; at most 256 frames in any case); beyond it the oldest frames are dropped, and "
+        "their tasks stay pollable with getResponse. Single process only: cluster sessions keep references.",
     )
     log_format: Literal["plain", "json"] = Field(
         default="plain",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from fastapi import Request, WebSocket
 from fastapi.responses import JSONResponse
 
 from upscale_server.api.auth import ApiKeys
+from upscale_server.api.bodies import parse_long_strings_apart
 from upscale_server.config import Settings
 from upscale_server.inference import ModelInfo
 from upscale_server.protocol import parse_request_body
@@ -55,8 +57,15 @@ class RunwareJSONResponse(JSONResponse):
 LARGE_BODY = 1 << 20
 
 
-async def parse_tasks(body: bytes, settings: Settings) -> list[object]:
-    """The task array of a REST body or WebSocket frame, parsed off the event loop when it is big."""
+async def parse_tasks(body: bytes | str, settings: Settings) -> list[object]:
+    """The task array of a REST body or WebSocket frame (text frames as they came: no copy to bytes on
+    the loop), parsed off the event loop when it is big."""
     if len(body) > LARGE_BODY:
-        return await asyncio.to_thread(parse_request_body, body, max_tasks=settings.max_tasks)
+        # In a thread, and with the long strings cut out first: json.loads holds the GIL throughout.
+        parse = functools.partial(_parse_body, max_tasks=settings.max_tasks)
+        return await asyncio.to_thread(parse_long_strings_apart, body, parse)
     return parse_request_body(body, max_tasks=settings.max_tasks)
+
+
+def _parse_body(body: bytes | str, *, max_tasks: int) -> list[object]:
+    return parse_request_body(body, max_tasks=max_tasks)

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from upscale_server.api.context import ServerContext, parse_tasks, server_context
+from upscale_server.api.context import LARGE_BODY, ServerContext, parse_tasks, server_context
 from upscale_server.errors import MissingApiKeyError, UpscaleError, error_item
 from upscale_server.protocol import Outcome, auth_item, envelope, pong_item, task_identity
 from upscale_server.sessions import Session
@@ -55,7 +55,7 @@ class Connection:
                     break
                 text = message.get("text")
                 if text is None and message.get("bytes") is not None:
-                    text = message["bytes"].decode("utf-8", errors="replace")
+                    text = await _frame_text(message["bytes"])
                 await self.handle_frame(text or "")
         except WebSocketDisconnect:
             pass
@@ -66,7 +66,7 @@ class Connection:
 
     async def handle_frame(self, text: str) -> None:
         try:
-            raw_tasks = await parse_tasks(text.encode(), self.context.settings)
+            raw_tasks = await parse_tasks(text, self.context.settings)
         except UpscaleError as exc:
             await self.reply(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
             return
@@ -117,6 +117,13 @@ class Connection:
                 parameter="apiKey",
             )
             await self.reply(envelope(errors=[error_item(exc, task_type=task_type, task_uuid=task_uuid)]))
+
+
+async def _frame_text(data: bytes) -> str:
+    """A binary frame read as UTF-8 text (bad bytes replaced), in a thread when it is big."""
+    if len(data) > LARGE_BODY:
+        return await asyncio.to_thread(data.decode, "utf-8", errors="replace")
+    return data.decode("utf-8", errors="replace")
 
 
 @router.websocket("/v1")

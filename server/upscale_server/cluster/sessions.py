@@ -3,7 +3,9 @@
 A session is a hash (owner node, epoch, last frame sent) and a capped stream of frames. Everything for
 the client goes through the stream: frames the accepting node emits (acknowledgements, errors) and,
 appended by the worker's finish script, references to finished sync tasks, which the owning node
-reads back from the task records when it sends them (so megabytes of base64 never sit in Redis).
+reads back from the task records when it sends them (so megabytes of base64 never sit in Redis). No
+node keeps frames in memory for a detached session, so the single process's byte bound
+(``UPSCALE_SESSION_BUFFER_BYTES``) has nothing to bound here: the stream's length cap and TTL do.
 The owner is woken by a ``sess`` message and also pumps every check interval, so a lost message costs
 at most that long.
 

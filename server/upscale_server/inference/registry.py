@@ -55,6 +55,7 @@ class ModelRegistry:
                 window_s=self.compute.batch_window_s,
                 max_batch=self.compute.max_batch,
                 thread_init=lambda: bind_thread(device),
+                timeout_s=settings.batch_timeout_seconds,
             )
         #: The CPU methods measured on this machine, shared by every model (None where nothing is chosen).
         self.method_table: MethodTable | None = None

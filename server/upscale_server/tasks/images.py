@@ -26,6 +26,9 @@ from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat
 P = ParamSpec("P")
 T = TypeVar("T")
 
+#: Inline inputs (base64, data URIs) longer than this many characters are decoded in a thread.
+LARGE_INPUT = 1 << 16
+
 #: Stored uploads keep a lossless format unless the source was lossy.
 _UPLOAD_FORMAT_FOR_SOURCE = {ImageFormat.JPG.pillow: ImageFormat.JPG, ImageFormat.WEBP.pillow: ImageFormat.WEBP}
 
@@ -60,7 +63,10 @@ class TaskImages:
 
     async def input_bytes(self, value: str, parameter: str) -> tuple[bytes, str | None]:
         """The raw bytes of an image input, and its stored UUID when it names one."""
-        ref = classify_image_input(value, parameter=parameter)
+        if len(value) > LARGE_INPUT:  # base64 decoding is a pass over every byte: not on the event loop
+            ref = await asyncio.to_thread(classify_image_input, value, parameter=parameter)
+        else:
+            ref = classify_image_input(value, parameter=parameter)
         if isinstance(ref, UuidRef):
             data, stored = await asyncio.to_thread(load_stored, self.storage, ref.uuid, parameter=parameter)
             return data, stored.uuid

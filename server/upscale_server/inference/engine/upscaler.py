@@ -79,7 +79,7 @@ from upscale_server.inference.engine.tiling import (
     tile_weights,
     trim_tile,
 )
-from upscale_server.inference.runtime.batching import BatcherClosedError, DynamicBatcher
+from upscale_server.inference.runtime.batching import BatcherClosedError, BatcherTimeoutError, DynamicBatcher
 from upscale_server.inference.runtime.devices import free_memory_bytes
 
 logger = logging.getLogger(__name__)
@@ -546,6 +546,8 @@ class Upscaler:
             return self._forward(x, exact=exact)
         try:
             return batcher.run((id(self), exact, tuple(x.shape)), x, lambda b: self._forward(b, exact=exact))
+        except BatcherTimeoutError as exc:
+            raise InferenceError(f"inference timed out: {exc}") from exc
         except BatcherClosedError as exc:
             raise InferenceError("inference was stopped: the server is shutting down") from exc
 
@@ -909,6 +911,8 @@ class Upscaler:
         else:
             try:
                 y = self.batcher.run(key, item, forward)
+            except BatcherTimeoutError as exc:
+                raise InferenceError(f"inference timed out: {exc}") from exc
             except BatcherClosedError as exc:
                 raise InferenceError("inference was stopped: the server is shutting down") from exc
         run_h, run_w = (side, side) if padded else (h, w)
