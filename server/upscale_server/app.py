@@ -34,7 +34,6 @@ from upscale_server.observability.logs import set_node_name
 from upscale_server.observability.metrics import Metrics
 from upscale_server.outbound import OutboundClient, OutboundPolicy
 from upscale_server.protocol import GetResponseTask, ImageUploadTask, PingTask, UpscaleTask
-from upscale_server.sessions.local import LocalSessionStore
 from upscale_server.storage.sweeper import sweep_forever
 from upscale_server.tasks.dispatcher import TaskDispatcher
 from upscale_server.tasks.images import TaskImages
@@ -165,10 +164,9 @@ async def start_parts(
             sweep_forever([backends.images, backends.records], settings.sweep_interval_seconds, stop=stop_sweeping)
         )
         stack.push_async_callback(_stop_task, sweeper, stop_sweeping)
-    if isinstance(backends.sessions, LocalSessionStore):  # detached sessions expire even if no one reconnects
-        stop_expiring = asyncio.Event()
-        expirer = asyncio.create_task(backends.sessions.expire_forever(stop=stop_expiring))
-        stack.push_async_callback(_stop_task, expirer, stop_expiring)
+    for work in backends.background:
+        stop_work = asyncio.Event()
+        stack.push_async_callback(_stop_task, asyncio.create_task(work(stop_work)), stop_work)
     stack.push_async_callback(backends.jobs.drain, settings.shutdown_grace_seconds)  # the first thing a stop does
 
     context = ServerContext(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from upscale_server.config import Settings
 from upscale_server.errors import TaskInterruptedError, error_item
@@ -58,6 +59,8 @@ class Backends:
     bind_results: Callable[[FrameReader], None] = lambda _: None
     #: Seconds since the worker's last heartbeat in Redis (None: not a cluster worker, or none yet).
     heartbeat_age: Callable[[], float | None] = lambda: None
+    #: Periodic work the backends need while the app runs: each runs until its ``stop`` event is set.
+    background: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = ()
 
 
 async def open_backends(settings: Settings, *, consume: bool) -> Backends:
@@ -91,14 +94,17 @@ def open_local_backends(settings: Settings) -> Backends:
     async def close() -> None:
         db.close()
 
+    sessions = LocalSessionStore(
+        resume_seconds=settings.session_resume_seconds, buffer_bytes=settings.session_buffer_bytes
+    )
     return Backends(
         images=images,
         records=records,
         jobs=LocalJobQueue(records, capacity=settings.max_queue),
-        sessions=LocalSessionStore(
-            resume_seconds=settings.session_resume_seconds, buffer_bytes=settings.session_buffer_bytes
-        ),
+        sessions=sessions,
         close=close,
+        # Detached sessions expire even if no one reconnects.
+        background=(lambda stop: sessions.expire_forever(stop=stop),),
     )
 
 
