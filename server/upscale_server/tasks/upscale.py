@@ -25,8 +25,7 @@ from upscale_server.errors import (
     UploadFailedError,
 )
 from upscale_server.imaging import Picture
-from upscale_server.inference import InferenceService
-from upscale_server.inference.pipeline import UpscalePlan
+from upscale_server.inference import InferenceService, UpscalePlan
 from upscale_server.outbound import OutboundClient
 from upscale_server.protocol import (
     Outcome,
