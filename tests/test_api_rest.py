@@ -220,7 +220,7 @@ def test_tasks_of_one_array_fail_independently(client: TestClient) -> None:
     ("body", "status", "code"),
     [
         (b"{not json", 400, "invalidRequest"),
-        (b'{"taskType": "ping"}', 200, None),
+        (b'{"taskType": "ping"}', 400, "invalidRequest"),  # Runware takes arrays only
         (b"[]", 400, "invalidRequest"),
         (
             b'[{"taskType": "imageInference", "taskUUID": "0b8e6c87-7d7d-4c39-8f5a-2f4f0b8f7c11"}]',

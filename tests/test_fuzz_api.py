@@ -354,9 +354,7 @@ def parse_like_the_protocol(body: bytes) -> tuple[str | None, list[Any]]:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return "invalidRequest", []
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or not value:  # a lone task object included: Runware takes arrays only
         return "invalidRequest", []
     if len(value) > MAX_TASKS:
         return "tooManyTasks", []

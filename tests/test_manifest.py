@@ -48,6 +48,8 @@ def test_repo_manifest_lists_the_models_in_file_order(manifest: Manifest) -> Non
     assert default.arch_info == ArchInfo("RRDBNet", 4, {"num_block": 23, "num_feat": 64, "num_grow_ch": 32})
     assert default.files == ("RealESRGAN_x4plus.safetensors", "RealESRGAN_x4plus.pth")
     assert dict(default.native_scales) == {2: "local:realesrgan-x2plus@1"}
+    assert (default.upscale_factors, default.native_factors) == ((2, 4), (2, 4))  # its Runware schema: 2 or 4
+    assert manifest.get("local:realesr-animevideov3@1").upscale_factors is None
     assert default.url is not None and default.url.filename == "RealESRGAN_x4plus.pth"
     x2 = manifest.get("local:realesrgan-x2plus@1")
     assert x2.ncnn is None and x2.scale == 2
@@ -92,6 +94,8 @@ def test_parse_minimal_manifest() -> None:
         (('files = ["a.safetensors"]', 'files = ["../a.safetensors"]'), r"'a@1': 'files' must be bare"),
         (("https://example.org", "http://example.org"), r"'b@1' url: 'href' must be an https"),
         (('name = "A"\n', ""), r"'a@1': 'name' must be a non-empty string"),
+        (('name = "A"\n', 'name = "A"\nupscale_factors = [1]\n'), r"'a@1': 'upscale_factors' must be"),
+        (('name = "A"\n', 'name = "A"\nupscale_factors = []\n'), r"'a@1': 'upscale_factors' must be"),
     ],
 )
 def test_validation_names_the_entry(edit: tuple[str, str], message: str) -> None:

@@ -58,7 +58,8 @@ def compact(value: object) -> str:
 
 
 def upscale(**fields: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {"taskType": "imageUpscale", "taskUUID": TASK, "inputImage": INPUT}
+    """An ``imageUpscale`` task at factor 4; ``field=...`` leaves a field out."""
+    raw: dict[str, Any] = {"taskType": "imageUpscale", "taskUUID": TASK, "inputImage": INPUT, "upscaleFactor": 4}
     raw.update(fields)
     return {key: value for key, value in raw.items() if value is not ...}
 
@@ -267,7 +268,6 @@ def test_all_options() -> None:
             settings={"anything": 1},
             providerSettings={},
             safety={"checkContent": True},
-            targetMegapixels=4,
             numberResults=1,
         )
     )
@@ -292,9 +292,57 @@ def test_integral_floats_count_as_integers() -> None:
 
 
 def test_null_means_absent() -> None:
-    task = parse_task(upscale(upscaleFactor=None, outputFormat=None, webhookURL=None, model=None, inputs=None))
+    raw = upscale(taskType="upscale", upscaleFactor=None, outputFormat=None, webhookURL=None, model=None, inputs=None)
+    task = parse_task(raw)
     assert isinstance(task, UpscaleTask)
     assert (task.upscale_factor, task.output_format, task.webhook_url) == (4, "JPG", None)
+
+
+def test_image_upscale_requires_a_size() -> None:
+    """The seeds mark upscaleFactor required for imageUpscale; the model schema of ``upscale`` does not."""
+    for factor in (..., None):
+        exc = refused(upscale(upscaleFactor=factor))
+        assert (exc.code, exc.parameter, exc.allowed_values) == ("missingUpscaleFactor", "upscaleFactor", [2, 3, 4])
+        assert "targetMegapixels" in exc.message
+    task = parse_task(upscale(taskType="upscale", upscaleFactor=...))
+    assert isinstance(task, UpscaleTask)
+    assert (task.upscale_factor, task.target_megapixels) == (4, None)
+
+
+@pytest.mark.parametrize("task_type", ["imageUpscale", "upscale"])
+def test_target_megapixels_replaces_the_factor(task_type: str) -> None:
+    for sent, parsed in ((2, 2.0), (0.5, 0.5), (16.7, 16.7)):
+        task = parse_task(upscale(taskType=task_type, upscaleFactor=..., targetMegapixels=sent))
+        assert isinstance(task, UpscaleTask)
+        assert (task.upscale_factor, task.target_megapixels) == (None, parsed)
+        assert type(task.target_megapixels) is float
+
+
+@pytest.mark.parametrize("value", [0, -1, "2", True, [2], {"mp": 2}, 10**400], ids=repr)
+def test_target_megapixels_must_be_a_positive_number(value: object) -> None:
+    exc = refused(upscale(upscaleFactor=..., targetMegapixels=value))
+    assert (exc.code, exc.parameter, exc.type) == ("invalidTargetMegapixels", "targetMegapixels", "number")
+
+
+def test_a_factor_and_a_target_are_refused_together() -> None:
+    """Neither silently wins: they ask for two output sizes."""
+    exc = refused(upscale(upscaleFactor=2, targetMegapixels=4))
+    assert (exc.code, exc.parameter) == ("incompatibleParameters", "targetMegapixels")
+    assert "upscaleFactor" in exc.message
+
+
+@pytest.mark.parametrize("sent", [["URL"], ["base64data"], ["dataURI"]])
+def test_output_type_as_a_one_element_array(sent: list[str]) -> None:
+    task = parse_task(upscale(outputType=sent))
+    assert isinstance(task, UpscaleTask)
+    assert task.output_type == parse_task(upscale(outputType=sent[0])).output_type  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("sent", [[], ["URL", "dataURI"], [3], [["URL"]]])
+def test_output_type_arrays_hold_exactly_one_type(sent: list[object]) -> None:
+    exc = refused(upscale(outputType=sent))
+    assert (exc.code, exc.parameter) == ("invalidOutputType", "outputType")
+    assert exc.allowed_values == ["URL", "base64Data", "dataURI"]
 
 
 @pytest.mark.parametrize("uuid", [TASK, UUID7, TASK.upper(), "00000000-0000-0000-0000-000000000000"])
@@ -377,7 +425,7 @@ def test_unknown_fields_are_logged_at_debug_with_the_task_uuid(caplog: pytest.Lo
             "outputType",
             {"allowedValues": ["URL", "base64Data", "dataURI"], "type": "string"},
         ),
-        ({"outputType": ["URL"]}, "invalidOutputType", "outputType", {"type": "string"}),
+        ({"outputType": ["URL", "URL"]}, "invalidOutputType", "outputType", {"type": "string"}),
         (
             {"deliveryMethod": "later"},
             "invalidDeliveryMethod",
@@ -479,8 +527,13 @@ def test_task_identity() -> None:
 def test_request_bodies() -> None:
     assert parse_request_body(b'[{"taskType":"ping","ping":true}]') == [{"taskType": "ping", "ping": True}]
     assert parse_request_body('[{"a":1},2]') == [{"a": 1}, 2]  # elements are checked per task
-    # A lone object is wrapped: unambiguous, and kinder than an error for raw-API users.
-    assert parse_request_body(b'{"taskType":"ping"}') == [{"taskType": "ping"}]
+
+
+def test_a_lone_task_object_is_refused() -> None:
+    """Runware takes only arrays: an app that passed here with a bare object would fail there."""
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_request_body(b'{"taskType":"ping"}')
+    assert caught.value.code == "invalidRequest" and "array" in caught.value.message
 
 
 @pytest.mark.parametrize(

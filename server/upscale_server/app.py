@@ -42,7 +42,7 @@ from upscale_server.tasks.ping import handle_ping
 from upscale_server.tasks.poll import GetResponseHandler
 from upscale_server.tasks.results import RecordedResults
 from upscale_server.tasks.upload import UploadHandler
-from upscale_server.tasks.upscale import UpscaleHandler, UpscaleRunner
+from upscale_server.tasks.upscale import UpscaleChecks, UpscaleHandler, UpscaleRunner
 from upscale_server.web import routes as web
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ async def start_parts(
     lifecycle = TaskLifecycle(backends.records, webhooks, metrics)
     results = RecordedResults(backends.records, backends.images)
     backends.bind_results(results.frame)
+    upscale_checks = UpscaleChecks(inference, images, cost_per_megapixel=settings.cost_per_megapixel)
     if runs_jobs:
         runner = UpscaleRunner(lifecycle, inference, images, outbound, cost_per_megapixel=settings.cost_per_megapixel)
         backends.jobs.start(runner.execute, runner.give_up)
@@ -145,7 +146,7 @@ async def start_parts(
         {
             PingTask: handle_ping,
             ImageUploadTask: UploadHandler(lifecycle, images),
-            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound),
+            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound, checks=upscale_checks),
             GetResponseTask: GetResponseHandler(results),
         },
         metrics,

@@ -104,8 +104,12 @@ class MissingParameterError(UpscaleError):
     code = "missingParameter"
     http_status = 400
 
-    def __init__(self, message: str | None = None, *, parameter: str) -> None:
-        super().__init__(message or f"Missing required parameter '{parameter}'.", parameter=parameter)
+    def __init__(
+        self, message: str | None = None, *, parameter: str, allowed_values: Sequence[object] | None = None
+    ) -> None:
+        super().__init__(
+            message or f"Missing required parameter '{parameter}'.", parameter=parameter, allowed_values=allowed_values
+        )
         self.code = f"missing{_wire_suffix(parameter)}"
 
 

@@ -11,15 +11,19 @@ Runware parameter name, code and limits (``invalidUpscaleFactor``, ``min``/``max
 Decisions where Runware's documents and its SDKs leave room:
 
 * both ``imageUpscale`` and ``upscale``, image in ``inputImage`` or ``inputs.image`` (exactly one);
-* ``upscaleFactor`` defaults to 4: the seeds mark it required, but the model schema does not, and
-  SDKs send only what the caller set. Integral floats (``2.0``) are accepted because the ``runware``
-  SDK types the factor as ``float``; ``2.5``, ``"2"`` and booleans are refused;
+* the output size is asked for one way: ``upscaleFactor`` or ``targetMegapixels`` (sent by Runware's
+  ComfyUI nodes), never both (neither wins silently). ``imageUpscale`` requires one of them (the
+  seeds mark ``upscaleFactor`` required); ``upscale`` follows the model's schema, which does not, so
+  its factor defaults to 4. Integral floats (``2.0``) are accepted because the ``runware`` SDK types
+  the factor as ``float``; ``2.5``, ``"2"`` and booleans are refused. Which factors a model takes,
+  and which ``targetMegapixels`` an input can reach, is decided with the model and the image;
 * ``outputType``, ``outputFormat`` and ``deliveryMethod`` match case-insensitively and are normalised
-  (one doc page shows ``"jpg"``); ``JPEG`` means ``JPG``;
+  (one doc page shows ``"jpg"``); ``JPEG`` means ``JPG``. ``outputType`` may also be a one-element
+  array (``["URL"]``, the form imageInference takes); an upscale makes one output, so not more;
 * JSON ``null`` means "absent" for every field (JS callers forward ``null`` for unset options);
 * booleans must be JSON booleans, strings JSON strings: a client that sends ``"true"`` is wrong and
   is told so;
-* unknown keys are ignored (``settings``, ``providerSettings``, ``safety``, ``targetMegapixels``,
+* unknown keys are ignored (``settings``, ``providerSettings``, ``safety``,
   ``routing``, ``numberResults``...): the SDKs forward whatever the caller set. They are logged at
   debug level with the taskUUID, so a typo such as ``outputFromat`` can be found;
 * ``taskUUID`` must be a hyphenated UUID of any version (v4 and v7 both occur) and is echoed exactly
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias, TypeVar
@@ -150,7 +155,9 @@ class UpscaleTask:
     image: str = field(repr=False)
     image_parameter: ImageParameter
     model: str | None = None
-    upscale_factor: int = DEFAULT_UPSCALE_FACTOR
+    #: Exactly one of the two is set: the factor asked for, or the output size in megapixels.
+    upscale_factor: int | None = DEFAULT_UPSCALE_FACTOR
+    target_megapixels: float | None = None
     output_type: OutputType = "URL"
     output_format: ImageFormat = ImageFormat.JPG
     output_quality: int = OUTPUT_QUALITY.default
@@ -177,6 +184,7 @@ _KNOWN_FIELDS: dict[str, frozenset[str]] = {
             "inputs",
             "model",
             "upscaleFactor",
+            "targetMegapixels",
             "outputType",
             "outputFormat",
             "outputQuality",
@@ -298,6 +306,23 @@ def _choice_field(raw: Mapping[str, object], key: str, table: Mapping[str, _T], 
     raise InvalidParameterError(_invalid(key, rule, value), parameter=key, allowed_values=allowed, type="string")
 
 
+def _output_type(raw: Mapping[str, object]) -> OutputType:
+    """``outputType`` as a string, or as a one-element array of one (``["URL"]``)."""
+    value = _get(raw, "outputType")
+    if isinstance(value, list):
+        if len(value) != 1:
+            allowed = list(_OUTPUT_TYPES.values())
+            raise InvalidParameterError(
+                _invalid("outputType", "one of " + ", ".join(allowed) + ", or an array holding one of them", value)
+                + " An upscale makes one image, in one output type.",
+                parameter="outputType",
+                allowed_values=allowed,
+                type="string",
+            )
+        value = value[0]
+    return _choice_field({"outputType": value}, "outputType", _OUTPUT_TYPES, default="URL")
+
+
 def _output_format(raw: Mapping[str, object]) -> ImageFormat:
     """``outputFormat``: ``JPG``, ``PNG`` or ``WEBP`` in any case, ``JPEG`` meaning ``JPG``."""
     value = _get(raw, "outputFormat")
@@ -346,9 +371,10 @@ def task_identity(raw: object) -> tuple[str | None, str | None]:
 def parse_request_body(body: bytes | str, *, max_tasks: int | None = None) -> list[object]:
     """The task list of a REST body or WebSocket frame; elements are checked by :func:`parse_task`.
 
-    Runware requires an array, but a lone task object is wrapped into one: it is unambiguous, and a
-    raw-API user who forgets the brackets gets an answer instead of an error. Malformed JSON (NaN and
-    Infinity included), any other top-level value, and an empty array raise ``InvalidRequestError``.
+    Runware requires an array ("You must always POST an array of task objects"), and so does this
+    server: an app that sent a lone object here would work, then fail against Runware. Malformed JSON
+    (NaN and Infinity included), any other top-level value, and an empty array raise
+    ``InvalidRequestError``.
     Elements are not checked here, so that one bad task fails alone and the others still run.
     """
     try:
@@ -356,7 +382,9 @@ def parse_request_body(body: bytes | str, *, max_tasks: int | None = None) -> li
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8 and huge ints are ValueErrors
         raise InvalidRequestError("The request body is not valid JSON: send an array of task objects.") from exc
     if isinstance(parsed, dict):
-        return [parsed]
+        raise InvalidRequestError(
+            "The request body must be a JSON array of task objects, not a lone object: wrap the task in [ ]."
+        )
     if not isinstance(parsed, list):
         raise InvalidRequestError(f"The request body must be a JSON array of task objects, not {_json_type(parsed)}.")
     if not parsed:
@@ -448,10 +476,7 @@ def _parse_upscale(raw: Mapping[str, object], task_type: UpscaleTaskType) -> Ups
     task_uuid = _require_uuid(raw)
     image, image_parameter = _upscale_image(raw)
     model = _get(raw, "model")
-    factor = _get(raw, "upscaleFactor")
-    upscale_factor = DEFAULT_UPSCALE_FACTOR if factor is None else _integer(factor)
-    if upscale_factor is None or upscale_factor not in UPSCALE_FACTORS:
-        raise InvalidUpscaleFactorError(_invalid("upscaleFactor", "an integer: 2, 3 or 4", factor))
+    upscale_factor, target_megapixels = _output_size(raw, task_type)
     return UpscaleTask(
         task_type=task_type,
         task_uuid=task_uuid,
@@ -459,7 +484,8 @@ def _parse_upscale(raw: Mapping[str, object], task_type: UpscaleTaskType) -> Ups
         image_parameter=image_parameter,
         model=None if model is None else _string_field(model, "model"),
         upscale_factor=upscale_factor,
-        output_type=_choice_field(raw, "outputType", _OUTPUT_TYPES, default="URL"),
+        target_megapixels=target_megapixels,
+        output_type=_output_type(raw),
         output_format=_output_format(raw),
         output_quality=_integer_field(
             raw,
@@ -474,6 +500,55 @@ def _parse_upscale(raw: Mapping[str, object], task_type: UpscaleTaskType) -> Ups
         upload_endpoint=_url_field(raw, "uploadEndpoint"),
         ttl=_integer_field(raw, "ttl", default=None, min=TTL_MIN),
     )
+
+
+def _output_size(raw: Mapping[str, object], task_type: UpscaleTaskType) -> tuple[int | None, float | None]:
+    """``(upscaleFactor, targetMegapixels)``, exactly one of them set.
+
+    Only the form is checked here; whether the model takes the factor, and whether the target is
+    within reach for the input image, is checked by the upscale task with both in hand.
+    """
+    factor = _get(raw, "upscaleFactor")
+    target = _get(raw, "targetMegapixels")
+    if factor is not None and target is not None:
+        raise InvalidParameterError(
+            "Send either 'upscaleFactor' or 'targetMegapixels', not both: they ask for two output sizes.",
+            parameter="targetMegapixels",
+            code="incompatibleParameters",
+        )
+    if target is not None:
+        megapixels = _positive_number(target)
+        if megapixels is None:
+            raise InvalidParameterError(
+                _invalid("targetMegapixels", "a positive number of megapixels (output width x height / 1e6)", target),
+                parameter="targetMegapixels",
+                type="number",
+            )
+        return None, megapixels
+    if factor is None:
+        if task_type == "imageUpscale":
+            raise MissingParameterError(
+                "Missing required parameter 'upscaleFactor' (2, 3 or 4), or 'targetMegapixels' for an output "
+                "of that many megapixels.",
+                parameter="upscaleFactor",
+                allowed_values=UPSCALE_FACTORS,
+            )
+        return DEFAULT_UPSCALE_FACTOR, None
+    upscale_factor = _integer(factor)
+    if upscale_factor is None or upscale_factor not in UPSCALE_FACTORS:
+        raise InvalidUpscaleFactorError(_invalid("upscaleFactor", "an integer: 2, 3 or 4", factor))
+    return upscale_factor, None
+
+
+def _positive_number(value: object) -> float | None:
+    """``value`` as a finite float above 0 when it is a JSON number, else None (booleans are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a huge JSON integer
+        return None
+    return number if 0 < number < math.inf else None
 
 
 def _upscale_image(raw: Mapping[str, object]) -> tuple[str, ImageParameter]:
@@ -527,6 +602,16 @@ def envelope(data: Iterable[WireItem] = (), errors: Iterable[WireItem] = ()) -> 
 def ack_item(task_type: str, task_uuid: str) -> WireItem:
     """The immediate answer to an async task: echo only, nothing an SDK could take for a result."""
     return {"taskType": task_type, "taskUUID": task_uuid}
+
+
+def dry_run_item(task_type: str, task_uuid: str, cost: float | None = None) -> WireItem:
+    """The answer to a task in a dry run: the echo a real run would answer with, and ``cost`` when
+    ``includeCost`` was set (what the run would cost), but no image field and no UUID of an image: none
+    was made. Like an async ACK it carries nothing an SDK could take for a finished result."""
+    item: WireItem = {"taskType": task_type, "taskUUID": task_uuid}
+    if cost is not None:
+        item["cost"] = cost
+    return item
 
 
 def auth_item(session_uuid: str) -> WireItem:

@@ -53,6 +53,12 @@ class RunwareJSONResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
+def dry_run_requested(value: str | None) -> bool:
+    """Whether ``X-Runware-Dry-Run`` (REST) or ``dryRun`` (the WebSocket URL's query) asks for a dry run:
+    ``1`` or ``true`` (SDK-JS sends ``dryRun=1``); anything else, or nothing, is a real run."""
+    return value is not None and value.strip().lower() in ("1", "true")
+
+
 #: Bodies above this are parsed in a thread: json.loads of a 50 MB base64 image blocks for a while.
 LARGE_BODY = 1 << 20
 

@@ -1,4 +1,8 @@
-"""REST transport: ``POST /v1`` with a task array, and ``GET /image/<uuid>.<ext>`` for stored images."""
+"""REST transport: ``POST /v1`` with a task array, and ``GET /image/<uuid>.<ext>`` for stored images.
+
+``/v1/`` is the same route, answered directly: a redirect would turn some clients' POST into a GET.
+``X-Runware-Dry-Run: 1`` validates the tasks as a real run would and answers without running them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from upscale_server.api.context import RunwareJSONResponse, parse_tasks, server_context
+from upscale_server.api.context import RunwareJSONResponse, dry_run_requested, parse_tasks, server_context
 from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
 from upscale_server.protocol import Outcome, envelope
 from upscale_server.tasks.results import IMAGE_ROUTE
@@ -47,6 +51,7 @@ def bearer_key(request: Request) -> str | None:
 
 
 @router.post("/v1")
+@router.post("/v1/", include_in_schema=False)
 async def run_tasks(request: Request) -> Response:
     context = server_context(request)
     try:
@@ -61,7 +66,12 @@ async def run_tasks(request: Request) -> Response:
     async def collect(outcome: Outcome) -> None:
         outcomes.append(outcome)
 
-    await context.dispatcher.dispatch(raw_tasks, base_url=context.base_url(request), emit=collect)
+    await context.dispatcher.dispatch(
+        raw_tasks,
+        base_url=context.base_url(request),
+        emit=collect,
+        dry_run=dry_run_requested(request.headers.get("x-runware-dry-run")),
+    )
     data = [o.item for o in outcomes if o.item is not None]
     errors = [o.error for o in outcomes if o.error is not None]
     status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])

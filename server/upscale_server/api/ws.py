@@ -5,6 +5,9 @@ pings while upscales run. Results go to the connection's :class:`~upscale_server
 which keeps them while the client is away, so a reconnect with the same ``connectionSessionUUID``
 receives them. A frame carries either ``data`` or ``errors``, never both:
 the Python SDK ignores ``data`` in a frame that has ``errors``.
+
+``/v1/`` is the same endpoint. ``?dryRun=1`` on the URL (SDK-JS's ``dryRun`` option) makes every task
+of the connection a dry run: validated as a real run would be, answered, never run.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from upscale_server.api.context import LARGE_BODY, ServerContext, parse_tasks, server_context
+from upscale_server.api.context import LARGE_BODY, ServerContext, dry_run_requested, parse_tasks, server_context
 from upscale_server.errors import MissingApiKeyError, UpscaleError, error_item
 from upscale_server.protocol import Outcome, auth_item, envelope, pong_item, task_identity
 from upscale_server.sessions import Session
@@ -33,6 +36,7 @@ class Connection:
         self.socket = socket
         self.context = context
         self.session: Session | None = None
+        self.dry_run = dry_run_requested(socket.query_params.get("dryRun"))
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def send_text(self, text: str) -> None:
@@ -82,7 +86,11 @@ class Connection:
             return
         task = asyncio.create_task(
             self.context.dispatcher.dispatch(
-                raw_tasks, base_url=self.context.base_url(self.socket), emit=self.emit, session=self.session.uuid
+                raw_tasks,
+                base_url=self.context.base_url(self.socket),
+                emit=self.emit,
+                session=self.session.uuid,
+                dry_run=self.dry_run,
             )
         )
         self._tasks.add(task)
@@ -127,6 +135,7 @@ async def _frame_text(data: bytes) -> str:
 
 
 @router.websocket("/v1")
+@router.websocket("/v1/")
 async def websocket_endpoint(socket: WebSocket) -> None:
     await socket.accept()
     await Connection(socket, server_context(socket)).run()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from upscale_server.errors import InvalidUpscaleFactorError
+from upscale_server.errors import InvalidParameterError, InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
 from upscale_server.inference.engine.base import Progress
 from upscale_server.inference.registry import ModelRegistry
@@ -24,11 +24,11 @@ from upscale_server.vocabulary import UPSCALE_FACTORS
 class UpscalePlan:
     """What will run for one request: decided before any pixel is touched."""
 
-    factor: int
+    factor: int  # the factor the network is run at
     model: ModelSpec  # the network that runs (a native-scale sibling when one is ready)
     source_size: tuple[int, int]  # (width, height) of the picture as given
     input_size: tuple[int, int]  # fed to the network, after any shrink for the output cap
-    output_size: tuple[int, int]  # exactly factor x input_size
+    output_size: tuple[int, int]  # factor x input_size, or the size a megapixel target asked for
 
     @property
     def shrinks_input(self) -> bool:
@@ -56,19 +56,54 @@ class UpscalePipeline:
                 parameter="upscaleFactor",
             )
         spec = self.registry.spec(model_id)
-        chosen = spec
-        if spec.scale != factor and factor in spec.native_scales:
-            native = self.registry.spec(spec.native_scales[factor])
-            if self.registry.status(native).ready:
-                chosen = native
         in_w, in_h = fit_input_size(width, height, factor, self.registry.settings.max_output_side)
         return UpscalePlan(
             factor=factor,
-            model=chosen,
+            model=self._network_for(spec, factor),
             source_size=(width, height),
             input_size=(in_w, in_h),
             output_size=(in_w * factor, in_h * factor),
         )
+
+    def plan_target(self, width: int, height: int, megapixels: float, model_id: str | None = None) -> UpscalePlan:
+        """An output of ``megapixels`` million pixels, aspect ratio kept: the network at the smallest of
+        its native factors that reaches the target, then a Lanczos resize to the exact size.
+
+        Never shrinks the input the way :meth:`plan` does: a target beyond the model's largest factor or
+        the output side cap is an ``invalidTargetMegapixels`` error that states the reachable range."""
+        spec = self.registry.spec(model_id)
+        factors = spec.native_factors
+        max_side = self.registry.settings.max_output_side
+        limit = min(factors[-1], max_side / width, max_side / height)
+        scale = math.sqrt(megapixels * 1e6 / (width * height))
+        widest, tallest = math.floor(width * limit + 1e-9), math.floor(height * limit + 1e-9)
+        if scale > limit * (1 + 1e-9):
+            reachable = widest * tallest / 1e6
+            raise InvalidParameterError(
+                f"Invalid value for 'targetMegapixels' parameter: for this {width}x{height} input it must be "
+                f"above 0 and at most {reachable:g} (model {spec.id} upscales at most {factors[-1]}x, and an "
+                f"output side is at most {max_side} px); got {megapixels:g}.",
+                parameter="targetMegapixels",
+                max=reachable,
+                type="number",
+            )
+        factor = next(f for f in factors if f >= scale - 1e-9)
+        output = (max(1, min(round(width * scale), widest)), max(1, min(round(height * scale), tallest)))
+        return UpscalePlan(
+            factor=factor,
+            model=self._network_for(spec, factor),
+            source_size=(width, height),
+            input_size=(width, height),
+            output_size=output,
+        )
+
+    def _network_for(self, spec: ModelSpec, factor: int) -> ModelSpec:
+        """The model that runs ``factor`` for ``spec``: its native-scale sibling when one is ready."""
+        if spec.scale != factor and factor in spec.native_scales:
+            native = self.registry.spec(spec.native_scales[factor])
+            if self.registry.status(native).ready:
+                return native
+        return spec
 
     def run(self, picture: Picture, plan: UpscalePlan, *, progress: Progress | None = None) -> Picture:
         """Carry out a plan made by :meth:`plan` for this picture: exactly the plan's factor, gray stays

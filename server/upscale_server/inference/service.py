@@ -25,6 +25,7 @@ from upscale_server.inference.registry import ModelRegistry
 from upscale_server.inference.runtime.compute import ComputeConfig
 from upscale_server.inference.runtime.devices import bind_thread
 from upscale_server.inference.runtime.worker import InferenceWorker
+from upscale_server.vocabulary import UPSCALE_FACTORS
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ class InferenceService:
         """
         return self._registry.spec(model_id).id
 
+    def upscale_factors(self, model_id: str | None) -> tuple[int, ...]:
+        """The factors the ``upscale`` task takes with ``model_id`` (its schema's), else every factor made."""
+        return self._registry.spec(model_id).upscale_factors or UPSCALE_FACTORS
+
     def models(self) -> tuple[ModelInfo, ...]:
         return tuple(ModelInfo(spec.id, spec.name, spec.description) for spec in self._registry.manifest.models)
 
@@ -122,6 +127,10 @@ class InferenceService:
         """Decide what will run for a ``width`` x ``height`` picture. Blocking (it may look at weight
         files to pick a native-scale model): call it from a thread."""
         return self._pipeline.plan(width, height, factor, model_id)
+
+    def plan_target(self, width: int, height: int, megapixels: float, model_id: str | None) -> UpscalePlan:
+        """Like :meth:`plan`, for an output of ``megapixels`` million pixels (``targetMegapixels``)."""
+        return self._pipeline.plan_target(width, height, megapixels, model_id)
 
     def submit(self, picture: Picture, plan: UpscalePlan, *, label: str) -> Future[Picture]:
         """Queue ``plan`` on the worker; the future resolves with the upscaled picture or its error."""

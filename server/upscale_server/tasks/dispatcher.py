@@ -22,11 +22,13 @@ Emit = Callable[[Outcome], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """What a handler knows about the request a task came in: where its client reaches the server, and
-    the WebSocket session it came in (None for REST)."""
+    """What a handler knows about the request a task came in: where its client reaches the server, the
+    WebSocket session it came in (None for REST), and whether it is a dry run (validate and answer,
+    run and record nothing)."""
 
     base_url: str
     session: str | None = None
+    dry_run: bool = False
 
 
 class TaskHandler(Protocol):
@@ -43,11 +45,17 @@ class TaskDispatcher:
         self.metrics = metrics
 
     async def dispatch(
-        self, raw_tasks: Sequence[object], *, base_url: str, emit: Emit, session: str | None = None
+        self,
+        raw_tasks: Sequence[object],
+        *,
+        base_url: str,
+        emit: Emit,
+        session: str | None = None,
+        dry_run: bool = False,
     ) -> None:
         """Run every task of an array concurrently; each emits exactly one outcome (or has it delivered to
         its ``session`` by the job queue)."""
-        request = RequestContext(base_url, session)
+        request = RequestContext(base_url, session, dry_run)
         await asyncio.gather(*(self._run_one(raw, request, emit) for raw in raw_tasks))
 
     async def _run_one(self, raw: object, request: RequestContext, emit: Emit) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from upscale_server.protocol import ImageUploadTask, Outcome, WireItem, upload_item
+import asyncio
+
+from upscale_server.errors import ConflictTaskUUIDError
+from upscale_server.protocol import ImageUploadTask, Outcome, WireItem, dry_run_item, upload_item
 from upscale_server.tasks.dispatcher import Emit, RequestContext
 from upscale_server.tasks.images import TaskImages
 from upscale_server.tasks.lifecycle import TaskLifecycle
@@ -18,11 +21,23 @@ class UploadHandler:
         self.images = images
 
     async def __call__(self, task: ImageUploadTask, request: RequestContext, emit: Emit) -> None:
+        if request.dry_run:
+            await emit(Outcome(item=await self._rehearse(task)))
+            return
         await self.lifecycle.accept(task.task_type, task.task_uuid, "sync")
         outcome: Outcome = await self.lifecycle.execute(
             task.task_type, task.task_uuid, request.base_url, self._upload(task, request.base_url), webhook_url=None
         )
         await emit(outcome)
+
+    async def _rehearse(self, task: ImageUploadTask) -> WireItem:
+        """A dry run: the UUID is free and the image can be read, as a real upload would check; nothing
+        is claimed or stored."""
+        if await asyncio.to_thread(self.lifecycle.records.get, task.task_uuid) is not None:
+            raise ConflictTaskUUIDError.for_task(task.task_uuid)
+        data, _ = await self.images.input_bytes(task.image, "image")
+        await self.images.decode(data, "image")
+        return dry_run_item(task.task_type, task.task_uuid)
 
     async def _upload(self, task: ImageUploadTask, base_url: str) -> WireItem:
         data, _ = await self.images.input_bytes(task.image, "image")

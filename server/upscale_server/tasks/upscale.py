@@ -6,6 +6,10 @@ worker). :class:`UpscaleHandler` checks the destinations, enqueues an
 outcome (sync) or acknowledges at once (async). :class:`UpscaleRunner` is what runs a job: fetch
 and decode the input, plan, run the network on the inference worker, encode and store the output,
 upload it when asked, and record the result through the lifecycle.
+
+:class:`UpscaleChecks` holds what a run checks before the network runs (model, factor, input, size
+plan, price); a dry run (``X-Runware-Dry-Run: 1``, ``?dryRun=1``) goes through exactly those checks
+and answers without claiming the UUID, queueing, storing, uploading or notifying anything.
 """
 
 from __future__ import annotations
@@ -14,11 +18,24 @@ import asyncio
 from typing import Any
 
 from upscale_server.delivery import upload_output
-from upscale_server.errors import TaskCrashedWorkersError, UploadFailedError
+from upscale_server.errors import (
+    ConflictTaskUUIDError,
+    InvalidUpscaleFactorError,
+    TaskCrashedWorkersError,
+    UploadFailedError,
+)
 from upscale_server.imaging import Picture
-from upscale_server.inference import InferenceService
+from upscale_server.inference import InferenceService, UpscalePlan
 from upscale_server.outbound import OutboundClient
-from upscale_server.protocol import Outcome, UpscaleTask, WireItem, ack_item, image_output, upscale_item
+from upscale_server.protocol import (
+    Outcome,
+    UpscaleTask,
+    WireItem,
+    ack_item,
+    dry_run_item,
+    image_output,
+    upscale_item,
+)
 from upscale_server.queue import JobQueue, UpscaleJob
 from upscale_server.tasks.dispatcher import Emit, RequestContext
 from upscale_server.tasks.images import StoredOutput, TaskImages, store_output
@@ -26,13 +43,68 @@ from upscale_server.tasks.lifecycle import TaskLifecycle
 from upscale_server.tasks.results import RecordedResults, base64_text, data_uri, image_url
 
 
+class UpscaleChecks:
+    """What a run checks before the network runs, in the order it runs them; dry runs stop after them."""
+
+    def __init__(self, inference: InferenceService, images: TaskImages, *, cost_per_megapixel: float) -> None:
+        self.inference = inference
+        self.images = images
+        self.cost_per_megapixel = cost_per_megapixel
+
+    def check_model(self, task: UpscaleTask) -> None:
+        """The model exists and takes the factor (``upscale`` follows the model's schema). No I/O."""
+        model_id = self.inference.check_model(task.model)
+        if task.task_type != "upscale" or task.upscale_factor is None:
+            return
+        allowed = self.inference.upscale_factors(task.model)
+        if task.upscale_factor not in allowed:
+            raise InvalidUpscaleFactorError(
+                f"Invalid value for 'upscaleFactor' parameter. Model {model_id} takes "
+                f"{', '.join(map(str, allowed))}; got {task.upscale_factor}.",
+                min=allowed[0],
+                max=allowed[-1],
+                allowed_values=allowed,
+            )
+
+    async def plan(self, task: UpscaleTask, picture: Picture) -> UpscalePlan:
+        """The plan for ``picture``: by factor, or by ``targetMegapixels`` (refused when out of reach)."""
+        if task.target_megapixels is not None:
+            return await asyncio.to_thread(
+                self.inference.plan_target, picture.width, picture.height, task.target_megapixels, task.model
+            )
+        assert task.upscale_factor is not None  # the parser sets exactly one of the two
+        return await asyncio.to_thread(
+            self.inference.plan, picture.width, picture.height, task.upscale_factor, task.model
+        )
+
+    def cost(self, width: int, height: int) -> float:
+        return round(self.cost_per_megapixel * width * height / 1e6, 6) + 0.0
+
+    async def rehearse(self, task: UpscaleTask) -> WireItem:
+        """A dry run: every check of a real run up to the network (the input is fetched and decoded, as a
+        run would, so a missing or undecodable image fails here too); nothing is stored or sent."""
+        self.check_model(task)
+        data, _ = await self.images.input_bytes(task.image, task.image_parameter)
+        picture = await self.images.decode(data, task.image_parameter)
+        plan = await self.plan(task, picture)
+        return dry_run_item(task.task_type, task.task_uuid, self.cost(*plan.output_size) if task.include_cost else None)
+
+
 class UpscaleHandler:
     """The accepting half: nothing is acknowledged before the task is admitted and claimed."""
 
-    def __init__(self, jobs: JobQueue, results: RecordedResults, outbound: OutboundClient) -> None:
+    def __init__(
+        self,
+        jobs: JobQueue,
+        results: RecordedResults,
+        outbound: OutboundClient,
+        *,
+        checks: UpscaleChecks | None = None,
+    ) -> None:
         self.jobs = jobs
         self.results = results
         self.outbound = outbound
+        self.checks = checks
 
     async def __call__(self, task: UpscaleTask, request: RequestContext, emit: Emit) -> None:
         # A refused webhook or upload endpoint is refused before the UUID is used up.
@@ -40,6 +112,9 @@ class UpscaleHandler:
             await self.outbound.check_url(task.webhook_url, parameter="webhookURL")
         if task.upload_endpoint:
             await self.outbound.check_url(task.upload_endpoint, parameter="uploadEndpoint")
+        if request.dry_run:
+            await emit(Outcome(item=await self._rehearse(task)))
+            return
         done = await self.jobs.enqueue(UpscaleJob(task, request.base_url, request.session))
         if task.delivery_method == "async":
             await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
@@ -51,6 +126,14 @@ class UpscaleHandler:
                 return  # and delivered to the session already, on whichever node it is attached now
             outcome = await self.results.finished(task.task_uuid, request.base_url)
         await emit(outcome)
+
+    async def _rehearse(self, task: UpscaleTask) -> WireItem:
+        """A dry run: a taskUUID already used is refused as a real run would refuse it (without claiming)."""
+        if self.checks is None:
+            raise RuntimeError("dry runs need the upscale checks")  # a wiring bug: reported as internal
+        if await asyncio.to_thread(self.results.records.get, task.task_uuid) is not None:
+            raise ConflictTaskUUIDError.for_task(task.task_uuid)
+        return await self.checks.rehearse(task)
 
 
 class UpscaleRunner:
@@ -69,7 +152,7 @@ class UpscaleRunner:
         self.inference = inference
         self.images = images
         self.outbound = outbound
-        self.cost_per_megapixel = cost_per_megapixel
+        self.checks = UpscaleChecks(inference, images, cost_per_megapixel=cost_per_megapixel)
 
     async def execute(self, job: UpscaleJob) -> Outcome:
         """Run ``job`` and record its outcome (the job queue's executor); never raises."""
@@ -87,12 +170,10 @@ class UpscaleRunner:
 
     async def run(self, job: UpscaleJob) -> WireItem:
         task = job.task
-        self.inference.check_model(task.model)  # an unknown model fails before any I/O
+        self.checks.check_model(task)  # an unknown model or a factor it does not take fails before any I/O
         data, input_uuid = await self.images.input_bytes(task.image, task.image_parameter)
         picture = await self.images.decode(data, task.image_parameter)
-        plan = await asyncio.to_thread(
-            self.inference.plan, picture.width, picture.height, task.upscale_factor, task.model
-        )
+        plan = await self.checks.plan(task, picture)
         # An inline input is stored while the network runs: only the reply needs its UUID.
         storing = (
             None
@@ -115,7 +196,7 @@ class UpscaleRunner:
             except UploadFailedError as exc:
                 exc.message += f"; the result is kept as imageUUID {output.image.uuid} at {url}"
                 raise
-        cost = self.cost(*plan.output_size) if task.include_cost else None
+        cost = self.checks.cost(*plan.output_size) if task.include_cost else None
         return upscale_item(task.task_type, task.task_uuid, output.image.uuid, input_uuid, fields, cost)
 
     def _store_result(self, result: Picture, job: UpscaleJob) -> tuple[StoredOutput, str, WireItem]:
@@ -137,9 +218,6 @@ class UpscaleRunner:
         if task.output_type == "base64Data":
             return output, url, image_output("base64Data", base64_text(output.data))
         return output, url, image_output("dataURI", data_uri(output.image, output.data))
-
-    def cost(self, width: int, height: int) -> float:
-        return round(self.cost_per_megapixel * width * height / 1e6, 6) + 0.0
 
 
 async def _crashed() -> WireItem:

@@ -61,6 +61,14 @@ class ModelSpec:
     native_scales: Mapping[int, str] = field(hash=False)
     ncnn: NcnnSource | None
     url: UrlSource | None
+    #: The factors the ``upscale`` task takes with this model (its Runware schema's enum); None: every
+    #: factor the pipeline makes.
+    upscale_factors: tuple[int, ...] | None = None
+
+    @property
+    def native_factors(self) -> tuple[int, ...]:
+        """The factors a network makes without resizing: this model's scale and its native siblings'."""
+        return tuple(sorted({self.scale, *self.native_scales}))
 
     @property
     def arch_info(self) -> ArchInfo:
@@ -140,6 +148,13 @@ def _parse_model(entry: Mapping[str, Any], index: int) -> ModelSpec:
         if not str(factor).isdigit() or not isinstance(target, str):
             raise ValueError(f"{where}: native_scales must map integer factors to model ids")
         native[int(factor)] = target
+    factors = entry.get("upscale_factors")
+    if factors is not None and (
+        not isinstance(factors, list)
+        or not factors
+        or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 2 for f in factors)
+    ):
+        raise ValueError(f"{where}: 'upscale_factors' must be a non-empty list of integers of at least 2")
     ncnn = None
     if "ncnn" in entry:
         t = entry["ncnn"]
@@ -175,6 +190,7 @@ def _parse_model(entry: Mapping[str, Any], index: int) -> ModelSpec:
         native_scales=MappingProxyType(native),
         ncnn=ncnn,
         url=url,
+        upscale_factors=None if factors is None else tuple(sorted(set(factors))),
     )
 
 
