@@ -25,7 +25,7 @@ def parsed(body: bytes | str) -> Any:
     [
         [{"taskType": "imageUpload", "image": LONG}],
         [{"a": LONG, "b": [LONG + "x", {"c": LONG}], "d": 'q"\\', "e": "\\" * 3 + '"'}],
-        {"single": LONG, "unicode": "\u00e9\u2603"},
+        [{"single": LONG, "unicode": "\u00e9\u2603"}],
         [{"escaped": LONG[:100] + "\\/" * 40_000}],  # a long string with escapes: the plain path
         [{"accented": LONG + "\u00e9"}],  # non-ASCII in a long string: the plain path
         [{"key" * 30_000: 1}],  # a long key is not cut out
