@@ -145,7 +145,7 @@ async def start_parts(
         {
             PingTask: handle_ping,
             ImageUploadTask: UploadHandler(lifecycle, images),
-            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound),
+            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound, images, inference.check_model),
             GetResponseTask: GetResponseHandler(results),
         },
         metrics,

@@ -11,6 +11,7 @@ upload it when asked, and record the result through the lifecycle.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from upscale_server.delivery import upload_output
@@ -29,12 +30,26 @@ from upscale_server.tasks.results import RecordedResults, base64_text, data_uri,
 class UpscaleHandler:
     """The accepting half: nothing is acknowledged before the task is admitted and claimed."""
 
-    def __init__(self, jobs: JobQueue, results: RecordedResults, outbound: OutboundClient) -> None:
+    def __init__(
+        self,
+        jobs: JobQueue,
+        results: RecordedResults,
+        outbound: OutboundClient,
+        images: TaskImages,
+        check_model: Callable[[str | None], object],
+    ) -> None:
         self.jobs = jobs
         self.results = results
         self.outbound = outbound
+        self.images = images
+        self.check_model = check_model
 
     async def __call__(self, task: UpscaleTask, request: RequestContext, emit: Emit) -> None:
+        if task.delivery_method == "async":
+            # What can fail without the image is answered now, as a sync task would answer it; only
+            # the download, decoding and inference report through getResponse or the webhook.
+            self.check_model(task.model)
+            await self.images.check_input(task.image, task.image_parameter)
         # A refused webhook or upload endpoint is refused before the UUID is used up.
         if task.webhook_url:
             await self.outbound.check_url(task.webhook_url, parameter="webhookURL")
