@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,14 @@ def test_an_image_that_does_not_decode_reports_later_ws(client: TestClient) -> N
                 break
         error = frame["errors"][0]
         assert (error["code"], error["taskUUID"]) == ("invalidImage", task["taskUUID"])
+
+
+def test_task_errors_are_logged_with_code_message_and_uuid(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = async_task(model="runware:503@1")
+    with caplog.at_level(logging.INFO, logger="upscale_server.protocol"):
+        assert post(client, [task])[0] == 400
+    [record] = [r for r in caplog.records if task["taskUUID"] in r.getMessage()]
+    assert record.levelno == logging.INFO  # the default level (UPSCALE_LOG_LEVEL=info) shows it
+    assert "invalidModel" in record.getMessage() and "runware:503@1" in record.getMessage()
