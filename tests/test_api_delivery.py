@@ -84,13 +84,12 @@ def test_webhook_is_retried_until_delivered_without_delaying_the_reply(tmp_path:
 def test_webhook_receives_task_errors_too(tmp_path: Path, serve: Serve) -> None:
     receiver = serve({"/hook": ok()})
     with make_client(tmp_path, KEY, outbound_allow=["127.0.0.1"]) as client:
-        task = upscale_task(
-            "6b1d5bd8-0c7b-4bd4-9f93-7f7b07a6d6a1", webhookURL=receiver.url("/hook"), deliveryMethod="async"
-        )
+        # Base64 that decodes to bytes that are no image: only decoding finds that, after the acknowledgement.
+        task = upscale_task("bm90IGFuIGltYWdl", webhookURL=receiver.url("/hook"), deliveryMethod="async")
         assert client.post("/v1", json=[task], headers=AUTH).status_code == 200
         [delivery] = receiver.wait_for(1)
     error = json.loads(delivery.body)["errors"][0]
-    assert error["code"] == "imageNotFound" and error["taskUUID"] == task["taskUUID"]
+    assert error["code"] == "invalidImage" and error["taskUUID"] == task["taskUUID"]
 
 
 def test_upload_endpoint_gets_the_raw_file(tmp_path: Path, serve: Serve) -> None:

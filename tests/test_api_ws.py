@@ -53,12 +53,21 @@ def test_supplied_session_uuid_is_kept(client: TestClient) -> None:
         assert authenticate(ws, connectionSessionUUID=session)["data"][0]["connectionSessionUUID"] == session
 
 
-def test_wrong_key_and_tasks_before_auth(client: TestClient) -> None:
+def test_wrong_key_is_answered_with_errors_and_error_then_the_socket_closes(client: TestClient) -> None:
     with client.websocket_connect("/v1") as ws:
         send(ws, [{"taskType": "authentication", "apiKey": "wrong"}])
-        error = receive(ws)["errors"][0]
+        frame = json.loads(ws.receive_text())
+        assert set(frame) == {"errors", "error"}, frame
+        error = frame["errors"][0]
         assert error["code"] == "invalidApiKey" and error["taskType"] == "authentication"
         assert "taskUUID" not in error
+        assert frame["error"] == error  # the singular object the TypeScript SDK reads
+        closing = ws.receive()  # the server closes at once: no client waits for a timeout
+        assert closing == {"type": "websocket.close", "code": 1008, "reason": "invalidApiKey"}
+
+
+def test_tasks_before_auth(client: TestClient) -> None:
+    with client.websocket_connect("/v1") as ws:
         task = upscale_task("whatever")
         send(ws, [task])
         error = receive(ws)["errors"][0]

@@ -337,7 +337,13 @@ def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(
             return Outcome(item={"taskUUID": job.task.task_uuid})
 
         queue.start(execute, execute)
-        handler = UpscaleHandler(queue, RecordedResults(records, images=None), outbound=None)  # type: ignore[arg-type]
+        handler = UpscaleHandler(
+            queue,
+            RecordedResults(records, images=None),  # type: ignore[arg-type]
+            outbound=None,  # type: ignore[arg-type]
+            images=None,  # type: ignore[arg-type]
+            check_model=lambda model: model,
+        )
         emitted: list[Outcome] = []
 
         async def emit(outcome: Outcome) -> None:

@@ -146,7 +146,7 @@ async def start_parts(
         {
             PingTask: handle_ping,
             ImageUploadTask: UploadHandler(lifecycle, images),
-            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound, checks=upscale_checks),
+            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound, upscale_checks),
             GetResponseTask: GetResponseHandler(results),
         },
         metrics,

@@ -208,9 +208,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
+        # One line, without the usage: most settings come from UPSCALE_* variables, not from the command line.
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise CliError(f"invalid setting {where}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        variable = f"UPSCALE_{str(first['loc'][0]).upper()}"
+        raise UnusableSettingError(f"invalid setting {where} ({variable}): {message}") from None
 
 
 # --------------------------------------------------------------------------------------------- upscale
@@ -400,5 +403,13 @@ def run_models(args: argparse.Namespace, settings: Settings) -> int:
     for spec in manifest.models:
         status = store.status(spec)
         table.add_row(spec.id, spec.name, spec.arch, f"x{spec.scale}", "yes" if status.ready else "no", status.detail)
-    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    if settings.model_aliases:
+        aliases = Table(title="aliases (UPSCALE_MODEL_ALIASES): requests for these ids run the local model")
+        aliases.add_column("requested id", no_wrap=True)
+        aliases.add_column("runs", no_wrap=True)
+        for alias, target in settings.model_aliases.items():
+            aliases.add_row(alias, target)
+        console.print(aliases)
     return 1 if failures else 0

@@ -6,11 +6,11 @@ Entry points build a :class:`Settings` and pass it down; nothing reads the envir
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import platformdirs
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from upscale_server.vocabulary import usable_cores
 
@@ -53,6 +53,14 @@ class Settings(BaseSettings):
         description="Allow fetching official weights from their release URLs when no offline source exists.",
     )
     default_model: str = Field(default="runware:504@1", description="Model used when a request names none.")
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Model ids this server answers with one of its own models, as comma-separated "
+        "`requested=local` pairs, e.g. `runware:500@1=runware:504@1,runware:501@1=local:realesr-animevideov3@1`. "
+        "Off by default: Runware's other upscalers get `invalidModel` listing the models this server has. An "
+        "alias is the operator's choice of a stand-in (the output is the local model's, not Runware's); each "
+        "target must be a model of this server (`upscale-server models` lists both).",
+    )
     device: Device = Field(
         default="auto",
         description="Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
@@ -324,12 +332,46 @@ class Settings(BaseSettings):
         OutboundPolicy.parse(value)  # ValueError naming the bad entry
         return value
 
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _parse_model_aliases(cls, value: object) -> object:
+        """``a=b,c=d`` (the environment variable's form) into a mapping; a mapping passes through."""
+        return parse_model_aliases(value) if isinstance(value, str) else value
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _check_model_aliases(cls, value: dict[str, str]) -> dict[str, str]:
+        from upscale_server.inference.weights.manifest import load_manifest
+
+        known = load_manifest().ids()
+        for alias, target in value.items():
+            if not alias.strip() or not target.strip():
+                raise ValueError(f"alias {alias!r}={target!r} needs a model id on both sides of '='")
+            if alias in known:
+                raise ValueError(f"{alias} is a model of this server already; it cannot be an alias")
+            if target not in known:
+                raise ValueError(f"alias {alias} names unknown model {target!r} (known: {', '.join(known)})")
+        return value
+
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser().resolve()
 
     def resolved_encode_workers(self) -> int:
         """``encode_workers``, with 0 meaning one per CPU core this process may use."""
         return self.encode_workers or usable_cores()
+
+
+def parse_model_aliases(text: str) -> dict[str, str]:
+    """``runware:500@1=runware:504@1,...`` as a mapping; ValueError naming a malformed or repeated entry."""
+    aliases: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        alias, equals, target = (part.strip() for part in entry.partition("="))
+        if not equals or not alias or not target or "=" in target:
+            raise ValueError(f"malformed entry {entry!r}: write requested=local, e.g. runware:500@1=runware:504@1")
+        if alias in aliases:
+            raise ValueError(f"{alias} is aliased twice")
+        aliases[alias] = target
+    return aliases
 
 
 def settings_reference() -> str:
@@ -354,7 +396,7 @@ def settings_reference() -> str:
             shown = "`models/` in a checkout, else the per-user data folder (`~/.local/share/upscale-server/models`)"
         elif isinstance(default, bool):
             shown = f"`{str(default).lower()}`"
-        elif default is None:
+        elif default is None or default == {}:
             shown = "unset"
         else:
             shown = f"`{default}`"

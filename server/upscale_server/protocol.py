@@ -693,5 +693,17 @@ class Outcome:
 
     @classmethod
     def failed(cls, exc: BaseException, task_type: str | None, task_uuid: str | None) -> Outcome:
-        """The outcome of a failed task; unexpected exceptions are logged (with traceback) by ``error_item``."""
-        return cls(error=error_item(exc, task_type=task_type, task_uuid=task_uuid), status=http_status_of(exc))
+        """The outcome of a failed task, logged: unexpected exceptions with their traceback (by
+        ``error_item``), every task error with its code, message and taskUUID, at INFO for the client's
+        mistakes (4xx) and WARNING for the server's (5xx), both seen at the default level."""
+        item = error_item(exc, task_type=task_type, task_uuid=task_uuid)
+        status = http_status_of(exc)
+        log.log(
+            logging.WARNING if status >= 500 else logging.INFO,
+            "task %s %s failed: %s: %s",
+            task_type or "-",
+            task_uuid or "-",
+            item["code"],
+            item["message"],
+        )
+        return cls(error=item, status=status)

@@ -4,7 +4,8 @@ Each incoming frame is dispatched in its own asyncio task, so the receive loop k
 pings while upscales run. Results go to the connection's :class:`~upscale_server.sessions.Session`,
 which keeps them while the client is away, so a reconnect with the same ``connectionSessionUUID``
 receives them. A frame carries either ``data`` or ``errors``, never both:
-the Python SDK ignores ``data`` in a frame that has ``errors``.
+the Python SDK ignores ``data`` in a frame that has ``errors``. A failed authentication also carries
+a singular ``error`` and closes the socket.
 
 ``/v1/`` is the same endpoint. ``?dryRun=1`` on the URL (SDK-JS's ``dryRun`` option) makes every task
 of the connection a dry run: validated as a real run would be, answered, never run.
@@ -37,6 +38,8 @@ class Connection:
         self.context = context
         self.session: Session | None = None
         self.dry_run = dry_run_requested(socket.query_params.get("dryRun"))
+        #: Set when the server closed the socket (a failed authentication): the receive loop ends.
+        self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def send_text(self, text: str) -> None:
@@ -61,6 +64,8 @@ class Connection:
                 if text is None and message.get("bytes") is not None:
                     text = await _frame_text(message["bytes"])
                 await self.handle_frame(text or "")
+                if self.closed:
+                    break
         except WebSocketDisconnect:
             pass
         finally:
@@ -105,13 +110,27 @@ class Connection:
                 await self.session.detach(self.send_text)
             session = await self.context.sessions.open(task.connection_session_uuid)
         except UpscaleError as exc:
-            await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
+            await self.refuse_authentication(exc)
             return None
         await self.reply(envelope(data=[auth_item(session.uuid)]))
         self.session = session
         # Flushes results that finished while the client was away.
         await session.attach(self.send_text, self.context.base_url(self.socket))
         return rest
+
+    async def refuse_authentication(self, exc: UpscaleError) -> None:
+        """Answer a failed authentication, then close the socket, so every client learns of it at once.
+
+        The frame carries the ``errors`` array the SDKs read and, beside it, the same item as a singular
+        ``error`` object (older Runware answers carried one, and the newer TypeScript SDK recognises an
+        auth failure only by it: without it, it waits for its authentication timeout). The close (1008,
+        policy violation, for a refused key) ends the wait of a client that reads neither."""
+        item = error_item(exc, task_type="authentication", task_uuid=None)
+        log.info("WebSocket authentication refused: %s: %s", exc.code, exc.message)
+        await self.reply({**envelope(errors=[item]), "error": item})
+        self.closed = True
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await self.socket.close(code=1008 if exc.http_status == 401 else 1011, reason=exc.code)
 
     async def refuse_unauthenticated(self, raw_tasks: list[object]) -> None:
         """Before authentication only pings are answered; every other task is refused under its own id."""

@@ -68,8 +68,9 @@ class ModelRegistry:
             self.batcher.close()
 
     def spec(self, model_id: str | None) -> ModelSpec:
-        """The manifest entry for ``model_id`` (the default model when None); InvalidModelError if unknown."""
-        return self.manifest.get(model_id or self.settings.default_model)
+        """The manifest entry for ``model_id`` (the default model when None), or for the model it is an
+        alias of (``model_aliases``); InvalidModelError if unknown."""
+        return self.manifest.get(model_id or self.settings.default_model, self.settings.model_aliases)
 
     def status(self, spec: ModelSpec) -> WeightStatus:
         """Whether ``spec`` can run now. The resize engine runs every model without weights: always ready."""

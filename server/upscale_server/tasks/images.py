@@ -20,8 +20,8 @@ from upscale_server.errors import ImageNotFoundError, ImageTooLargeError, Invali
 from upscale_server.imaging import Picture, decode_image, encode_image, resize_pixels
 from upscale_server.outbound import OutboundClient
 from upscale_server.storage import ImageStorage, StoredImage
-from upscale_server.tasks.inputs import Base64Ref, DataUriRef, UrlRef, UuidRef, classify_image_input
-from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat
+from upscale_server.tasks.inputs import Base64Ref, DataUriRef, ImageRef, UrlRef, UuidRef, classify_image_input
+from upscale_server.vocabulary import OUTPUT_QUALITY, ImageFormat, is_uuid
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -74,6 +74,23 @@ class TaskImages:
             return await self.outbound.get_bytes(ref.url, max_bytes=self.max_fetch_bytes, parameter=parameter), None
         assert isinstance(ref, DataUriRef | Base64Ref)
         return ref.data, None
+
+    async def check_input(self, value: str, parameter: str) -> None:
+        """Refuse an image input now if it can already be seen to fail, without fetching or decoding it:
+        a malformed value, a stored UUID that does not exist, a URL the outbound policy refuses. An
+        async task calls this before its acknowledgement; only what needs the image itself fails later."""
+        if is_uuid(value.strip()):  # a reference: no payload to decode
+            ref: ImageRef = classify_image_input(value, parameter=parameter)
+        else:  # inline base64 can be megabytes: validated in the codec pool, off the event loop
+            ref = await self.in_codecs(classify_image_input, value, parameter=parameter)
+        if isinstance(ref, UuidRef):
+            stored = await asyncio.to_thread(self.storage.get, ref.uuid, touch=False)
+            if stored is None:
+                raise ImageNotFoundError(
+                    f"no stored image with UUID {ref.uuid} (never uploaded, or expired)", parameter=parameter
+                )
+        elif isinstance(ref, UrlRef):
+            await self.outbound.check_url(ref.url, parameter=parameter)
 
     async def decode(self, data: bytes, parameter: str) -> Picture:
         return await self.in_codecs(decode_input, data, max_pixels=self.max_input_pixels, parameter=parameter)

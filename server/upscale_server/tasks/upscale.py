@@ -98,8 +98,7 @@ class UpscaleHandler:
         jobs: JobQueue,
         results: RecordedResults,
         outbound: OutboundClient,
-        *,
-        checks: UpscaleChecks | None = None,
+        checks: UpscaleChecks,
     ) -> None:
         self.jobs = jobs
         self.results = results
@@ -107,6 +106,11 @@ class UpscaleHandler:
         self.checks = checks
 
     async def __call__(self, task: UpscaleTask, request: RequestContext, emit: Emit) -> None:
+        if task.delivery_method == "async":
+            # What can fail without the image is answered now, as a sync task would answer it; only
+            # the download, decoding and inference report through getResponse or the webhook.
+            self.checks.check_model(task)
+            await self.checks.images.check_input(task.image, task.image_parameter)
         # A refused webhook or upload endpoint is refused before the UUID is used up.
         if task.webhook_url:
             await self.outbound.check_url(task.webhook_url, parameter="webhookURL")
@@ -129,8 +133,6 @@ class UpscaleHandler:
 
     async def _rehearse(self, task: UpscaleTask) -> WireItem:
         """A dry run: a taskUUID already used is refused as a real run would refuse it (without claiming)."""
-        if self.checks is None:
-            raise RuntimeError("dry runs need the upscale checks")  # a wiring bug: reported as internal
         if await asyncio.to_thread(self.results.records.get, task.task_uuid) is not None:
             raise ConflictTaskUUIDError.for_task(task.task_uuid)
         return await self.checks.rehearse(task)

@@ -86,12 +86,21 @@ class Manifest:
     def ids(self) -> tuple[str, ...]:
         return tuple(m.id for m in self.models)
 
-    def get(self, model_id: str) -> ModelSpec:
-        """The spec for ``model_id``; unknown ids raise InvalidModelError listing the known ones."""
+    def get(self, model_id: str, aliases: Mapping[str, str] | None = None) -> ModelSpec:
+        """The spec for ``model_id``, or for the model it is an alias of (``aliases``: the operator's
+        ``model_aliases``); an unknown id raises InvalidModelError whose ``allowedValues`` are the
+        accepted ids (the models, then the aliases)."""
+        aliases = aliases or {}
+        wanted = aliases.get(model_id, model_id)
         for spec in self.models:
-            if spec.id == model_id:
+            if spec.id == wanted:
                 return spec
-        raise InvalidModelError(f"unknown model {model_id!r}; known models: {', '.join(self.ids())}", parameter="model")
+        accepted = [*self.ids(), *aliases]
+        raise InvalidModelError(
+            f"model {model_id!r} is not available on this server; use one of: {', '.join(accepted)}",
+            parameter="model",
+            allowed_values=accepted,
+        )
 
 
 def _str(entry: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> str:
