@@ -341,8 +341,7 @@ def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(
             queue,
             RecordedResults(records, images=None),  # type: ignore[arg-type]
             outbound=None,  # type: ignore[arg-type]
-            images=None,  # type: ignore[arg-type]
-            check_model=lambda model: model,
+            checks=None,  # type: ignore[arg-type]  # a sync task checks nothing before it is queued
         )
         emitted: list[Outcome] = []
 

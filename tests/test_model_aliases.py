@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from tests.api_helpers import api_client, data_uri, encode, photo_crop, resize_settings, upscale_task
-from upscale_server.config import Settings, parse_model_aliases
+from upscale_server.app import create_app
+from upscale_server.config import Settings, UnusableSettingError, parse_model_aliases
 
 KEY = "alias-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -82,8 +83,6 @@ def test_the_setting_parses_pairs_and_is_off_by_default() -> None:
         ("=runware:504@1", "malformed entry"),
         ("runware:500@1=runware:504@1=x", "malformed entry"),
         ("runware:500@1=runware:504@1,runware:500@1=runware:504@1", "aliased twice"),
-        ("runware:500@1=runware:999@1", "unknown model 'runware:999@1'"),
-        ("runware:504@1=local:realesrgan-x2plus@1", "a model of this server already"),
     ],
 )
 def test_bad_aliases_are_refused(value: str, fragment: str) -> None:
@@ -91,6 +90,21 @@ def test_bad_aliases_are_refused(value: str, fragment: str) -> None:
         env.setenv("UPSCALE_MODEL_ALIASES", value)
         with pytest.raises(ValidationError, match=fragment):
             Settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("runware:500@1=runware:999@1", "unknown model 'runware:999@1'"),
+        ("runware:504@1=local:realesrgan-x2plus@1", "a model of this server already"),
+    ],
+)
+def test_aliases_the_manifest_cannot_honour_stop_the_app(value: str, fragment: str) -> None:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("UPSCALE_MODEL_ALIASES", value)
+        settings = Settings()  # the form is right; the manifest is asked when the app is built
+    with pytest.raises(UnusableSettingError, match=fragment):
+        create_app(settings)
 
 
 def run_cli(*args: str | Path, aliases: str) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ from upscale_server.api.context import ServerContext
 from upscale_server.backends import open_backends
 from upscale_server.config import Settings, UnusableSettingError
 from upscale_server.delivery import WebhookSender
-from upscale_server.inference import ComputeConfig, InferenceService
+from upscale_server.inference import ComputeConfig, InferenceService, check_model_aliases
 from upscale_server.observability import health
 from upscale_server.observability.health import HealthSource
 from upscale_server.observability.logs import set_node_name
@@ -66,6 +66,7 @@ def create_app(settings: Settings, role: Role = "all") -> FastAPI:
     if settings.redis_url and not settings.s3_bucket:
         raise UnusableSettingError("cluster mode (UPSCALE_REDIS_URL) needs UPSCALE_S3_BUCKET, the bucket for images")
     compute = ComputeConfig.from_settings(settings)
+    check_model_aliases(settings.model_aliases)
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
 
     @contextlib.asynccontextmanager

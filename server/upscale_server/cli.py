@@ -206,7 +206,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "allow_download", False) or getattr(args, "download", False):
         overrides["allow_download"] = True
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         # One line, without the usage: most settings come from UPSCALE_* variables, not from the command line.
         first = exc.errors()[0]
@@ -214,6 +214,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         message = str(first["msg"]).removeprefix("Value error, ")
         variable = f"UPSCALE_{str(first['loc'][0]).upper()}"
         raise UnusableSettingError(f"invalid setting {where} ({variable}): {message}") from None
+    if settings.model_aliases:
+        from upscale_server.inference import check_model_aliases
+
+        check_model_aliases(settings.model_aliases)
+    return settings
 
 
 # --------------------------------------------------------------------------------------------- upscale

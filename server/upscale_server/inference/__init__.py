@@ -16,6 +16,7 @@ from upscale_server.inference.engine.base import Progress
 from upscale_server.inference.pipeline import UpscalePlan
 from upscale_server.inference.runtime.compute import ComputeConfig, tune_process
 from upscale_server.inference.service import InferenceObserver, InferenceService, ModelInfo
+from upscale_server.inference.weights.manifest import check_model_aliases
 
 __all__ = [
     "ComputeConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "Progress",
     "UpscalePlan",
+    "check_model_aliases",
     "doctor_report",
     "tune_process",
 ]

@@ -237,3 +237,22 @@ def load_manifest(path: Path | None = None) -> Manifest:
         return parse_manifest(path.read_text(encoding="utf-8"), source=str(path))
     packaged = importlib.resources.files(__package__ or __name__).joinpath(MANIFEST_NAME)
     return parse_manifest(packaged.read_text(encoding="utf-8"), source=str(packaged))
+
+
+def check_model_aliases(settings_aliases: Mapping[str, str], manifest: Manifest | None = None) -> None:
+    """UnusableSettingError (start-up, one line) when an alias is a model of this server already or
+    names one it does not have."""
+    from upscale_server.config import UnusableSettingError
+
+    known = (manifest or load_manifest()).ids()
+    for alias, target in settings_aliases.items():
+        if alias in known:
+            raise UnusableSettingError(
+                f"invalid setting model_aliases (UPSCALE_MODEL_ALIASES): {alias} is a model of this server already; "
+                "it cannot be an alias"
+            )
+        if target not in known:
+            raise UnusableSettingError(
+                f"invalid setting model_aliases (UPSCALE_MODEL_ALIASES): alias {alias} names unknown model "
+                f"{target!r} (known: {', '.join(known)})"
+            )
