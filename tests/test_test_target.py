@@ -271,6 +271,18 @@ def test_official_sdk_over_rest(upscale_server: UpscaleTestServer, tmp_path: Pat
         "steps": [
             {"name": "up", "op": "image_upload", "args": {"image": source}},
             {
+                "name": "x2",
+                "op": "run",
+                "args": {
+                    "taskType": "upscale",
+                    "model": "runware:504@1",
+                    "inputs": {"image": "${up.imageUUID}"},
+                    "upscaleFactor": 2,
+                    "outputType": "base64Data",
+                    "outputFormat": "PNG",
+                },
+            },
+            {  # the model's schema takes 2 or 4 for the `upscale` task, as Runware's does
                 "name": "x3",
                 "op": "run",
                 "args": {
@@ -278,8 +290,6 @@ def test_official_sdk_over_rest(upscale_server: UpscaleTestServer, tmp_path: Pat
                     "model": "runware:504@1",
                     "inputs": {"image": "${up.imageUUID}"},
                     "upscaleFactor": 3,
-                    "outputType": "base64Data",
-                    "outputFormat": "PNG",
                 },
             },
             {
@@ -301,9 +311,10 @@ def test_official_sdk_over_rest(upscale_server: UpscaleTestServer, tmp_path: Pat
     assert process.returncode == 0, process.stderr[-3000:]
     steps = json.loads(process.stdout)["steps"]
     assert steps["up"]["ok"], steps["up"]
-    assert steps["x3"]["ok"], steps["x3"]
-    out = open_image(base64.b64decode(steps["x3"]["result"][0]["imageBase64Data"]))
-    assert out.size == (72, 48)
+    assert steps["x2"]["ok"], steps["x2"]
+    out = open_image(base64.b64decode(steps["x2"]["result"][0]["imageBase64Data"]))
+    assert out.size == (48, 32)
+    assert not steps["x3"]["ok"] and steps["x3"]["error"]["parameter"] == "upscaleFactor", steps["x3"]
     assert not steps["bad"]["ok"]
     assert steps["bad"]["error"]["parameter"] == "model"
 

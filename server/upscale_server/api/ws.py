@@ -5,7 +5,7 @@ pings while upscales run. Results go to the connection's :class:`~upscale_server
 which keeps them while the client is away, so a reconnect with the same ``connectionSessionUUID``
 receives them. A frame carries either ``data`` or ``errors``, never both:
 the Python SDK ignores ``data`` in a frame that has ``errors``. A failed authentication also carries
-a singular ``error`` and closes the socket.
+a singular ``error``.
 
 ``/v1/`` is the same endpoint. ``?dryRun=1`` on the URL (SDK-JS's ``dryRun`` option) makes every task
 of the connection a dry run: validated as a real run would be, answered, never run.
@@ -38,8 +38,6 @@ class Connection:
         self.context = context
         self.session: Session | None = None
         self.dry_run = dry_run_requested(socket.query_params.get("dryRun"))
-        #: Set when the server closed the socket (a failed authentication): the receive loop ends.
-        self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def send_text(self, text: str) -> None:
@@ -64,8 +62,6 @@ class Connection:
                 if text is None and message.get("bytes") is not None:
                     text = await _frame_text(message["bytes"])
                 await self.handle_frame(text or "")
-                if self.closed:
-                    break
         except WebSocketDisconnect:
             pass
         finally:
@@ -119,18 +115,16 @@ class Connection:
         return rest
 
     async def refuse_authentication(self, exc: UpscaleError) -> None:
-        """Answer a failed authentication, then close the socket, so every client learns of it at once.
+        """Answer a failed authentication so that every client learns of it at once.
 
         The frame carries the ``errors`` array the SDKs read and, beside it, the same item as a singular
         ``error`` object (older Runware answers carried one, and the newer TypeScript SDK recognises an
-        auth failure only by it: without it, it waits for its authentication timeout). The close (1008,
-        policy violation, for a refused key) ends the wait of a client that reads neither."""
+        auth failure only by it: without it, it waits for its authentication timeout). The socket stays
+        open, as before: the Python ``runware`` SDK reports the refusal on its next call, and a socket
+        closed under it makes that call hang instead (measured with runware 0.5.24)."""
         item = error_item(exc, task_type="authentication", task_uuid=None)
         log.info("WebSocket authentication refused: %s: %s", exc.code, exc.message)
         await self.reply({**envelope(errors=[item]), "error": item})
-        self.closed = True
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            await self.socket.close(code=1008 if exc.http_status == 401 else 1011, reason=exc.code)
 
     async def refuse_unauthenticated(self, raw_tasks: list[object]) -> None:
         """Before authentication only pings are answered; every other task is refused under its own id."""
