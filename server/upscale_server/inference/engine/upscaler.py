@@ -38,7 +38,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Final, Protocol, get_args
+from typing import Final, Protocol, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -83,6 +83,7 @@ from upscale_server.inference.runtime.batching import BatcherClosedError, Batche
 from upscale_server.inference.runtime.devices import free_memory_bytes
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Smallest tile (input pixels per side, without context) the out-of-memory back-off goes down to.
 MIN_TILE: Final = 32
@@ -393,31 +394,14 @@ class Upscaler:
         if self._device_pipeline:
             return self._upscale_on_device(image, (out_w, out_h), progress, quantize_8bit)
         padded = self._pad_to_multiple(image)
-        # Per-window resizing needs every window edge on the target grid, no padding to crop away, and
-        # room in the context for the filter beyond the blend band.
-        target = out_w // width
-        per_window = (
-            (out_w, out_h) == (width * target, height * target)
-            and padded is image
-            and self.feather + self._resize_margin(target) <= self.tile_overlap
+        target = self._window_target(image, padded, (out_w, out_h))
+        quantize = quantize_8bit and (out_w, out_h) == native
+        out = self._shrinking_on_oom(
+            lambda tile: self._run(padded, tile, progress, target, quantize),
+            min(self.tile_size_for(*padded.shape[:2]), max(padded.shape[:2])),
+            lambda tile: tile // 2 if tile // 2 >= MIN_TILE else None,
+            "tiles",
         )
-        if not per_window:
-            target = self.scale
-        tile = min(self.tile_size_for(*padded.shape[:2]), max(padded.shape[:2]))
-        while True:
-            try:
-                out = self._run(padded, tile, progress, target, quantize_8bit and (out_w, out_h) == native)
-                break
-            except _OutOfMemoryError as exc:
-                self._release_memory()
-                smaller = tile // 2
-                if smaller < MIN_TILE:
-                    raise InferenceError(
-                        f"out of memory on {self.device} even with {tile}px tiles; free memory on the "
-                        "device or use a smaller image"
-                    ) from (exc.__cause__ or exc)
-                logger.warning("out of memory on %s with %dpx tiles; retrying with %dpx", self.device, tile, smaller)
-                tile = smaller
         out = out[: height * target, : width * target]
         if out.dtype == np.uint8:
             # The floats an 8-bit decoder produces: each quantises back to the same k.
@@ -429,6 +413,41 @@ class Upscaler:
         return np.ascontiguousarray(out)
 
     # ------------------------------------------------------------------ internals
+
+    def _window_target(self, image: FloatImage, padded: FloatImage, out_size: tuple[int, int]) -> int:
+        """The scale windows are made at: ``out_size``'s integer factor when each window can be resized on
+        its own, else the native scale (the whole output is resized at the end).
+
+        Per-window resizing needs every window edge on the target grid, no padding to crop away, and
+        room in the context for the filter beyond the blend band."""
+        height, width = image.shape[:2]
+        out_w, out_h = out_size
+        target = out_w // width
+        per_window = (
+            (out_w, out_h) == (width * target, height * target)
+            and padded is image
+            and self.feather + self._resize_margin(target) <= self.tile_overlap
+        )
+        return target if per_window else self.scale
+
+    def _shrinking_on_oom(
+        self, run: Callable[[int], _T], size: int, smaller: Callable[[int], int | None], unit: str
+    ) -> _T:
+        """``run(size)``, retried with ``smaller(size)`` after each out-of-memory (or resource) error
+        until it fits; InferenceError once there is nothing smaller. ``unit`` names what ``size`` sizes."""
+        while True:
+            try:
+                return run(size)
+            except _OutOfMemoryError as exc:
+                self._release_memory()
+                step = smaller(size)
+                if step is None:
+                    raise InferenceError(
+                        f"out of memory on {self.device} even with {size}px {unit}; free memory on the "
+                        "device or use a smaller image"
+                    ) from (exc.__cause__ or exc)
+                logger.warning("out of memory on %s with %dpx %s; retrying with %dpx", self.device, size, unit, step)
+                size = step
 
     def _pad_to_multiple(self, image: FloatImage) -> FloatImage:
         pad_h = -image.shape[0] % self.multiple
@@ -795,29 +814,13 @@ class Upscaler:
         height, width = image.shape[:2]
         out_w, out_h = out_size
         padded = self._pad_to_multiple(image)
-        target = out_w // width
-        per_window = (
-            (out_w, out_h) == (width * target, height * target)
-            and padded is image
-            and self.feather + self._resize_margin(target) <= self.tile_overlap
+        target = self._window_target(image, padded, out_size)
+        canvas = self._shrinking_on_oom(
+            lambda side: self._run_on_device(padded, side, progress, target),
+            self._bucket_for(*padded.shape[:2]),
+            lambda side: smaller_bucket(side, self._buckets, self.tile_overlap, self.multiple),
+            "windows",
         )
-        if not per_window:
-            target = self.scale
-        side = self._bucket_for(*padded.shape[:2])
-        while True:
-            try:
-                canvas = self._run_on_device(padded, side, progress, target)
-                break
-            except _OutOfMemoryError as exc:
-                self._release_memory()
-                smaller = smaller_bucket(side, self._buckets, self.tile_overlap, self.multiple)
-                if smaller is None:
-                    raise InferenceError(
-                        f"out of memory on {self.device} even with {side}px windows; free memory on the "
-                        "device or use a smaller image"
-                    ) from (exc.__cause__ or exc)
-                logger.warning("out of memory on %s with %dpx windows; retrying with %dpx", self.device, side, smaller)
-                side = smaller
         with torch.inference_mode():
             out = canvas[:, : height * target, : width * target].clamp_(0.0, 1.0)
             if (out.shape[2], out.shape[1]) != (out_w, out_h):
