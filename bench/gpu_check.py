@@ -205,10 +205,16 @@ class _Recorder(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _recording() -> _Recorder:
+def _upscale_with_forward(up: Upscaler, forward: Callable[..., torch.Tensor], rgb: np.ndarray) -> tuple[Any, list[str]]:
+    """``up.upscale(rgb)`` with its network pass replaced by ``forward``, and the engine's warnings."""
     handler = _Recorder()
-    logging.getLogger(engine_module.__name__).addHandler(handler)
-    return handler
+    logger = logging.getLogger(engine_module.__name__)
+    logger.addHandler(handler)
+    up._forward = forward  # type: ignore[method-assign]
+    try:
+        return up.upscale(rgb), handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def nonfinite_fallback(check: Check, _deadline: float) -> dict[str, Any]:
@@ -224,16 +230,11 @@ def nonfinite_fallback(check: Check, _deadline: float) -> dict[str, Any]:
         calls["fp32" if exact else "reduced"] += 1
         return y if exact else torch.full_like(y, float("nan"))
 
-    up._forward = poisoned  # type: ignore[method-assign]
-    handler = _recording()
-    try:
-        got = up.upscale(rgb)
-    finally:
-        logging.getLogger(engine_module.__name__).removeHandler(handler)
+    got, messages = _upscale_with_forward(up, poisoned, rgb)
     diff = _levels(got, exact)
     return {
         "calls": calls,
-        "fallback_logged": any("redoing such tiles in fp32" in m for m in handler.messages),
+        "fallback_logged": any("redoing such tiles in fp32" in m for m in messages),
         "vs_fp32": diff,
         "ok": calls["fp32"] >= 1 and diff["max_levels"] <= 1.0,
     }
@@ -255,13 +256,8 @@ def out_of_memory(check: Check, _deadline: float) -> dict[str, Any]:
             raise engine_module._OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 20.00 GiB")
         return original(x, exact=exact)
 
-    up._forward = once  # type: ignore[method-assign]
-    handler = _recording()
-    try:
-        got = up.upscale(rgb)
-    finally:
-        logging.getLogger(engine_module.__name__).removeHandler(handler)
-    retried = [m for m in handler.messages if "retrying" in m]
+    got, messages = _upscale_with_forward(up, once, rgb)
+    retried = [m for m in messages if "retrying" in m]
     return {
         "first_shape": state["shapes"][0],  # type: ignore[index]
         "later_shape": state["shapes"][-1],  # type: ignore[index]
