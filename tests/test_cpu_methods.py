@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from upscale_server.inference.archs.base import ArchInfo
 from upscale_server.inference.archs.srvgg import DESCRIPTOR as SRVGG
 from upscale_server.inference.cpu import kernel, methods, tuning
 from upscale_server.inference.cpu.methods import CpuMethod
-from upscale_server.inference.cpu.tuning import SHAPE_CLASSES, MethodTable, shape_class
+from upscale_server.inference.cpu.tuning import SHAPE_CLASSES, Measure, MethodTable, shape_class
 from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.registry import ModelRegistry
 from upscale_server.inference.runtime.compute import ComputeConfig
@@ -123,23 +124,29 @@ def _tiny_network(module: torch.nn.Module) -> LoadedNetwork:
     return LoadedNetwork(module=module.eval(), arch=SRVGG, info=ArchInfo("SRVGGNetCompact", 2, {}), path=Path("t"))
 
 
-def test_the_engine_runs_each_window_class_with_its_chosen_method(tmp_path: Path) -> None:
-    module = BadInLowPrecision(TinyNet(2), "black")  # counts its bf16 passes
+def _measured_upscaler(module: torch.nn.Module, tmp_path: Path, probe: Measure, **options: Any) -> Upscaler:
+    """An upscaler choosing between direct and bf16 by ``probe``'s made-up timings."""
     up = Upscaler(
         _tiny_network(module),
         device=CPU,
         dtype=torch.float32,
         cpu_methods=("direct", "bf16"),
         method_table=MethodTable(tmp_path / "m.json", "k"),
-        tile_overlap=4,
+        **options,
     )
+    up._probe = probe  # type: ignore[method-assign]
+    return up
+
+
+def test_the_engine_runs_each_window_class_with_its_chosen_method(tmp_path: Path) -> None:
+    module = BadInLowPrecision(TinyNet(2), "black")  # counts its bf16 passes
     picks = {"small": "bf16", "large": "direct"}
 
     def probe(method: CpuMethod, side: int) -> float:
         wanted = picks[shape_class(side, side).name] if side != 32 else method
         return 1.0 if method == wanted else 2.0
 
-    up._probe = probe  # type: ignore[method-assign]
+    up = _measured_upscaler(module, tmp_path, probe, tile_overlap=4)
     rgb = image(40, 50) * 0.0  # black in, so a black bf16 result is not suspicious
     up.upscale(rgb)
     assert module.low_precision_calls == 1  # the small window ran in bf16
@@ -151,14 +158,7 @@ def test_the_engine_runs_each_window_class_with_its_chosen_method(tmp_path: Path
 def test_a_bad_bf16_window_is_redone_with_the_fastest_exact_method(tmp_path: Path) -> None:
     net = TinyNet(2)
     module = BadInLowPrecision(net, "nan")
-    up = Upscaler(
-        _tiny_network(module),
-        device=CPU,
-        dtype=torch.float32,
-        cpu_methods=("direct", "bf16"),
-        method_table=MethodTable(tmp_path / "m.json", "k"),
-    )
-    up._probe = lambda method, side: 0.5 if method == "bf16" else 1.0  # type: ignore[method-assign]
+    up = _measured_upscaler(module, tmp_path, lambda method, side: 0.5 if method == "bf16" else 1.0)
     rgb = image(24, 24)
     got = up.upscale(rgb)
     assert module.low_precision_calls == 1
