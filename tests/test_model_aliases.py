@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from tests import test_cli as cli_tests
 from tests.api_helpers import api_client, data_uri, encode, photo_crop, resize_settings, upscale_task
 from upscale_server.app import create_app
 from upscale_server.config import Settings, UnusableSettingError, parse_model_aliases
@@ -110,13 +110,7 @@ def test_aliases_the_manifest_cannot_honour_stop_the_app(value: str, fragment: s
 def run_cli(*args: str | Path, aliases: str) -> subprocess.CompletedProcess[str]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("UPSCALE_MODEL_ALIASES", aliases)
-        return subprocess.run(
-            [sys.executable, "-m", "upscale_server", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return cli_tests.run_cli(*args)
 
 
 def test_a_bad_alias_stops_start_up_with_one_line(tmp_path: Path) -> None:
