@@ -31,7 +31,7 @@ from upscale_server.config import Settings
 from upscale_server.imaging import read_image_file, resize_pixels
 from upscale_server.inference.cpu import kernel
 from upscale_server.inference.cpu.methods import METHODS, candidates, is_exact
-from upscale_server.inference.cpu.tuning import MethodTable, cpu_description
+from upscale_server.inference.cpu.tuning import MethodTable, cpu_description, probe_seconds
 from upscale_server.inference.engine.upscaler import Upscaler
 from upscale_server.inference.runtime.devices import configure_threads, cpu_has_fast_bf16, tune_cpu_allocator
 from upscale_server.inference.weights.loading import LoadedNetwork, load_network
@@ -219,14 +219,8 @@ def machine_line(threads: int) -> str:
 def gemm_gflops() -> float:
     """The best fp32 rate MKL's sgemm reaches here (2048² x 2048²): the practical ceiling of the cores."""
     a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
-    best = min(timeit_once(lambda: torch.mm(a, b)) for _ in range(5))
+    best = min(probe_seconds(lambda: torch.mm(a, b)) for _ in range(5))
     return round(2 * 2048**3 / best / 1e9, 1)
-
-
-def timeit_once(run: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
 
 
 def peak_fp32_gflops(threads: int) -> float | None:

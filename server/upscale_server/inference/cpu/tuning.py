@@ -140,7 +140,8 @@ class MethodTable:
     def cached(self) -> dict[str, Choice]:
         """Every choice in the file for this machine (what ``upscale-server doctor`` shows)."""
         entries = self._load().get(self.machine, {})
-        return {key: _choice(value) for key, value in entries.items() if _choice(value) is not None}  # type: ignore[misc]
+        found = {key: _choice(value) for key, value in entries.items()} if isinstance(entries, dict) else {}
+        return {key: choice for key, choice in found.items() if choice is not None}
 
     def _measure(self, network: str, shape: ShapeClass, candidates: Sequence[CpuMethod], measure: Measure) -> Choice:
         if len(candidates) == 1:
