@@ -63,7 +63,7 @@ def dry_run_requested(value: str | None) -> bool:
 LARGE_BODY = 1 << 20
 
 
-async def parse_tasks(body: bytes | str, settings: Settings) -> list[object]:
+async def parse_tasks(body: bytes | bytearray | str, settings: Settings) -> list[object]:
     """The task array of a REST body or WebSocket frame (text frames as they came: no copy to bytes on
     the loop), parsed off the event loop when it is big."""
     if len(body) > LARGE_BODY:
@@ -73,5 +73,5 @@ async def parse_tasks(body: bytes | str, settings: Settings) -> list[object]:
     return parse_request_body(body, max_tasks=settings.max_tasks)
 
 
-def _parse_body(body: bytes | str, *, max_tasks: int) -> list[object]:
+def _parse_body(body: bytes | bytearray | str, *, max_tasks: int) -> list[object]:
     return parse_request_body(body, max_tasks=max_tasks)
