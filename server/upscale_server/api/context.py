@@ -8,8 +8,10 @@ import json
 from dataclasses import dataclass
 
 from fastapi import Request, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
+from upscale_server import json_text
 from upscale_server.api.auth import ApiKeys
 from upscale_server.api.bodies import parse_long_strings_apart
 from upscale_server.config import Settings
@@ -51,6 +53,30 @@ class RunwareJSONResponse(JSONResponse):
 
     def render(self, content: object) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+class PiecewiseJSONResponse(Response):
+    """JSON sent as the pieces :func:`json_text.ascii_pieces` made, with its ``Content-Length``: a reply
+    carrying a big base64 image is never one ``json.dumps`` or one copy on the event loop."""
+
+    media_type = "application/json"
+
+    def __init__(self, pieces: list[bytes], status_code: int = 200) -> None:
+        super().__init__(status_code=status_code)
+        self.pieces = pieces
+        self.headers["content-length"] = str(sum(len(piece) for piece in pieces))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for index, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": index < len(self.pieces) - 1})
+
+
+async def json_reply(content: object, status_code: int = 200) -> Response:
+    """The reply for ``content``: as one body when it is small, else written off the loop in pieces."""
+    if not json_text.has_long_strings(content):
+        return RunwareJSONResponse(content, status_code=status_code)
+    return PiecewiseJSONResponse(await json_text.ascii_pieces(content), status_code=status_code)
 
 
 def dry_run_requested(value: str | None) -> bool:

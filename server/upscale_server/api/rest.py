@@ -11,7 +11,13 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from upscale_server.api.context import RunwareJSONResponse, dry_run_requested, parse_tasks, server_context
+from upscale_server.api.context import (
+    RunwareJSONResponse,
+    dry_run_requested,
+    json_reply,
+    parse_tasks,
+    server_context,
+)
 from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
 from upscale_server.protocol import Outcome, envelope
 from upscale_server.tasks.results import IMAGE_ROUTE
@@ -78,7 +84,7 @@ async def run_tasks(request: Request) -> Response:
     data = [o.item for o in outcomes if o.item is not None]
     errors = [o.error for o in outcomes if o.error is not None]
     status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])
-    return RunwareJSONResponse(envelope(data=data, errors=errors), status_code=status)
+    return await json_reply(envelope(data=data, errors=errors), status_code=status)
 
 
 @router.get(IMAGE_ROUTE)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from upscale_server import json_text
 from upscale_server.api.context import LARGE_BODY, ServerContext, dry_run_requested, parse_tasks, server_context
 from upscale_server.errors import MissingApiKeyError, UpscaleError, error_item
 from upscale_server.protocol import Outcome, auth_item, envelope, pong_item, task_identity
@@ -46,7 +46,8 @@ class Connection:
     async def reply(self, payload: dict[str, Any]) -> None:
         """Answer on this socket directly (handshake and pre-auth replies belong to no session)."""
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            await self.socket.send_text(json.dumps(payload))  # ASCII-escaped: echoes may hold lone surrogates
+            # ASCII-escaped: echoes may hold lone surrogates
+            await self.socket.send_text(await json_text.dumps(payload))
 
     async def emit(self, outcome: Outcome) -> None:
         assert self.session is not None
