@@ -70,8 +70,22 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read ``.pth``/``.pt`` (weights-only unpickling) or ``.safetensors`` into a flat tensor dict."""
+def _torch_load(path: Path, *, mmap: bool) -> object:
+    """``torch.load`` weights-only; ``mmap`` maps a zip checkpoint instead of reading its tensors (an
+    old-format file cannot be mapped and is read whole)."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read ``.pth``/``.pt`` (weights-only unpickling) or ``.safetensors`` into a flat tensor dict.
+
+    ``mmap``: leave a ``.pth``'s tensors on disk until used (detection only looks at shapes)."""
     suffix = path.suffix.lower()
     try:
         if suffix == SAFETENSORS_SUFFIX:
@@ -79,7 +93,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             obj: object = load_file(str(path), device="cpu")
         elif suffix in TORCH_SUFFIXES:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path, mmap=mmap)
         else:
             raise ModelLoadError(f"{path}: unsupported weight file type {suffix!r} (use .safetensors, .pth)")
     except ModelLoadError:
