@@ -65,9 +65,9 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The gist of a library error, without ANSI styling or multi-line advice."""
+    """The gist of a library error: its first sentence, without ANSI styling or multi-line advice."""
     text = _ANSI.sub("", str(exc)).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
 def _torch_load(path: Path, *, mmap: bool) -> object:
