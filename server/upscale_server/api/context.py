@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request, WebSocket
@@ -31,7 +32,8 @@ class ServerContext:
     images: ImageStorage
     dispatcher: TaskDispatcher
     sessions: SessionStore
-    models: tuple[ModelInfo, ...]
+    #: Every model, rescanned on each call (files dropped into the models folder appear): blocking.
+    models: Callable[[], tuple[ModelInfo, ...]]
 
     def base_url(self, connection: Request | WebSocket) -> str:
         """Where clients fetch images: the configured public URL, else the address they used."""
