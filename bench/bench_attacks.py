@@ -344,23 +344,25 @@ class _NeverAnswers:
             conn.close()
 
 
-def stuck_webhooks(server: UpscaleTestServer) -> dict[str, Any]:
-    """300 uploads whose webhook goes to a receiver that never answers: how many sockets are held."""
+def stuck_webhooks(server: UpscaleTestServer, count: int = 300) -> dict[str, Any]:
+    """300 small upscales whose webhook goes to a receiver that never answers: how many sockets are held."""
     receiver = _NeverAnswers()
     image = base64.b64encode(flat_image(16, "PNG")).decode()
     url = f"http://127.0.0.1:{receiver.port}/hook"
-    tasks = [{"taskType": "imageUpload", "taskUUID": new_uuid(), "image": image, "webhookURL": url} for _ in range(300)]
+    task = {"taskType": "imageUpscale", "inputImage": image, "upscaleFactor": 2, "webhookURL": url}
+    tasks = [{**task, "taskUUID": new_uuid()} for _ in range(count)]
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
         for start in range(0, len(tasks), 50):
             httpx.post(server.rest_url, json=tasks[start : start + 50], headers=headers, timeout=60)
-        for _ in range(30):
+            receiver.open_now()
+        for _ in range(20):
             receiver.open_now()
             time.sleep(0.5)
     finally:
         receiver.close()
     return {
-        "sent": "300 uploads with a webhookURL that never answers",
+        "sent": f"{count} upscales with a webhookURL that never answers",
         "answers": f"{receiver.most_open} sockets open at most",
     }
 
