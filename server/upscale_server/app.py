@@ -94,7 +94,10 @@ async def start_parts(
     """Build every part in order, registering each one's teardown on ``stack``; returns what the routes read."""
     runs_jobs = role != "api"
     if keys.open_mode and role != "worker":
-        log.warning("no API keys configured: open local mode, any API key is accepted")
+        log.warning(
+            "no API keys configured: open local mode, any API key is accepted and every client shares one "
+            "tenant (each can poll every task and resume every session); set UPSCALE_API_KEYS to separate clients"
+        )
     backends = await open_backends(settings, consume=runs_jobs)
     stack.push_async_callback(backends.close)
     set_node_name(backends.node if backends.cluster else None)

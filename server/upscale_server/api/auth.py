@@ -28,8 +28,11 @@ class ApiKeys:
     def load(cls, keys: Sequence[str], keys_file: Path | None) -> ApiKeys:
         """The keys given, plus one per line of ``keys_file`` (blank lines and ``#`` comments skipped).
 
-        An unreadable file is an :class:`UnusableSettingError`: the server must not start without the
-        keys it was told to require."""
+        Fails closed with an :class:`UnusableSettingError`: the server must not start without the keys it
+        was told to require, so a blank key (``--api-key ''``), an unreadable file and a file without a
+        key stop it instead of leaving it in open mode. No key at all (``[]``, the default) is open mode."""
+        if any(not key.strip() for key in keys):
+            raise UnusableSettingError("api_keys holds an empty or blank key: give real keys, or none for open mode")
         loaded = list(keys)
         if keys_file is not None:
             try:
@@ -37,7 +40,10 @@ class ApiKeys:
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise UnusableSettingError(f"api_keys_file {keys_file} cannot be read: {reason}") from None
-            loaded += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:
+                raise UnusableSettingError(f"api_keys_file {keys_file} holds no key (only blank lines or # comments)")
+            loaded += from_file
         return cls(loaded)
 
     @property
