@@ -210,7 +210,7 @@ class ConflictTaskUUIDError(UpscaleError):
     def for_task(cls, task_uuid: str) -> ConflictTaskUUIDError:
         return cls(
             f"taskUUID {task_uuid} was already used; send each task with a new UUID "
-            "(getResponse returns the earlier task's result)"
+            "(getResponse returns the earlier task's result to the key that sent it)"
         )
 
 

@@ -5,10 +5,15 @@ The rule lives here, once, and both transports call it. A REST request may open 
 is. A WebSocket connection authenticates with a frame that opens with an ``authentication`` task,
 which must carry its key (it may also name a session to resume). With no keys configured the server
 runs in open local mode and accepts any key.
+
+Keys also separate clients: what a request creates (its task records, its WebSocket session) belongs
+to the key's *owner*, a hash of the key (the key itself is never stored), and is found only with the
+same key. Open mode has one owner, ``''``: every client is the same tenant.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +21,15 @@ from pathlib import Path
 from upscale_server.config import UnusableSettingError
 from upscale_server.errors import InvalidApiKeyError, MissingApiKeyError
 from upscale_server.protocol import AuthenticationTask, parse_task, task_identity
+
+#: Hex digits of SHA-256 kept as an owner: 128 bits, which no two keys share by chance.
+OWNER_HEX_DIGITS = 32
+
+
+def owner_of(key: str) -> str:
+    """The tenant of an accepted ``key``, as the stores keep it: a hash, so a leaked database or Redis
+    holds no usable key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:OWNER_HEX_DIGITS]
 
 
 class ApiKeys:
@@ -50,10 +64,11 @@ class ApiKeys:
     def open_mode(self) -> bool:
         return not self._keys
 
-    def check(self, key: str | None) -> None:
-        """Accept ``key`` or raise the Runware auth error; in open mode every key is accepted."""
+    def check(self, key: str | None) -> str:
+        """Accept ``key`` and return its owner, or raise the Runware auth error; in open mode every key is
+        accepted and every client is the one owner ``''``."""
         if self.open_mode:
-            return
+            return ""
         if not key:
             raise MissingApiKeyError(
                 "no API key: send Authorization: Bearer <key> or an authentication task first",
@@ -65,9 +80,10 @@ class ApiKeys:
             matched |= hmac.compare_digest(candidate, known)
         if not matched:
             raise InvalidApiKeyError("Invalid API key.", parameter="apiKey")
+        return owner_of(key)
 
-    def authenticate_request(self, raw_tasks: list[object], *, bearer: str | None) -> list[object]:
-        """REST: check a request's key and return the tasks to run.
+    def authenticate_request(self, raw_tasks: list[object], *, bearer: str | None) -> tuple[str, list[object]]:
+        """REST: check a request's key; returns its owner and the tasks to run.
 
         The key is the leading authentication task's ``apiKey`` when that is a string, else ``bearer``
         (the ``Authorization`` header). MissingApiKeyError or InvalidApiKeyError (401) otherwise.
@@ -78,15 +94,13 @@ class ApiKeys:
             presented = leading.get("apiKey") if isinstance(leading, dict) else None
             if isinstance(presented, str):
                 key = presented
-        self.check(key)
-        return raw_tasks
+        return self.check(key), raw_tasks
 
-    def authenticate_frame(self, raw_tasks: list[object]) -> tuple[AuthenticationTask, list[object]]:
-        """WebSocket: check a frame that leads with an authentication task; returns it (parsed: it may
-        name a session to resume) and the tasks after it. The task must carry its key: there is no
-        header to stand in. MissingApiKeyError or InvalidApiKeyError (401) otherwise."""
+    def authenticate_frame(self, raw_tasks: list[object]) -> tuple[str, AuthenticationTask, list[object]]:
+        """WebSocket: check a frame that leads with an authentication task; returns the key's owner, the
+        task (parsed: it may name a session to resume) and the tasks after it. The task must carry its
+        key: there is no header to stand in. MissingApiKeyError or InvalidApiKeyError (401) otherwise."""
         task = parse_task(raw_tasks[0])
         if not isinstance(task, AuthenticationTask):
             raise ValueError("authenticate_frame() needs a frame that leads with an authentication task")
-        self.check(task.api_key)
-        return task, raw_tasks[1:]
+        return self.check(task.api_key), task, raw_tasks[1:]
