@@ -195,6 +195,20 @@ class MissingApiKeyError(UpscaleError):
     default_parameter = "apiKey"
 
 
+class OriginNotAllowedError(UpscaleError):
+    """A browser sent the request from a page of another origin (api/origins.py)."""
+
+    code = "originNotAllowed"
+    http_status = 403
+
+
+class HostNotAllowedError(UpscaleError):
+    """The ``Host`` header names the server under a name it does not answer to (DNS rebinding)."""
+
+    code = "hostNotAllowed"
+    http_status = 403
+
+
 # --------------------------------------------------------------------------- state
 
 
