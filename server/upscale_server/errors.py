@@ -25,6 +25,18 @@ INTERNAL_ERROR_MESSAGE = "Internal server error. The failure was logged on the s
 
 Number = int | float
 
+#: Characters of a client's value an error message repeats (:func:`shown`).
+ECHO_CHARS = 100
+#: The longest message an error item carries: a backstop for values echoed without :func:`shown`.
+MAX_MESSAGE_CHARS = 1000
+ELLIPSIS = "..."
+
+
+def shown(value: str, limit: int = ECHO_CHARS) -> str:
+    """``value`` as an error message repeats it: at most ``limit`` characters, then an ellipsis. A
+    client's string can be megabytes, and a message is sent, logged and kept with the task's record."""
+    return value if len(value) <= limit else value[:limit] + ELLIPSIS
+
 
 class UpscaleError(Exception):
     """Base class: a failure with a Runware-style code, a human message and the parameter at fault.
@@ -401,7 +413,7 @@ def error_item(exc: BaseException, *, task_type: str | None, task_uuid: str | No
     if not isinstance(exc, UpscaleError):
         log_unexpected(exc, task_uuid=task_uuid)
         exc = InternalError()
-    item: dict[str, object] = {"code": exc.code, "message": exc.message}
+    item: dict[str, object] = {"code": exc.code, "message": shown(exc.message, MAX_MESSAGE_CHARS)}
     extras: dict[str, object | None] = {
         "parameter": exc.parameter,
         "type": exc.type,
