@@ -43,6 +43,8 @@ def test_sdks_and_the_servers_own_pages_pass(client: TestClient) -> None:
     assert ping(client, origin="http://testserver").status_code == 200  # the page it serves itself
     assert ping(client, host="127.0.0.1:8000", origin="http://127.0.0.1:8000").status_code == 200
     assert refused(ping(client, host="127.0.0.1:8000", origin="http://127.0.0.1:8001"), "originNotAllowed")
+    assert ping(client, host="[::1]:8000", origin="http://[::1]:8000").status_code == 200
+    assert ping(client, host="localhost", origin="http://LOCALHOST:80").status_code == 200  # default port, any case
     assert client.get("/playground/models", headers={"origin": EVIL}).status_code == 200  # reading is harmless
 
 
