@@ -167,3 +167,33 @@ def test_an_unreadable_api_key_file_stops_serve_with_one_line(tmp_path: Path) ->
     assert result.returncode == 2, result.stderr
     assert_one_line_errors(result.stderr)
     assert "api_keys_file" in result.stderr and "no-such-keys.txt" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        (["--api-key", ""], {}, "blank key"),
+        (["--api-key", "good", "--api-key", "  "], {}, "blank key"),
+        ([], {"UPSCALE_API_KEYS": ""}, "api_keys"),
+        ([], {"UPSCALE_API_KEYS": '[""]'}, "blank key"),
+        ([], {"UPSCALE_API_KEYS_FILE": "only-comments.txt"}, "holds no key"),
+    ],
+)
+def test_a_key_setting_without_a_key_stops_serve_with_one_line(
+    tmp_path: Path, flags: list[str], env: dict[str, str], named: str
+) -> None:
+    """Fails closed: a key source that is given but yields no key never starts an open server."""
+    (tmp_path / "only-comments.txt").write_text("# the keys go here\n\n   \n")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, str(tmp_path / value) if name.endswith("_FILE") else value)
+        result = run_cli("serve", "--port", "0", "--engine", "resize", "--data-dir", tmp_path / "data", *flags)
+    assert result.returncode == 2, result.stderr
+    assert_one_line_errors(result.stderr)
+    assert named in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_api_key_flag_warns_that_a_command_line_is_visible() -> None:
+    result = run_cli("serve", "--help")
+    assert "UPSCALE_API_KEYS" in result.stdout and "visible to other users" in " ".join(result.stdout.split())

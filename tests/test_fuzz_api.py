@@ -2,16 +2,17 @@
 
 Hypothesis builds hundreds of malformed requests: arbitrary JSON values, raw bytes, arrays of task
 objects whose fields mix valid values with wrong types, out-of-range numbers, empty and huge strings,
-unknown task types, missing fields and nested junk, and image strings that are garbage base64,
-truncated or bit-flipped PNG/JPEG bytes, non-image data URIs or UUIDs that were never uploaded.
+unknown task types, missing fields and nested junk, strings holding lone surrogates, and image strings
+that are garbage base64, truncated or bit-flipped PNG/JPEG bytes, non-image data URIs or UUIDs that
+were never uploaded.
 
 Whatever arrives, the server must answer in the Runware envelope:
 
 * REST: never a 5xx (nor an ``internalServerError`` item inside a 200); the body is an object with only
   ``data`` and/or ``errors`` (never an empty ``errors``); each error has a string ``code`` and
-  ``message``; request-level refusals (bad JSON, too many tasks, body too large, bad key) are one
-  error; otherwise every task gets exactly one answer and a task with a string ``taskUUID`` gets it
-  under that UUID.
+  ``message`` (of bounded length: echoed values are cut short); request-level refusals (bad JSON, too
+  many tasks, body too large, bad key) are one error; otherwise every task gets exactly one answer and
+  a task with a string ``taskUUID`` gets it under that UUID.
 * WebSocket: each frame is an object with exactly one of ``data``/``errors``, encodable as UTF-8; the
   connection survives every frame (a ping afterwards still gets its pong), and every task of a frame
   gets its answer.
@@ -40,6 +41,7 @@ from starlette.testclient import WebSocketTestSession
 
 from tests.api_helpers import api_client, b64, data_uri, encode, photo_crop, resize_settings
 from upscale_server.app import create_app
+from upscale_server.errors import ELLIPSIS, MAX_MESSAGE_CHARS
 
 KEY = "fuzz-key"
 SMALL_MODEL = "local:realesr-animevideov3@1"
@@ -112,6 +114,8 @@ junk = st.recursive(
     max_leaves=8,
 )
 huge_strings = st.sampled_from(["", " ", "\n\t", "A" * 100_000, "A" * 300_000, "é" * 40_000, "x" * 129])
+#: JSON admits lone surrogates, which no URL or UTF-8 text can hold: every string field must refuse them.
+lone_surrogates = st.sampled_from(["\ud800", "\udfff" * 3, CLOSED_URL + "\udc00", "data:image/png;base64,\ud800"])
 
 
 @st.composite
@@ -167,6 +171,7 @@ images = st.one_of(
         ]
     ),
     huge_strings,
+    lone_surrogates,
     junk,
 )
 task_uuids = st.one_of(
@@ -187,6 +192,7 @@ models = st.one_of(
     st.just(SMALL_MODEL),
     st.just(SMALL_MODEL),
     st.sampled_from(["runware:999@1", "local:nope@1", "", " ", "x" * 5000]),
+    lone_surrogates,
     junk.filter(lambda value: value is not None),  # null would select the big default model
 )
 factors = st.one_of(
@@ -201,10 +207,14 @@ factors = st.one_of(
 
 def choice(valid: list[Any]) -> st.SearchStrategy[Any]:
     """A case-insensitive enum field: valid spellings, near misses and junk."""
-    return st.one_of(st.sampled_from(valid), st.sampled_from(["", "gif", "bmp", "URL ", "sync!"]), junk)
+    return st.one_of(
+        st.sampled_from(valid), st.sampled_from(["", "gif", "bmp", "URL ", "sync!"]), lone_surrogates, junk
+    )
 
 
-loopback_urls = st.one_of(st.just(CLOSED_URL), st.sampled_from(["", "not a url", "ftp://127.0.0.1/"]), junk)
+loopback_urls = st.one_of(
+    st.just(CLOSED_URL), st.sampled_from(["", "not a url", "ftp://127.0.0.1/"]), lone_surrogates, junk
+)
 fields: dict[str, st.SearchStrategy[Any]] = {
     "taskUUID": task_uuids,
     "inputImage": images,
@@ -389,6 +399,7 @@ def check_error_item(item: Any) -> None:
     assert isinstance(item.get("code"), str) and item["code"], item
     assert isinstance(item.get("message"), str) and item["message"], item
     assert item["code"] != "internalServerError", item
+    assert len(item["message"]) <= MAX_MESSAGE_CHARS + len(ELLIPSIS), item  # echoes are cut short
 
 
 def check_answers(answered: list[Any], items: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.api_helpers import new_uuid
-from upscale_server.api.auth import ApiKeys
+from upscale_server.api.auth import ApiKeys, owner_of
 from upscale_server.errors import (
     ConflictTaskUUIDError,
     InvalidApiKeyError,
@@ -291,9 +291,10 @@ def test_a_job_travels_as_json_with_the_image_uuids_chosen_at_acceptance() -> No
 def test_rest_takes_the_leading_tasks_string_key_else_the_header() -> None:
     keys = ApiKeys(["good"])
     ping: dict[str, Any] = {"taskType": "ping"}
-    assert keys.authenticate_request([{"taskType": "authentication", "apiKey": "good"}, ping], bearer=None) == [ping]
-    assert keys.authenticate_request([ping], bearer="good") == [ping]
-    assert keys.authenticate_request([{"taskType": "authentication", "apiKey": 7}, ping], bearer="good") == [ping]
+    good = (owner_of("good"), [ping])
+    assert keys.authenticate_request([{"taskType": "authentication", "apiKey": "good"}, ping], bearer=None) == good
+    assert keys.authenticate_request([ping], bearer="good") == good
+    assert keys.authenticate_request([{"taskType": "authentication", "apiKey": 7}, ping], bearer="good") == good
     with pytest.raises(MissingApiKeyError, match="Authorization: Bearer"):  # a string key, even empty, is the key
         keys.authenticate_request([{"taskType": "authentication", "apiKey": ""}, ping], bearer="good")
     with pytest.raises(InvalidApiKeyError):
@@ -304,20 +305,25 @@ def test_rest_takes_the_leading_tasks_string_key_else_the_header() -> None:
         keys.authenticate_request([ping], bearer=None)
     open_mode = ApiKeys([])
     for leading in ({"taskType": "authentication"}, {"taskType": "authentication", "apiKey": ""}):
-        assert open_mode.authenticate_request([leading, ping], bearer=None) == [ping]
+        assert open_mode.authenticate_request([leading, ping], bearer=None) == ("", [ping])  # one tenant
 
 
 def test_websocket_frames_must_carry_their_key() -> None:
     keys = ApiKeys(["good"])
     ping: dict[str, Any] = {"taskType": "ping"}
-    auth, rest = keys.authenticate_frame([{"taskType": "authentication", "apiKey": "good"}, ping])
-    assert auth.api_key == "good" and rest == [ping]
+    owner, auth, rest = keys.authenticate_frame([{"taskType": "authentication", "apiKey": "good"}, ping])
+    assert owner == owner_of("good") and auth.api_key == "good" and rest == [ping]
     with pytest.raises(InvalidApiKeyError):
         keys.authenticate_frame([{"taskType": "authentication", "apiKey": 7}])
     with pytest.raises(MissingApiKeyError):
         keys.authenticate_frame([{"taskType": "authentication", "apiKey": " "}])
     with pytest.raises(MissingApiKeyError):  # even in open mode: there is no header to stand in
         ApiKeys([]).authenticate_frame([{"taskType": "authentication"}])
+
+
+def test_an_owner_is_a_hash_that_tells_keys_apart_and_holds_no_key() -> None:
+    owners = {owner_of(key) for key in ("good", "good ", "other", "\ud800")}
+    assert len(owners) == 4 and all(len(owner) == 32 and "good" not in owner for owner in owners)
 
 
 def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(

@@ -16,7 +16,7 @@ import pytest
 
 from upscale_server.storage import TaskRecord
 from upscale_server.storage.local_images import ORPHAN_TEMP_AGE_SECONDS, LocalImageStore
-from upscale_server.storage.sqlite import SCHEMA_VERSION, Database, DatabaseVersionError, open_database
+from upscale_server.storage.sqlite import MIGRATIONS, SCHEMA_VERSION, Database, DatabaseVersionError, open_database
 from upscale_server.storage.sqlite_records import SqliteTaskRecords
 from upscale_server.storage.sweeper import sweep_forever
 from upscale_server.vocabulary import ImageFormat, canonical_uuid
@@ -102,6 +102,25 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
     raw.close()
     with pytest.raises(DatabaseVersionError):
         open_database(db_path)
+
+
+def test_tasks_from_before_owners_belong_to_open_mode(db_path: Path, clock: FakeClock) -> None:
+    """A database of schema version 1 gains the owner column; its tasks are open mode's ('')."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path)
+    for statement in MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO tasks VALUES ('t', 'imageUpload', 'sync', 'processing', NULL, NULL, 0, NULL, NULL)")
+    raw.commit()
+    raw.close()
+    with open_database(db_path) as db:
+        records = SqliteTaskRecords(db, result_ttl_seconds=TTL, clock=clock)
+        old = records.get("t")
+        assert old is not None and old.owner == ""
+        assert records.claim("u", "imageUpload", "sync", owner="abc")
+        new = records.get("u")
+        assert new is not None and new.owner == "abc"
 
 
 def test_transaction_rolls_back_on_error(db: Database, clock: FakeClock) -> None:

@@ -24,6 +24,7 @@ from upscale_server import __version__
 from upscale_server.api import rest, ws
 from upscale_server.api.auth import ApiKeys
 from upscale_server.api.context import ServerContext
+from upscale_server.api.origins import OriginGuard
 from upscale_server.backends import open_backends
 from upscale_server.config import Settings, UnusableSettingError
 from upscale_server.delivery import WebhookSender
@@ -75,9 +76,16 @@ def create_app(settings: Settings, role: Role = "all") -> FastAPI:
             app.state.context, app.state.observability = await start_parts(settings, compute, keys, stack, role)
             yield
 
-    app = FastAPI(title="Upscale Server", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Upscale Server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url=None,  # a CDN script too, and /docs is enough when it is wanted
+    )
     app.include_router(health.router)  # /health, /ready, /metrics: no API key, like every probe endpoint
     if role != "worker":
+        app.add_middleware(OriginGuard, settings=settings)
         app.include_router(rest.router)
         app.include_router(ws.router)
         app.include_router(web.router)
@@ -94,7 +102,10 @@ async def start_parts(
     """Build every part in order, registering each one's teardown on ``stack``; returns what the routes read."""
     runs_jobs = role != "api"
     if keys.open_mode and role != "worker":
-        log.warning("no API keys configured: open local mode, any API key is accepted")
+        log.warning(
+            "no API keys configured: open local mode, any API key is accepted and every client shares one "
+            "tenant (each can poll every task and resume every session); set UPSCALE_API_KEYS to separate clients"
+        )
     backends = await open_backends(settings, consume=runs_jobs)
     stack.push_async_callback(backends.close)
     set_node_name(backends.node if backends.cluster else None)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -98,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--data-dir", type=Path, help="folder for stored images and the database (default ./data)")
-    serve.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accept this key (repeat)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="accept this key (repeat). A command line is visible to other users of this machine (ps): prefer "
+        "UPSCALE_API_KEYS or UPSCALE_API_KEYS_FILE",
+    )
     serve.add_argument("--log-format", choices=["plain", "json"], help="log line format (default plain)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
     serve.add_argument(
@@ -214,6 +222,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         message = str(first["msg"]).removeprefix("Value error, ")
         variable = f"UPSCALE_{str(first['loc'][0]).upper()}"
         raise UnusableSettingError(f"invalid setting {where} ({variable}): {message}") from None
+    except SettingsError as exc:  # an UPSCALE_* list or mapping that is not JSON (an empty string included)
+        raise UnusableSettingError(f"invalid setting: {exc} (lists are JSON, e.g. '[\"key-1\"]')") from None
     if settings.model_aliases:
         from upscale_server.inference import check_model_aliases
 

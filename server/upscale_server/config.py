@@ -174,6 +174,22 @@ class Settings(BaseSettings):
         "local mode, any key is accepted.",
     )
     api_keys_file: Path | None = Field(default=None, description="File with one accepted API key per line.")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web page origins besides the server's own (and public_url's) whose POSTs and WebSocket "
+        'upgrades are accepted (JSON list, e.g. ["https://app.example.com"]; "*": any). Requests without an Origin '
+        "header (SDKs, curl) always pass.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the server answers to besides localhost, the bound host and public_url's host "
+        '(JSON list; "*": any); IP addresses always pass. Bound to 0.0.0.0 or :: and unset: any name.',
+    )
+    api_docs: bool = Field(
+        default=False,
+        description="Serve Swagger UI at /docs. Its script and style load from a CDN, on the origin where the "
+        "playground keeps its API key, so it is off by default; /openapi.json is always served.",
+    )
     image_retention_days: float = Field(
         default=30, gt=0, description="Stored uploads and outputs unused for this long are deleted."
     )

@@ -25,6 +25,18 @@ INTERNAL_ERROR_MESSAGE = "Internal server error. The failure was logged on the s
 
 Number = int | float
 
+#: Characters of a client's value an error message repeats (:func:`shown`).
+ECHO_CHARS = 100
+#: The longest message an error item carries: a backstop for values echoed without :func:`shown`.
+MAX_MESSAGE_CHARS = 1000
+ELLIPSIS = "..."
+
+
+def shown(value: str, limit: int = ECHO_CHARS) -> str:
+    """``value`` as an error message repeats it: at most ``limit`` characters, then an ellipsis. A
+    client's string can be megabytes, and a message is sent, logged and kept with the task's record."""
+    return value if len(value) <= limit else value[:limit] + ELLIPSIS
+
 
 class UpscaleError(Exception):
     """Base class: a failure with a Runware-style code, a human message and the parameter at fault.
@@ -195,6 +207,20 @@ class MissingApiKeyError(UpscaleError):
     default_parameter = "apiKey"
 
 
+class OriginNotAllowedError(UpscaleError):
+    """A browser sent the request from a page of another origin (api/origins.py)."""
+
+    code = "originNotAllowed"
+    http_status = 403
+
+
+class HostNotAllowedError(UpscaleError):
+    """The ``Host`` header names the server under a name it does not answer to (DNS rebinding)."""
+
+    code = "hostNotAllowed"
+    http_status = 403
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -210,7 +236,7 @@ class ConflictTaskUUIDError(UpscaleError):
     def for_task(cls, task_uuid: str) -> ConflictTaskUUIDError:
         return cls(
             f"taskUUID {task_uuid} was already used; send each task with a new UUID "
-            "(getResponse returns the earlier task's result)"
+            "(getResponse returns the earlier task's result to the key that sent it)"
         )
 
 
@@ -387,7 +413,7 @@ def error_item(exc: BaseException, *, task_type: str | None, task_uuid: str | No
     if not isinstance(exc, UpscaleError):
         log_unexpected(exc, task_uuid=task_uuid)
         exc = InternalError()
-    item: dict[str, object] = {"code": exc.code, "message": exc.message}
+    item: dict[str, object] = {"code": exc.code, "message": shown(exc.message, MAX_MESSAGE_CHARS)}
     extras: dict[str, object | None] = {
         "parameter": exc.parameter,
         "type": exc.type,

@@ -417,6 +417,7 @@ def parse_task(raw: object) -> Task:
         _log_unknown_fields(raw, _KNOWN_FIELDS[task_type])
     if task_type == "authentication":
         return _parse_authentication(raw)
+    _refuse_lone_surrogates(raw)
     if task_type == "ping":
         return PingTask(
             ping=_boolean_field(raw, "ping", default=True),
@@ -437,6 +438,44 @@ def parse_task(raw: object) -> Task:
         allowed_values=TASK_TYPES,
         type="string",
     )
+
+
+def _refuse_lone_surrogates(raw: Mapping[str, object]) -> None:
+    """Refuse a task that holds a lone surrogate (``"\\ud800"``) in any string, key or value, at any depth.
+
+    JSON admits them, but no URL, file name or UTF-8 text can hold one: here the task is invalid (400),
+    rather than a failure deep in a download, a webhook or a database write. ASCII strings (base64
+    images included) are passed over at no cost."""
+    pending: list[tuple[str, object]] = [("", raw)]
+    while pending:  # no recursion: a deeply nested body must not exhaust the stack
+        parameter, value = pending.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _encodable(value):
+                raise InvalidParameterError(
+                    f"Invalid value for '{_encodable_name(parameter)}' parameter. It must be valid Unicode text; "
+                    "got a lone surrogate (\\ud800-\\udfff).",
+                    parameter=_encodable_name(parameter),
+                    type="string",
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{parameter}.{key}" if parameter else str(key)
+                pending += [(name, key), (name, item)]
+        elif isinstance(value, list):
+            pending += [(parameter, item) for item in value]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _encodable_name(parameter: str) -> str:
+    """A parameter name fit for a message: surrogates escaped, at most :data:`_MAX_ECHO` characters."""
+    return parameter.encode("ascii", "backslashreplace").decode("ascii")[:_MAX_ECHO]
 
 
 def _log_unknown_fields(raw: Mapping[str, object], known: frozenset[str]) -> None:

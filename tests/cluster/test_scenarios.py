@@ -29,9 +29,10 @@ from tests.cluster.client import (
     wait_until,
 )
 from tests.cluster.conftest import ClusterNames
-from tests.cluster.nodes import Cluster
+from tests.cluster.nodes import KEY, Cluster
 from tests.support import http_receiver
 from tests.support.services import RedisServer, S3Server
+from upscale_server.api.auth import owner_of
 
 serve = http_receiver.serve
 
@@ -374,7 +375,14 @@ def test_a_job_whose_data_is_gone_fails_once_instead_of_looping(
     prefix = cluster_names.redis_prefix
     store.client.hset(
         f"{prefix}task:{task_uuid}",
-        mapping={"type": "imageUpscale", "delivery": "async", "status": "processing", "job": "", "job_ref": "x"},
+        mapping={
+            "type": "imageUpscale",
+            "delivery": "async",
+            "status": "processing",
+            "job": "",
+            "job_ref": "x",
+            "owner": owner_of(KEY),  # the key's task: getResponse answers only it
+        },
     )
     store.client.xadd(f"{prefix}jobs", {"task": task_uuid})
     error = finished(a, task_uuid)

@@ -66,7 +66,7 @@ async def run_tasks(request: Request) -> Response:
     try:
         body = await read_body(request, context.settings.max_body_bytes)
         raw_tasks = await parse_tasks(body, context.settings)
-        raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer_key(request))
+        owner, raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer_key(request))
     except UpscaleError as exc:
         return error_response(exc)
 
@@ -80,6 +80,7 @@ async def run_tasks(request: Request) -> Response:
         base_url=context.base_url(request),
         emit=collect,
         dry_run=dry_run_requested(request.headers.get("x-runware-dry-run")),
+        owner=owner,
     )
     data = [o.item for o in outcomes if o.item is not None]
     errors = [o.error for o in outcomes if o.error is not None]

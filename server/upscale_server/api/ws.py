@@ -37,6 +37,8 @@ class Connection:
         self.socket = socket
         self.context = context
         self.session: Session | None = None
+        #: The tenant of the key the connection authenticated with (see :func:`~upscale_server.api.auth.owner_of`).
+        self.owner = ""
         self.dry_run = dry_run_requested(socket.query_params.get("dryRun"))
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -91,26 +93,28 @@ class Connection:
                 raw_tasks,
                 base_url=self.context.base_url(self.socket),
                 emit=self.emit,
-                session=self.session.uuid,
+                session=self.session.key,
                 dry_run=self.dry_run,
+                owner=self.owner,
             )
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def authenticate(self, raw_tasks: list[object]) -> list[object] | None:
-        """Authenticate with the frame's leading task and attach to its session; returns the tasks
-        after it, or None when refused (the error is the reply)."""
+        """Authenticate with the frame's leading task and attach to its session (one of the key's own:
+        another key's ``connectionSessionUUID`` opens a new session); returns the tasks after it, or None
+        when refused (the error is the reply)."""
         try:
-            task, rest = self.context.keys.authenticate_frame(raw_tasks)
+            owner, task, rest = self.context.keys.authenticate_frame(raw_tasks)
             if self.session is not None:
                 await self.session.detach(self.send_text)
-            session = await self.context.sessions.open(task.connection_session_uuid)
+            session = await self.context.sessions.open(task.connection_session_uuid, owner)
         except UpscaleError as exc:
             await self.refuse_authentication(exc)
             return None
         await self.reply(envelope(data=[auth_item(session.uuid)]))
-        self.session = session
+        self.session, self.owner = session, owner
         # Flushes results that finished while the client was away.
         await session.attach(self.send_text, self.context.base_url(self.socket))
         return rest

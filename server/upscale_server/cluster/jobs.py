@@ -138,6 +138,7 @@ class RedisJobQueue:
                         payload,
                         ref,
                         task.task_uuid,
+                        job.owner,
                     ],
                 )
         except BaseException:

@@ -50,10 +50,10 @@ class RedisTaskRecords:
         self._finish_script = client.register_script(scripts.FINISH)
 
     @translated("task store (Redis)")
-    def claim(self, task_uuid: str, task_type: str, delivery: str) -> bool:
+    def claim(self, task_uuid: str, task_type: str, delivery: str, owner: str = "") -> bool:
         ttl = max(self.result_ttl_seconds, 600)
         claimed = self._claim(
-            keys=[self.keys.task(task_uuid)], args=[task_type, delivery, self._clock(), self.node, ttl]
+            keys=[self.keys.task(task_uuid)], args=[task_type, delivery, self._clock(), self.node, ttl, owner]
         )
         return bool(claimed)
 
@@ -79,6 +79,7 @@ class RedisTaskRecords:
             created_at=_float(fields.get("created")) or 0.0,
             finished_at=finished,
             expires_at=None if finished is None else finished + self.result_ttl_seconds,
+            owner=fields.get("owner", ""),
         )
 
     def fail_unfinished(self, error_factory: Callable[[TaskRecord], JsonObject]) -> int:

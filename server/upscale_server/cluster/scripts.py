@@ -9,22 +9,22 @@ Cluster keeps them in the same slot.
 from __future__ import annotations
 
 #: KEYS: task hash, job stream. ARGV: capacity, type, delivery, now, node, session, job json, job ref,
-#: task uuid, ttl of an unfinished record (seconds). Returns the stream entry id, "conflict" or "full".
+#: task uuid, owner. Returns the stream entry id, "conflict" or "full".
 ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'conflict' end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 'full' end
 redis.call('HSET', KEYS[1], 'type', ARGV[2], 'delivery', ARGV[3], 'status', 'processing',
     'created', ARGV[4], 'node', ARGV[5], 'session', ARGV[6], 'job', ARGV[7], 'job_ref', ARGV[8],
-    'attempts', 0, 'queued', 1)
+    'attempts', 0, 'queued', 1, 'owner', ARGV[10])
 return redis.call('XADD', KEYS[2], '*', 'task', ARGV[9])
 """
 
 #: A task that runs on the API node that took it (imageUpload). KEYS: task hash. ARGV: type, delivery,
-#: now, node, ttl seconds (an API node that dies mid-upload leaves no record forever). Returns 1 or 0.
+#: now, node, ttl seconds (an API node that dies mid-upload leaves no record forever), owner. Returns 1 or 0.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'type', ARGV[1], 'delivery', ARGV[2], 'status', 'processing',
-    'created', ARGV[3], 'node', ARGV[4], 'session', '', 'attempts', 1)
+    'created', ARGV[3], 'node', ARGV[4], 'session', '', 'attempts', 1, 'owner', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """

@@ -30,7 +30,7 @@ from upscale_server.cluster.connect import REDIS_FAILURES, unavailable_on_failur
 from upscale_server.cluster.keys import Keys
 from upscale_server.cluster.records import SESSION_FRAMES
 from upscale_server.cluster.wakeups import Wakeups
-from upscale_server.sessions import FrameReader, Sender
+from upscale_server.sessions import FrameReader, Sender, session_key
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,11 @@ PUMP_BATCH = 64
 class RedisSession:
     """One session as this node holds it (while its socket is attached here)."""
 
-    def __init__(self, store: RedisSessionStore, session_uuid: str, epoch: int, last: str) -> None:
+    def __init__(self, store: RedisSessionStore, session_uuid: str, epoch: int, last: str, *, owner: str = "") -> None:
         self.store = store
         self.uuid = session_uuid
+        #: The session's name in Redis and in the jobs that deliver to it (see :func:`session_key`).
+        self.key = session_key(owner, session_uuid)
         self.epoch = epoch
         self.last = last
         self.base_url = ""
@@ -57,7 +59,7 @@ class RedisSession:
     async def attach(self, sender: Sender, base_url: str) -> None:
         self._sender = sender
         self.base_url = base_url
-        self.store.attached[self.uuid] = self
+        self.store.attached[self.key] = self
         await self.pump()
 
     async def detach(self, sender: Sender) -> None:
@@ -70,9 +72,9 @@ class RedisSession:
         """Append ``payload`` to the session's frames; its owner (maybe this node) sends it. Never raises:
         a frame that cannot be kept now is lost for the socket, and the task stays pollable."""
         try:
-            await self.store.append(self.uuid, "frame", await json_text.dumps(payload))
+            await self.store.append(self.key, "frame", await json_text.dumps(payload))
         except Exception as exc:
-            log.warning("session %s: a frame could not be kept (%s)", self.uuid, exc.__class__.__name__)
+            log.warning("session %s: a frame could not be kept (%s)", self.key, exc.__class__.__name__)
 
     async def pump(self) -> None:
         """Send every frame after the last one sent, in order, while this node holds the session."""
@@ -80,10 +82,10 @@ class RedisSession:
             while self._sender is not None:
                 try:
                     entries = await self.store.client.xrange(
-                        self.store.keys.session_frames(self.uuid), min=f"({self.last}", max="+", count=PUMP_BATCH
+                        self.store.keys.session_frames(self.key), min=f"({self.last}", max="+", count=PUMP_BATCH
                     )
                 except REDIS_FAILURES as exc:
-                    log.warning("session %s: frames unreachable (%s)", self.uuid, exc.__class__.__name__)
+                    log.warning("session %s: frames unreachable (%s)", self.key, exc.__class__.__name__)
                     return
                 if not entries:
                     return
@@ -115,14 +117,14 @@ class RedisSession:
 
     def _lost(self) -> None:
         """Another connection took the session (on this node or another): stop sending here."""
-        log.info("session %s was taken over by another connection", self.uuid)
+        log.info("session %s was taken over by another connection", self.key)
         self._let_go()
 
     def _let_go(self) -> None:
         """Stop sending on this node: no socket, and no longer among the sessions it holds."""
         self._sender = None
-        if self.store.attached.get(self.uuid) is self:
-            del self.store.attached[self.uuid]
+        if self.store.attached.get(self.key) is self:
+            del self.store.attached[self.key]
 
 
 class RedisSessionStore:
@@ -152,19 +154,20 @@ class RedisSessionStore:
         """How this node reads a finished task back as a frame (the task layer knows the shape)."""
         self._read_frame = read_frame
 
-    async def open(self, requested: str | None) -> RedisSession:
+    async def open(self, requested: str | None, owner: str = "") -> RedisSession:
         session_uuid = requested or str(uuid.uuid4())
+        key = session_key(owner, session_uuid)
         with unavailable_on_failure("session store (Redis)"):
             old_owner, epoch, last = await self._take(
-                keys=[self.keys.session(session_uuid), self.keys.session_frames(session_uuid)],
+                keys=[self.keys.session(key), self.keys.session_frames(key)],
                 args=[self.node, self.held_ms],
             )
             if old_owner and old_owner != self.node:
-                await self.client.publish(self.keys.node(str(old_owner)), f"drop {session_uuid}")
-        previous = self.attached.pop(session_uuid, None)
+                await self.client.publish(self.keys.node(str(old_owner)), f"drop {key}")
+        previous = self.attached.pop(key, None)
         if previous is not None:
             previous._lost()
-        return RedisSession(self, session_uuid, int(epoch), str(last))
+        return RedisSession(self, session_uuid, int(epoch), str(last), owner=owner)
 
     async def append(self, session_uuid: str, field: str, value: str) -> None:
         await self._deliver(
@@ -179,17 +182,17 @@ class RedisSessionStore:
 
     async def sent(self, session: RedisSession) -> bool:
         """Record how far ``session`` was sent; False when another connection holds it now."""
-        kept = await self._sent(keys=[self.keys.session(session.uuid)], args=[session.epoch, session.last])
+        kept = await self._sent(keys=[self.keys.session(session.key)], args=[session.epoch, session.last])
         return bool(kept)
 
     async def keep(self, session: RedisSession, ttl_ms: int) -> None:
         try:
             await self._keep(
-                keys=[self.keys.session(session.uuid), self.keys.session_frames(session.uuid)],
+                keys=[self.keys.session(session.key), self.keys.session_frames(session.key)],
                 args=[session.epoch, ttl_ms],
             )
         except REDIS_FAILURES as exc:
-            log.warning("session %s: could not be kept (%s)", session.uuid, exc.__class__.__name__)
+            log.warning("session %s: could not be kept (%s)", session.key, exc.__class__.__name__)
 
     def _wake(self, session_uuid: str) -> None:
         session = self.attached.get(session_uuid)
@@ -214,7 +217,7 @@ class RedisSessionStore:
             await asyncio.wait(set(self._spawned), timeout=timeout)
 
     async def _verify(self, session: RedisSession) -> None:
-        epoch = await self.client.hget(self.keys.session(session.uuid), "epoch")
+        epoch = await self.client.hget(self.keys.session(session.key), "epoch")
         if epoch is None or int(cast(str, epoch)) != session.epoch:
             session._lost()
 

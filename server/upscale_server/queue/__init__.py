@@ -26,14 +26,16 @@ from upscale_server.vocabulary import ImageFormat
 @dataclass(frozen=True, slots=True)
 class UpscaleJob:
     """An accepted upscale task: the parsed task, the base URL its image URLs are built on, the WebSocket
-    session it came in (None for REST), and the image UUIDs its output and inline input will be stored
-    under, chosen once at acceptance so that every attempt at the job reports the same ones."""
+    session it came in (None for REST), the image UUIDs its output and inline input will be stored
+    under, chosen once at acceptance so that every attempt at the job reports the same ones, and the
+    tenant that sent it (its record's owner)."""
 
     task: UpscaleTask
     base_url: str
     session: str | None = None
     output_uuid: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
     input_uuid: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    owner: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -43,6 +45,7 @@ class UpscaleJob:
                 "session": self.session,
                 "output_uuid": self.output_uuid,
                 "input_uuid": self.input_uuid,
+                "owner": self.owner,
             },
             separators=(",", ":"),
         )
@@ -58,6 +61,7 @@ class UpscaleJob:
             session=data["session"],
             output_uuid=data["output_uuid"],
             input_uuid=data["input_uuid"],
+            owner=data.get("owner", ""),
         )
 
 

@@ -47,7 +47,9 @@ class LocalJobQueue:
             )
         self._places += 1  # taken before the claim's await: concurrent requests see it
         try:
-            claimed = await asyncio.to_thread(self.records.claim, task.task_uuid, task.task_type, task.delivery_method)
+            claimed = await asyncio.to_thread(
+                self.records.claim, task.task_uuid, task.task_type, task.delivery_method, job.owner
+            )
         except BaseException:
             self._places -= 1
             raise

@@ -5,6 +5,10 @@ with its ``connectionSessionUUID`` gets the results that finished while it was a
 therefore separate from the socket; the transport attaches its socket's sender to a session and the
 tasks deliver to the session. ``local.py`` keeps sessions in this process; the cluster's sessions live
 in Redis, so a client resumes on any node. Only :mod:`upscale_server.backends` builds them.
+
+A session belongs to the API key that opened it: it is kept under its :func:`session_key`, the UUID
+within the key's owner, so another key that names the same UUID opens a session of its own and can
+neither take the first one over nor learn that it exists.
 """
 
 from __future__ import annotations
@@ -19,11 +23,23 @@ Sender = Callable[[str], Awaitable[None]]
 FrameReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
+def session_key(owner: str, session_uuid: str) -> str:
+    """Where the session ``session_uuid`` of ``owner`` is kept (open mode's owner '' keeps the bare UUID)."""
+    return f"{owner}:{session_uuid}" if owner else session_uuid
+
+
 class Session(Protocol):
     """One client session: frames go out through the attached socket, or wait for the next one."""
 
     @property
-    def uuid(self) -> str: ...
+    def uuid(self) -> str:
+        """The ``connectionSessionUUID`` its client knows."""
+        ...
+
+    @property
+    def key(self) -> str:
+        """Its :func:`session_key`: what the stores, and the jobs that deliver to it, name it by."""
+        ...
 
     async def attach(self, sender: Sender, base_url: str) -> None:
         """Make ``sender`` the session's socket and send it what was kept meanwhile (``base_url``: where
@@ -42,7 +58,7 @@ class Session(Protocol):
 class SessionStore(Protocol):
     """Every live session."""
 
-    async def open(self, requested: str | None) -> Session:
-        """The session a new connection uses: ``requested`` if it is still alive (taken over from the
-        connection that had it), else a new one."""
+    async def open(self, requested: str | None, owner: str = "") -> Session:
+        """The session a new connection of ``owner`` uses: ``requested`` if ``owner`` has it alive (taken
+        over from the connection that had it), else a new one."""
         ...

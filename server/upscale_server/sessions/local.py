@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from upscale_server import json_text
-from upscale_server.sessions import Sender
+from upscale_server.sessions import Sender, session_key
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ class LocalSession:
         clock: Callable[[], float] = time.monotonic,
         *,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        owner: str = "",
     ) -> None:
         self.uuid = session_uuid
+        self.key = session_key(owner, session_uuid)
         self._clock = clock
         self._sender: Sender | None = None
         self._buffer: deque[str] = deque()
@@ -150,13 +152,14 @@ class LocalSessionStore:
         session outlives its window by at most that."""
         return min(max(self.resume_seconds / 4, 1.0), 30.0)
 
-    async def open(self, requested: str | None) -> LocalSession:
-        """The session to use for a new connection: the requested one if it is still alive, else a new one."""
+    async def open(self, requested: str | None, owner: str = "") -> LocalSession:
+        """The session to use for a new connection of ``owner``: the requested one if ``owner`` has it
+        alive, else a new one."""
         self.expire()
-        if requested is not None and requested in self._sessions:
-            return self._sessions[requested]
-        session = LocalSession(requested or str(uuid.uuid4()), self._clock, buffer_bytes=self.buffer_bytes)
-        self._sessions[session.uuid] = session
+        if requested is not None and (kept := self._sessions.get(session_key(owner, requested))) is not None:
+            return kept
+        session = LocalSession(requested or str(uuid.uuid4()), self._clock, buffer_bytes=self.buffer_bytes, owner=owner)
+        self._sessions[session.key] = session
         return session
 
     def expire(self) -> int:

@@ -130,6 +130,8 @@ class TaskRecord:
     created_at: float
     finished_at: float | None
     expires_at: float | None
+    #: The tenant that sent the task (:func:`upscale_server.api.auth.owner_of`); '' in open mode.
+    owner: str = ""
 
 
 class TaskRecords(Protocol):
@@ -138,8 +140,9 @@ class TaskRecords(Protocol):
     Finished records stay readable for the result TTL; ``processing`` ones never expire.
     """
 
-    def claim(self, task_uuid: str, task_type: str, delivery: str) -> bool:
-        """Record a new ``processing`` task, atomically with the check; False when the UUID is in use."""
+    def claim(self, task_uuid: str, task_type: str, delivery: str, owner: str = "") -> bool:
+        """Record a new ``processing`` task of ``owner``, atomically with the check; False when the UUID is
+        in use (by any owner: taskUUIDs are one namespace per server)."""
         ...
 
     def complete(self, task_uuid: str, item: JsonObject) -> bool:

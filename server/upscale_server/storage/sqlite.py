@@ -62,6 +62,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX tasks_expires_at ON tasks (expires_at) WHERE expires_at IS NOT NULL",
         "CREATE INDEX tasks_processing ON tasks (status) WHERE status = 'processing'",
     ),
+    (
+        # The tenant a task belongs to (a hash of the API key that sent it; '' in open mode): getResponse
+        # answers only its own key. Rows from before keys separated clients belong to open mode.
+        "ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -41,7 +41,7 @@ class SqliteTaskRecords:
         self.result_ttl_seconds = result_ttl_seconds
         self._clock = clock
 
-    def claim(self, task_uuid: str, task_type: str, delivery: str) -> bool:
+    def claim(self, task_uuid: str, task_type: str, delivery: str, owner: str = "") -> bool:
         """Record a new ``processing`` task; False if the UUID is taken (answer ``conflictTaskUUID``).
 
         One statement, so the check and the insert cannot interleave with another claim, in this process
@@ -49,14 +49,15 @@ class SqliteTaskRecords:
         replaced in place.
         """
         changed = self.db.execute(
-            "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at)"
-            " VALUES (:uuid, :type, :delivery, 'processing', :now)"
+            "INSERT INTO tasks (task_uuid, task_type, delivery, status, created_at, owner)"
+            " VALUES (:uuid, :type, :delivery, 'processing', :now, :owner)"
             " ON CONFLICT (task_uuid) DO UPDATE SET"
             "   task_type = excluded.task_type, delivery = excluded.delivery, status = 'processing',"
+            "   owner = excluded.owner,"
             "   item = NULL, error = NULL, created_at = excluded.created_at, finished_at = NULL,"
             "   expires_at = NULL"
             " WHERE tasks.expires_at IS NOT NULL AND tasks.expires_at <= :now",
-            {"uuid": task_uuid, "type": task_type, "delivery": delivery, "now": self._clock()},
+            {"uuid": task_uuid, "type": task_type, "delivery": delivery, "now": self._clock(), "owner": owner},
         )
         claimed = changed == 1
         if not claimed:
@@ -162,4 +163,5 @@ def _from_row(row: sqlite3.Row) -> TaskRecord:
         created_at=row["created_at"],
         finished_at=row["finished_at"],
         expires_at=row["expires_at"],
+        owner=row["owner"],
     )

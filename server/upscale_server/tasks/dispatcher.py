@@ -23,12 +23,13 @@ Emit = Callable[[Outcome], Awaitable[None]]
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """What a handler knows about the request a task came in: where its client reaches the server, the
-    WebSocket session it came in (None for REST), and whether it is a dry run (validate and answer,
-    run and record nothing)."""
+    WebSocket session it came in (None for REST), whether it is a dry run (validate and answer, run and
+    record nothing), and the tenant that sent it (its API key's owner; '' in open mode)."""
 
     base_url: str
     session: str | None = None
     dry_run: bool = False
+    owner: str = ""
 
 
 class TaskHandler(Protocol):
@@ -52,10 +53,11 @@ class TaskDispatcher:
         emit: Emit,
         session: str | None = None,
         dry_run: bool = False,
+        owner: str = "",
     ) -> None:
         """Run every task of an array concurrently; each emits exactly one outcome (or has it delivered to
         its ``session`` by the job queue)."""
-        request = RequestContext(base_url, session, dry_run)
+        request = RequestContext(base_url, session, dry_run, owner)
         await asyncio.gather(*(self._run_one(raw, request, emit) for raw in raw_tasks))
 
     async def _run_one(self, raw: object, request: RequestContext, emit: Emit) -> None:

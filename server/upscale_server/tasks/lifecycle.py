@@ -32,10 +32,11 @@ class TaskLifecycle:
         self.webhooks = webhooks
         self.metrics = metrics
 
-    async def accept(self, task_type: str, task_uuid: str, delivery: str) -> None:
-        """Claim ``task_uuid`` as processing for a task this process runs at once (an upload; upscales are
-        claimed by the job queue as they are admitted). ConflictTaskUUIDError when the UUID is taken."""
-        claimed = await asyncio.to_thread(self.records.claim, task_uuid, task_type, delivery)
+    async def accept(self, task_type: str, task_uuid: str, delivery: str, owner: str = "") -> None:
+        """Claim ``task_uuid`` for ``owner`` as processing for a task this process runs at once (an upload;
+        upscales are claimed by the job queue as they are admitted). ConflictTaskUUIDError when the UUID is
+        taken."""
+        claimed = await asyncio.to_thread(self.records.claim, task_uuid, task_type, delivery, owner)
         if not claimed:
             raise ConflictTaskUUIDError.for_task(task_uuid)
 

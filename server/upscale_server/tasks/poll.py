@@ -9,10 +9,10 @@ from upscale_server.tasks.results import RecordedResults
 
 class GetResponseHandler:
     """Answers ``processing``, the recorded result (inline images read back from storage), or the
-    recorded error item (HTTP 200: the poll itself succeeded)."""
+    recorded error item (HTTP 200: the poll itself succeeded); only to the tenant that sent the task."""
 
     def __init__(self, results: RecordedResults) -> None:
         self.results = results
 
     async def __call__(self, task: GetResponseTask, request: RequestContext, emit: Emit) -> None:
-        await emit(await self.results.poll(task.task_uuid, request.base_url))
+        await emit(await self.results.poll(task.task_uuid, request.base_url, owner=request.owner))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 from typing import Any
 
 from upscale_server.errors import TaskNotFoundError
@@ -87,10 +88,11 @@ class RecordedResults:
         self.records = records
         self.images = images
 
-    async def poll(self, task_uuid: str, base_url: str) -> Outcome:
+    async def poll(self, task_uuid: str, base_url: str, *, owner: str) -> Outcome:
         """What ``getResponse`` answers: ``processing``, the result, or the error item with HTTP 200 (the
-        poll itself succeeded). TaskNotFoundError when the task is unknown or its result expired."""
-        outcome, _ = await self._read(task_uuid, base_url)
+        poll itself succeeded). TaskNotFoundError when the task is unknown, its result expired, or it
+        belongs to another tenant (the same error: another key's task does not exist for this one)."""
+        outcome, _ = await self._read(task_uuid, base_url, owner=owner)
         return outcome
 
     async def finished(self, task_uuid: str, base_url: str) -> Outcome:
@@ -108,9 +110,11 @@ class RecordedResults:
         except TaskNotFoundError:
             return None
 
-    async def _read(self, task_uuid: str, base_url: str) -> tuple[Outcome, int]:
+    async def _read(self, task_uuid: str, base_url: str, *, owner: str | None = None) -> tuple[Outcome, int]:
+        """The task's outcome; ``owner`` (a poll's tenant) must match the record's, None skips the check
+        (the server reading back a task it accepted itself)."""
         record = await asyncio.to_thread(self.records.get, task_uuid)
-        if record is None:
+        if record is None or (owner is not None and not hmac.compare_digest(record.owner, owner)):
             raise TaskNotFoundError(
                 f"no task with taskUUID {task_uuid} (never sent, or its result expired)", parameter="taskUUID"
             )

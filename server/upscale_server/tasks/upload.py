@@ -24,7 +24,7 @@ class UploadHandler:
         if request.dry_run:
             await emit(Outcome(item=await self._rehearse(task)))
             return
-        await self.lifecycle.accept(task.task_type, task.task_uuid, "sync")
+        await self.lifecycle.accept(task.task_type, task.task_uuid, "sync", request.owner)
         outcome: Outcome = await self.lifecycle.execute(
             task.task_type, task.task_uuid, request.base_url, self._upload(task, request.base_url), webhook_url=None
         )

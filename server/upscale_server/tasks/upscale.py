@@ -111,7 +111,7 @@ class UpscaleHandler:
         if request.dry_run:
             await emit(Outcome(item=await self._rehearse(task)))
             return
-        done = await self.jobs.enqueue(UpscaleJob(task, request.base_url, request.session))
+        done = await self.jobs.enqueue(UpscaleJob(task, request.base_url, request.session, owner=request.owner))
         if task.delivery_method == "async":
             await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
             return

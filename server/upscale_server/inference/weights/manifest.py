@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from upscale_server.errors import InvalidModelError
+from upscale_server.errors import InvalidModelError, shown
 from upscale_server.inference import archs
 from upscale_server.inference.archs.base import ArchInfo, Architecture
 
@@ -97,7 +97,7 @@ class Manifest:
                 return spec
         accepted = [*self.ids(), *aliases]
         raise InvalidModelError(
-            f"model {model_id!r} is not available on this server; use one of: {', '.join(accepted)}",
+            f"model {shown(model_id)!r} is not available on this server; use one of: {', '.join(accepted)}",
             parameter="model",
             allowed_values=accepted,
         )
