@@ -223,6 +223,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=100 * 2**20, ge=1024, description="Largest REST request body (413 beyond): base64 adds a third."
     )
+    max_unauthenticated_bytes: int = Field(
+        default=64 * 2**10,
+        ge=1024,
+        description="Most bytes read of a REST body or taken in a WebSocket frame before its API key is accepted. A "
+        "bigger REST body is judged by its `Authorization` header, or by a leading authentication task that fits "
+        "in this prefix, before the rest is read; a bigger WebSocket frame before authentication closes the "
+        "connection with code 1009.",
+    )
     max_frame_bytes: int = Field(
         default=100 * 2**20,
         ge=1024,

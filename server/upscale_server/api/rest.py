@@ -11,8 +11,15 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from upscale_server.api.context import RunwareJSONResponse, dry_run_requested, parse_tasks, server_context
-from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
+from upscale_server.api.context import (
+    RunwareJSONResponse,
+    ServerContext,
+    dry_run_requested,
+    parse_tasks,
+    server_context,
+)
+from upscale_server.api.preauth import read_authenticated_body
+from upscale_server.errors import ImageNotFoundError, UpscaleError, error_item, http_status_for
 from upscale_server.protocol import Outcome, envelope
 from upscale_server.tasks.results import IMAGE_ROUTE
 
@@ -26,22 +33,18 @@ def error_response(
     return RunwareJSONResponse(envelope(errors=[item]), status_code=exc.http_status)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes (Starlette itself has no cap)."""
+async def read_body(request: Request, context: ServerContext, bearer: str | None) -> bytes:
+    """The request body, refused past ``max_body_bytes`` and read past ``max_unauthenticated_bytes``
+    only once its key is accepted (Starlette itself has no cap)."""
     declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLargeError(
-        f"The request body is larger than {limit} bytes (UPSCALE_MAX_BODY_BYTES).", max=limit
+    return await read_authenticated_body(
+        request.stream(),
+        context.keys,
+        bearer=bearer,
+        declared=int(declared) if declared.isdigit() else None,
+        max_body_bytes=context.settings.max_body_bytes,
+        max_unauthenticated_bytes=context.settings.max_unauthenticated_bytes,
     )
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def bearer_key(request: Request) -> str | None:
@@ -55,9 +58,10 @@ def bearer_key(request: Request) -> str | None:
 async def run_tasks(request: Request) -> Response:
     context = server_context(request)
     try:
-        body = await read_body(request, context.settings.max_body_bytes)
+        bearer = bearer_key(request)
+        body = await read_body(request, context, bearer)
         raw_tasks = await parse_tasks(body, context.settings)
-        raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer_key(request))
+        raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer)
     except UpscaleError as exc:
         return error_response(exc)
 
