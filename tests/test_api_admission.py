@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from tests.api_helpers import make_client
 from upscale_server.api.auth import ApiKeys
@@ -155,3 +156,37 @@ def test_too_many_tasks_is_counted_before_parsing_on_both_transports(client: Tes
         ws.receive_text()
         ws.send_text("[" + "{}," * 1000 + "{}]")
         assert json.loads(ws.receive_text())["errors"][0]["code"] == "tooManyTasks"
+
+
+def test_a_big_frame_before_authentication_is_refused_and_closes(client: TestClient) -> None:
+    with client.websocket_connect("/v1") as ws:
+        ws.send_text(padded_pings(auth=KEY))  # even one that would authenticate: it is too big to read first
+        error = json.loads(ws.receive_text())["errors"][0]
+        assert error["code"] == "payloadTooLarge" and error["max"] == SMALL
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+        assert closed.value.code == 1009
+
+
+def test_after_authentication_big_frames_are_read(client: TestClient) -> None:
+    with client.websocket_connect("/v1") as ws:
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY}]))
+        ws.receive_text()
+        ws.send_text(padded_pings())
+        assert json.loads(ws.receive_text())["data"][0]["pong"] is True
+
+
+def test_websocket_timeouts(tmp_path: Path) -> None:
+    with make_client(tmp_path, KEY, ws_auth_timeout_seconds=0.3, ws_idle_timeout_seconds=0.3) as client:
+        with client.websocket_connect("/v1") as ws:
+            error = json.loads(ws.receive_text())["errors"][0]
+            assert error["code"] == "missingApiKey" and "0.3 s" in error["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+            assert closed.value.code == 1008
+        with client.websocket_connect("/v1") as ws:
+            ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY}]))
+            ws.receive_text()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+            assert closed.value.code == 1001
