@@ -151,6 +151,7 @@ async def start_parts(
             GetResponseTask: GetResponseHandler(results),
         },
         metrics,
+        max_reply_bytes=settings.max_reply_bytes,
     )
     metrics.watch(
         queue_depth=(lambda: inference.queue_depth) if runs_jobs else None,

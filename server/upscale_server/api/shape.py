@@ -31,6 +31,7 @@ def check_shape(body: bytes | str, *, max_tasks: int) -> None:
     backslash = 0x5C if is_bytes else "\\"
     max_values = max_tasks * VALUES_PER_TASK
     depth = elements = values = 0
+    in_array = False
     pos = 0
     while (match := token.search(body, pos)) is not None:  # type: ignore[arg-type]
         char = match.group()
@@ -42,7 +43,7 @@ def check_shape(body: bytes | str, *, max_tasks: int) -> None:
             continue
         if char in (b",", ","):
             values += 1
-            if depth == 1:
+            if depth == 1 and in_array:
                 elements += 1
                 if elements >= max_tasks:
                     raise TooManyTasksError(
@@ -51,6 +52,8 @@ def check_shape(body: bytes | str, *, max_tasks: int) -> None:
                         max=max_tasks,
                     )
         elif char in (b"[", b"{", "[", "{"):
+            if depth == 0:
+                in_array = char in (b"[", "[")  # a lone object is the parser's to refuse
             depth += 1
             values += 1
         else:
