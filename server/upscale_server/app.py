@@ -106,7 +106,8 @@ async def start_parts(
             max_redirects=settings.outbound_max_redirects,
             connect_timeout=settings.outbound_connect_timeout,
             total_timeout=settings.outbound_timeout,
-        )
+        ),
+        max_deliveries=settings.max_deliveries_in_flight,
     )
     stack.push_async_callback(outbound.aclose)
     webhooks = WebhookSender(
