@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.api_helpers import make_client
+from tests.api_helpers import JobGate, data_uri, encode, make_client, photo_crop, upscale_task
 from upscale_server.api.auth import ApiKeys
 from upscale_server.api.preauth import leading_api_key, read_authenticated_body
 from upscale_server.api.shape import VALUES_PER_TASK, check_shape
@@ -190,3 +191,22 @@ def test_websocket_timeouts(tmp_path: Path) -> None:
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_text()
             assert closed.value.code == 1001
+
+
+def test_a_connection_waiting_for_its_own_request_is_not_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with (
+        make_client(tmp_path, KEY, ws_idle_timeout_seconds=0.2) as client,
+        JobGate(monkeypatch) as gate,
+        client.websocket_connect("/v1") as ws,
+    ):
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY}]))
+        ws.receive_text()
+        task = upscale_task(data_uri(encode(photo_crop())))
+        ws.send_text(json.dumps([task]))
+        gate.wait_held()
+        time.sleep(0.6)  # three idle timeouts while the upscale runs
+        gate.open()
+        assert json.loads(ws.receive_text())["data"][0]["taskUUID"] == task["taskUUID"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+        assert closed.value.code == 1001
