@@ -30,7 +30,7 @@ class RequestContext:
     base_url: str
     session: str | None = None
     dry_run: bool = False
-    reply_budget: ReplyBudget = field(default_factory=lambda: ReplyBudget(None))
+    reply_budget: ReplyBudget = field(default_factory=lambda: ReplyBudget(None), compare=False)
 
 
 class TaskHandler(Protocol):
