@@ -18,7 +18,13 @@ from tests.api_helpers import JobGate, data_uri, encode, make_client, photo_crop
 from upscale_server.api.auth import ApiKeys
 from upscale_server.api.preauth import leading_api_key, read_authenticated_body
 from upscale_server.api.shape import VALUES_PER_TASK, check_shape
-from upscale_server.errors import InvalidApiKeyError, MissingApiKeyError, PayloadTooLargeError, TooManyTasksError
+from upscale_server.errors import (
+    InvalidApiKeyError,
+    MissingApiKeyError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    TooManyTasksError,
+)
 
 KEY = "admission-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
@@ -62,6 +68,7 @@ def read(stream: CountingStream, *, bearer: str | None) -> bytes:
             declared=None,
             max_body_bytes=1 << 20,
             max_unauthenticated_bytes=SMALL,
+            unauthenticated_timeout=10,
         )
     )
 
@@ -78,6 +85,28 @@ def test_a_big_body_without_an_accepted_key_is_refused_after_its_prefix(bearer: 
 def test_a_big_body_with_an_accepted_key_is_read_whole(bearer: str | None, auth: str | None) -> None:
     body = padded_pings(auth=auth, size=200_000).encode()
     assert read(CountingStream(body), bearer=bearer) == body
+
+
+def test_a_trickled_body_prefix_times_out() -> None:
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b"["
+        await asyncio.sleep(5)
+        yield b"]"
+
+    async def scenario() -> bytes:
+        return await read_authenticated_body(
+            trickle(),
+            ApiKeys([KEY]),
+            bearer=KEY,
+            declared=None,
+            max_body_bytes=1 << 20,
+            max_unauthenticated_bytes=SMALL,
+            unauthenticated_timeout=0.1,
+        )
+
+    with pytest.raises(RequestTimeoutError) as refused:
+        asyncio.run(scenario())
+    assert refused.value.http_status == 408 and refused.value.code == "requestTimeout"
 
 
 def test_the_leading_authentication_task_decides_over_the_header() -> None:

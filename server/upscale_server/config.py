@@ -258,7 +258,8 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         description="A request head must arrive whole within this long of its first byte (or of the connection), "
-        "else the connection is closed.",
+        "else the connection is closed; then a REST body's first `UPSCALE_MAX_UNAUTHENTICATED_BYTES` (all of a "
+        "smaller one) within this long again, else 408 `requestTimeout`.",
     )
     ws_auth_timeout_seconds: float = Field(
         default=30.0,

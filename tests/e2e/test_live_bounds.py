@@ -140,6 +140,17 @@ def test_a_trickled_request_head_is_cut_off(server: UpscaleTestServer) -> None:
         assert 0.8 < time.monotonic() - started < 5
 
 
+def test_a_trickled_body_without_a_key_is_refused(server: UpscaleTestServer) -> None:
+    with raw_connection(server) as sock:
+        sock.sendall(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n[")  # and no more
+        started = time.monotonic()
+        answer = b""
+        while b"requestTimeout" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"requestTimeout" in answer
+        assert time.monotonic() - started < 5
+
+
 def test_a_silent_connection_is_cut_off(server: UpscaleTestServer) -> None:
     with raw_connection(server) as sock:
         started = time.monotonic()

@@ -1,8 +1,9 @@
 """Reading a REST body no further than its key allows.
 
-Until a request's key is accepted it may cost the server only a small read: at most
-``UPSCALE_MAX_UNAUTHENTICATED_BYTES``. A body that fits is read whole and authenticated as always (the
-leading ``authentication`` task's ``apiKey``, else ``Authorization: Bearer``). A bigger body is judged
+Until a request's key is accepted it may cost the server only a small, quick read: at most
+``UPSCALE_MAX_UNAUTHENTICATED_BYTES``, within ``UPSCALE_HEADER_TIMEOUT_SECONDS``. A body that fits is
+read whole and authenticated as always (the leading ``authentication`` task's ``apiKey``, else
+``Authorization: Bearer``). A bigger body is judged
 from that prefix before another byte is read: its key is the leading authentication task's, when that
 task is complete within the prefix, else the header's. A refused key is answered at once; an accepted
 one lets the rest of the body be read, up to ``UPSCALE_MAX_BODY_BYTES``, and the whole body is then
@@ -11,11 +12,12 @@ authenticated again by the one rule in :mod:`upscale_server.api.auth`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 from upscale_server.api.auth import ApiKeys
-from upscale_server.errors import PayloadTooLargeError
+from upscale_server.errors import PayloadTooLargeError, RequestTimeoutError
 
 _WHITESPACE = " \t\r\n"
 _DECODER = json.JSONDecoder()
@@ -63,13 +65,22 @@ async def read_authenticated_body(
     declared: int | None,
     max_body_bytes: int,
     max_unauthenticated_bytes: int,
+    unauthenticated_timeout: float,
 ) -> bytes:
     """The whole body, read past ``max_unauthenticated_bytes`` only once its key is accepted.
 
-    Raises MissingApiKeyError or InvalidApiKeyError (401) for a big body whose key is refused, and
-    PayloadTooLargeError (413) past ``max_body_bytes``."""
+    Raises MissingApiKeyError or InvalidApiKeyError (401) for a big body whose key is refused,
+    PayloadTooLargeError (413) past ``max_body_bytes``, and RequestTimeoutError (408) when the prefix
+    takes longer than ``unauthenticated_timeout`` seconds (a client trickling it holds a connection)."""
     reader = BodyReader(stream, declared=declared, limit=max_body_bytes)
-    prefix = await reader.read_until(max_unauthenticated_bytes)
+    try:
+        async with asyncio.timeout(unauthenticated_timeout):
+            prefix = await reader.read_until(max_unauthenticated_bytes)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"The first {max_unauthenticated_bytes} bytes of the body (or all of it) did not arrive within "
+            f"{unauthenticated_timeout:g} s (UPSCALE_HEADER_TIMEOUT_SECONDS)."
+        ) from None
     if reader.complete:
         return prefix  # small: authenticated by the caller with the one rule
     in_body = leading_api_key(prefix[:max_unauthenticated_bytes])

@@ -44,6 +44,7 @@ async def read_body(request: Request, context: ServerContext, bearer: str | None
         declared=int(declared) if declared.isdigit() else None,
         max_body_bytes=context.settings.max_body_bytes,
         max_unauthenticated_bytes=context.settings.max_unauthenticated_bytes,
+        unauthenticated_timeout=context.settings.header_timeout_seconds,
     )
 
 
