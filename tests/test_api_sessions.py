@@ -125,7 +125,9 @@ def test_a_detached_session_keeps_at_most_buffer_bytes_dropping_the_oldest_frame
         for task in ("t1", "t2", "t3"):
             await session.deliver(_frame(task, 1000))
         assert session.buffered_frames == 2 and session.dropped == 1
-        assert session.buffered_bytes == sum(len(json.dumps(_frame(t, 1000))) for t in ("t2", "t3"))
+        assert session.buffered_bytes == sum(
+            len(json.dumps(_frame(t, 1000), separators=(",", ":"))) for t in ("t2", "t3")
+        )
         assert session.buffered_bytes <= 2500
         received: list[str] = []
 

@@ -91,6 +91,8 @@ def test_unknown_activation_and_scale_are_refused() -> None:
         SRVGGNetCompact(act_type="gelu")
     with pytest.raises(ValueError, match="scale"):
         RRDBNet(scale=3)
+    with pytest.raises(ValueError, match="pixel-unshuffle by 3"):
+        RRDBNet(scale=2, unshuffle=3)
 
 
 # --------------------------------------------------------------------------- descriptors
@@ -130,7 +132,7 @@ def test_descriptors_give_the_engine_what_it_plans_with() -> None:
     # Scale 2 and 1 unshuffle the input by 2 and 4; everything else takes any size.
     assert [RRDBNET.size_multiple(s) for s in (4, 2, 1)] == [1, 2, 4]
     assert [SRVGG.size_multiple(s) for s in (4, 2, 1)] == [1, 1, 1]
-    assert RRDBNET.scales == (1, 2, 4) and SRVGG.scales is None
+    assert RRDBNET.scales == (1, 2, 4, 8) and SRVGG.scales == (1, 2, 3, 4)
     assert (RRDBNET.default_tile_overlap, SRVGG.default_tile_overlap) == (64, 32)
     assert all(arch.supports_half and arch.supports_bf16 for arch in archs.ARCHITECTURES)
     # The memory model: RRDB peaks at output resolution, SRVGG at input resolution.

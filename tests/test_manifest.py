@@ -89,7 +89,7 @@ def test_parse_minimal_manifest() -> None:
         (('id = "b@1"', 'id = "a@1"'), r"duplicate model id 'a@1'"),
         (('2 = "b@1"', '2 = "c@1"'), r"'a@1' native_scales\.2 names unknown id 'c@1'"),
         (('sha256 = "abab', 'sha256 = "zzab'), r"'b@1' url: 'sha256' must be 64 hex digits"),
-        (("scale = 2", "scale = 3"), r"'b@1': RRDBNet scale must be 1, 2 or 4"),
+        (("scale = 2", "scale = 3"), r"'b@1': RRDBNet scale must be 1, 2, 4 or 8"),
         ((", num_grow_ch = 32", ""), r"'b@1': params lacks num_grow_ch"),
         (('files = ["a.safetensors"]', 'files = ["../a.safetensors"]'), r"'a@1': 'files' must be bare"),
         (("https://example.org", "http://example.org"), r"'b@1' url: 'href' must be an https"),

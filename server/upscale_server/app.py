@@ -179,7 +179,7 @@ async def start_parts(
         images=backends.images,
         dispatcher=dispatcher,
         sessions=backends.sessions,
-        models=inference.models(),
+        models=inference.models,
     )
     checks = dict(backends.ready_checks)
     if backends.cluster and runs_jobs:

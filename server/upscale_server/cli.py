@@ -275,6 +275,7 @@ def run_upscale(args: argparse.Namespace, settings: Settings) -> int:
     tune_process(settings, compute.device)
     inference = InferenceService(settings, compute)
     model = inference.check_model(args.model)  # unknown model: one line, before any work
+    inference.check_factor(model, args.scale, schema=False)  # so is a factor the model does not serve
     sources = [job.source for job in jobs]
     failures = len(problems)
     written = 0
@@ -389,11 +390,15 @@ def run_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_models(args: argparse.Namespace, settings: Settings) -> int:
+    from upscale_server.inference.weights.local import LocalModels, describe
     from upscale_server.inference.weights.manifest import load_manifest
     from upscale_server.inference.weights.provision import WeightStore
 
     manifest = load_manifest()
     store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
+    local = LocalModels(settings.resolved_models_dir(), manifest)
+    # The table says why a file is not used; the scanner's warning for the server log would repeat it.
+    logging.getLogger(LocalModels.__module__).setLevel(logging.ERROR)
     failures = 0
     if args.prepare:
         for spec in manifest.models:
@@ -411,6 +416,19 @@ def run_models(args: argparse.Namespace, settings: Settings) -> int:
         table.add_row(spec.id, spec.name, spec.arch, f"x{spec.scale}", "yes" if status.ready else "no", status.detail)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     console.print(table)
+    files = local.scan()
+    if files:
+        own = Table(title="your models: other .pth / .safetensors files in that folder (detected from their weights)")
+        for column in ("file", "id"):
+            own.add_column(column, no_wrap=True)
+        own.add_column("architecture, scale, hyper-parameters", overflow="fold")
+        for found in files:
+            if found.spec is None:
+                own.add_row(found.path.name, "-", f"not used: {found.reason}")
+            else:
+                role = " (restoration: does not upscale)" if found.spec.scale == 1 else ""
+                own.add_row(found.path.name, found.spec.id, describe(found.spec.arch_info) + role)
+        console.print(own)
     if settings.model_aliases:
         aliases = Table(title="aliases (UPSCALE_MODEL_ALIASES): requests for these ids run the local model")
         aliases.add_column("requested id", no_wrap=True)

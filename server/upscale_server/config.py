@@ -46,7 +46,14 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(
         default_factory=default_models_dir,
-        description="Folder holding the model manifest's weight files (dropped in, converted or downloaded).",
+        description="Folder holding the model manifest's weight files (dropped in, converted or downloaded) and your "
+        "own models: any other `.pth` or `.safetensors` file of a supported architecture is served as "
+        "`local:<file name, lower case>@1`.",
+    )
+    max_loaded_models: int = Field(
+        default=4,
+        ge=1,
+        description="Networks kept loaded at once; loading one more unloads the one used least recently.",
     )
     allow_download: bool = Field(
         default=False,

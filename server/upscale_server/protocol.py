@@ -368,7 +368,7 @@ def task_identity(raw: object) -> tuple[str | None, str | None]:
     return echo_type, echo_uuid
 
 
-def parse_request_body(body: bytes | str, *, max_tasks: int | None = None) -> list[object]:
+def parse_request_body(body: bytes | bytearray | str, *, max_tasks: int | None = None) -> list[object]:
     """The task list of a REST body or WebSocket frame; elements are checked by :func:`parse_task`.
 
     Runware requires an array ("You must always POST an array of task objects"), and so does this

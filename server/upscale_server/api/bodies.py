@@ -26,7 +26,7 @@ _NOT_PLAIN_TEXT = re.compile(r'[\x00-\x1f\\"]')
 T = TypeVar("T")
 
 
-def parse_long_strings_apart(body: bytes | str, parse: Callable[[bytes | str], T]) -> T:
+def parse_long_strings_apart(body: bytes | bytearray | str, parse: Callable[[bytes | bytearray | str], T]) -> T:
     """``parse(body)`` (a JSON parser), with the long string literals of ``body`` cut out and restored."""
     split = _split(body)
     if split is None:
@@ -37,14 +37,14 @@ def parse_long_strings_apart(body: bytes | str, parse: Callable[[bytes | str], T
     return parsed if restored == len(strings) else parse(body)
 
 
-def _split(body: bytes | str) -> tuple[bytes | str, str, list[str]] | None:
+def _split(body: bytes | bytearray | str) -> tuple[bytes | bytearray | str, str, list[str]] | None:
     """(the body with each long literal replaced by a marker string, the marker prefix, the literals),
     or None when there is nothing to cut or the fast path does not apply."""
-    is_bytes = isinstance(body, bytes)
+    is_bytes = not isinstance(body, str)
     quote: bytes | str = b'"' if is_bytes else '"'
     backslash: bytes | str = b"\\" if is_bytes else "\\"
     marker = f"\x00long-{uuid.uuid4().hex}-"
-    parts: list[bytes | str] = []
+    parts: list[bytes | bytearray | str] = []
     strings: list[str] = []
     pos = last = 0
     while (start := body.find(quote, pos)) >= 0:  # type: ignore[arg-type]
@@ -75,12 +75,12 @@ def _split(body: bytes | str) -> tuple[bytes | str, str, list[str]] | None:
     return skeleton, marker, strings
 
 
-def _plain_text(body: bytes | str, start: int, stop: int) -> str | None:
+def _plain_text(body: bytes | bytearray | str, start: int, stop: int) -> str | None:
     """``body[start:stop]`` as text when it is plain ASCII without escapes or control characters, in pieces."""
     pieces: list[str] = []
     for begin in range(start, stop, _PIECE):
         piece = body[begin : min(begin + _PIECE, stop)]
-        if isinstance(piece, bytes):
+        if not isinstance(piece, str):
             if _NOT_PLAIN_BYTES.search(piece):
                 return None
             pieces.append(piece.decode("ascii"))

@@ -24,14 +24,16 @@ _DECODER = json.JSONDecoder()
 
 
 class BodyReader:
-    """Reads one request body in two stages: the unauthenticated prefix, then the rest."""
+    """Reads one request body in two stages: the unauthenticated prefix, then the rest.
+
+    Chunks are appended to one buffer as they arrive (a ``bytearray`` grows in place): joining a 100 MB
+    body at the end would be one copy of about a tenth of a second on the event loop's thread."""
 
     def __init__(self, stream: AsyncIterator[bytes], *, declared: int | None, limit: int) -> None:
         self._stream = stream
         self._declared = declared
         self._limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
+        self.body = bytearray()
         self.complete = False
 
     def _too_large(self) -> PayloadTooLargeError:
@@ -39,22 +41,19 @@ class BodyReader:
             f"The request body is larger than {self._limit} bytes (UPSCALE_MAX_BODY_BYTES).", max=self._limit
         )
 
-    async def read_until(self, size: int) -> bytes:
+    async def read_until(self, size: int) -> bytearray:
         """The body read so far once it holds more than ``size`` bytes or has ended."""
         if self._declared is not None and self._declared > self._limit:
             raise self._too_large()
-        while not self.complete and self._size <= size:
+        while not self.complete and len(self.body) <= size:
             chunk = await anext(self._stream, None)
             if chunk is None:
                 self.complete = True
                 break
-            self._size += len(chunk)
-            if self._size > self._limit:
+            if len(self.body) + len(chunk) > self._limit:
                 raise self._too_large()
-            self._chunks.append(chunk)
-        body = b"".join(self._chunks)
-        self._chunks = [body]
-        return body
+            self.body += chunk
+        return self.body
 
 
 async def read_authenticated_body(
@@ -66,7 +65,7 @@ async def read_authenticated_body(
     max_body_bytes: int,
     max_unauthenticated_bytes: int,
     unauthenticated_timeout: float,
-) -> bytes:
+) -> bytearray:
     """The whole body, read past ``max_unauthenticated_bytes`` only once its key is accepted.
 
     Raises MissingApiKeyError or InvalidApiKeyError (401) for a big body whose key is refused,
@@ -83,7 +82,7 @@ async def read_authenticated_body(
         ) from None
     if reader.complete:
         return prefix  # small: authenticated by the caller with the one rule
-    in_body = leading_api_key(prefix[:max_unauthenticated_bytes])
+    in_body = leading_api_key(bytes(prefix[:max_unauthenticated_bytes]))
     keys.check(in_body if in_body is not None else bearer)
     return await reader.read_until(max_body_bytes)
 

@@ -15,6 +15,7 @@ from upscale_server.api.context import (
     RunwareJSONResponse,
     ServerContext,
     dry_run_requested,
+    json_reply,
     parse_tasks,
     server_context,
 )
@@ -33,7 +34,7 @@ def error_response(
     return RunwareJSONResponse(envelope(errors=[item]), status_code=exc.http_status)
 
 
-async def read_body(request: Request, context: ServerContext, bearer: str | None) -> bytes:
+async def read_body(request: Request, context: ServerContext, bearer: str | None) -> bytearray:
     """The request body, refused past ``max_body_bytes`` and read past ``max_unauthenticated_bytes``
     only once its key is accepted (Starlette itself has no cap)."""
     declared = request.headers.get("content-length", "")
@@ -80,7 +81,7 @@ async def run_tasks(request: Request) -> Response:
     data = [o.item for o in outcomes if o.item is not None]
     errors = [o.error for o in outcomes if o.error is not None]
     status = 200 if data or not errors else http_status_for([o.status for o in outcomes if o.error])
-    return RunwareJSONResponse(envelope(data=data, errors=errors), status_code=status)
+    return await json_reply(envelope(data=data, errors=errors), status_code=status)
 
 
 @router.get(IMAGE_ROUTE)

@@ -22,10 +22,10 @@ _TOKEN_BYTES = re.compile(rb'["\[\]{},]')
 _TOKEN_TEXT = re.compile(r'["\[\]{},]')
 
 
-def check_shape(body: bytes | str, *, max_tasks: int) -> None:
+def check_shape(body: bytes | bytearray | str, *, max_tasks: int) -> None:
     """Raise TooManyTasksError (more than ``max_tasks`` top-level elements) or PayloadTooLargeError (more
     JSON values than the tasks may hold) without building anything; any other body passes unjudged."""
-    is_bytes = isinstance(body, bytes)
+    is_bytes = not isinstance(body, str)
     token = _TOKEN_BYTES if is_bytes else _TOKEN_TEXT
     quote: bytes | str = b'"' if is_bytes else '"'
     backslash = 0x5C if is_bytes else "\\"
@@ -65,7 +65,7 @@ def check_shape(body: bytes | str, *, max_tasks: int) -> None:
             )
 
 
-def _string_end(body: bytes | str, pos: int, quote: bytes | str, backslash: int | str) -> int:
+def _string_end(body: bytes | bytearray | str, pos: int, quote: bytes | str, backslash: int | str) -> int:
     """The position after the string literal whose body starts at ``pos``, or -1 when it never ends."""
     while True:
         end = body.find(quote, pos)  # type: ignore[arg-type]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.types import Message
 
+from upscale_server import json_text
 from upscale_server.api.context import LARGE_BODY, ServerContext, dry_run_requested, parse_tasks, server_context
 from upscale_server.connections import lift_frame_limit
 from upscale_server.errors import MissingApiKeyError, PayloadTooLargeError, UpscaleError, error_item
@@ -49,7 +49,8 @@ class Connection:
     async def reply(self, payload: dict[str, Any]) -> None:
         """Answer on this socket directly (handshake and pre-auth replies belong to no session)."""
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            await self.socket.send_text(json.dumps(payload))  # ASCII-escaped: echoes may hold lone surrogates
+            # ASCII-escaped: echoes may hold lone surrogates
+            await self.socket.send_text(await json_text.dumps(payload))
 
     async def emit(self, outcome: Outcome) -> None:
         assert self.session is not None

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import redis
 
+from upscale_server import json_text
 from upscale_server.cluster import scripts
 from upscale_server.cluster.connect import translated
 from upscale_server.cluster.keys import Keys
@@ -113,7 +114,7 @@ class RedisTaskRecords:
 def _dump(value: JsonObject) -> str:
     if not isinstance(value, dict):
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
-    return json.dumps(value, separators=(",", ":"))
+    return json_text.dump_text(value)
 
 
 def _load(text: str | None) -> dict[str, Any] | None:

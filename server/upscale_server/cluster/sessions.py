@@ -17,7 +17,6 @@ node holds it (renewed every check) and ``resume_seconds`` after its socket clos
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -25,6 +24,7 @@ from typing import Any, cast
 
 import redis.asyncio
 
+from upscale_server import json_text
 from upscale_server.cluster import scripts
 from upscale_server.cluster.connect import REDIS_FAILURES, unavailable_on_failure
 from upscale_server.cluster.keys import Keys
@@ -70,7 +70,7 @@ class RedisSession:
         """Append ``payload`` to the session's frames; its owner (maybe this node) sends it. Never raises:
         a frame that cannot be kept now is lost for the socket, and the task stays pollable."""
         try:
-            await self.store.append(self.uuid, "frame", json.dumps(payload))
+            await self.store.append(self.uuid, "frame", await json_text.dumps(payload))
         except Exception as exc:
             log.warning("session %s: a frame could not be kept (%s)", self.uuid, exc.__class__.__name__)
 
@@ -100,7 +100,7 @@ class RedisSession:
         if "frame" in fields:
             return fields["frame"]
         payload = await self.store.read_frame(fields["task"], self.base_url)
-        return None if payload is None else json.dumps(payload)
+        return None if payload is None else await json_text.dumps(payload)
 
     async def _send(self, text: str) -> bool:
         sender = self._sender

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from upscale_server.errors import InvalidParameterError, InvalidUpscaleFactorError
+from upscale_server.errors import InvalidModelError, InvalidParameterError, InvalidUpscaleFactorError
 from upscale_server.imaging import Picture, bleed_transparent_colors, resize_pixels
 from upscale_server.inference.engine.base import Progress
 from upscale_server.inference.registry import ModelRegistry
@@ -33,6 +33,32 @@ class UpscalePlan:
     @property
     def shrinks_input(self) -> bool:
         return self.input_size != self.source_size
+
+
+def served_factors(spec: ModelSpec) -> tuple[int, ...]:
+    """The factors ``spec`` serves: up to its largest native one (a smaller factor is its own pass, then a
+    high-quality downscale); a larger one would only enlarge the network's output by interpolation.
+    Raises InvalidModelError for a restoration model (native scale 1), which does not upscale at all."""
+    largest = spec.native_factors[-1]
+    if largest < 2:
+        raise InvalidModelError(
+            f"model {spec.id} is a restoration model (native scale 1): it cleans up images at their own size "
+            "and does not upscale; choose an upscaling model",
+            parameter="model",
+        )
+    return tuple(f for f in UPSCALE_FACTORS if f <= largest)
+
+
+def check_factor(spec: ModelSpec, factor: int, allowed: tuple[int, ...]) -> None:
+    """InvalidUpscaleFactorError naming the model and the ``allowed`` factors unless ``factor`` is one."""
+    if factor not in allowed:
+        raise InvalidUpscaleFactorError(
+            f"Invalid value for 'upscaleFactor' parameter. Model {spec.id} takes "
+            f"{', '.join(map(str, allowed))}; got {factor}.",
+            min=allowed[0],
+            max=allowed[-1],
+            allowed_values=allowed,
+        )
 
 
 def fit_input_size(width: int, height: int, factor: int, max_side: int) -> tuple[int, int]:
@@ -56,6 +82,7 @@ class UpscalePipeline:
                 parameter="upscaleFactor",
             )
         spec = self.registry.spec(model_id)
+        check_factor(spec, factor, served_factors(spec))
         in_w, in_h = fit_input_size(width, height, factor, self.registry.settings.max_output_side)
         return UpscalePlan(
             factor=factor,
@@ -72,6 +99,7 @@ class UpscalePipeline:
         Never shrinks the input the way :meth:`plan` does: a target beyond the model's largest factor or
         the output side cap is an ``invalidTargetMegapixels`` error that states the reachable range."""
         spec = self.registry.spec(model_id)
+        served_factors(spec)  # a restoration model is refused here too
         factors = spec.native_factors
         max_side = self.registry.settings.max_output_side
         limit = min(factors[-1], max_side / width, max_side / height)

@@ -1,8 +1,12 @@
-"""The model registry: manifest ids -> ready-to-run upscalers, loaded once and shared.
+"""The model registry: model ids -> ready-to-run upscalers, loaded once and shared.
 
-Loading a network costs seconds (conversion on first use, then reading ~67 MB), so each model is
-loaded on first request and kept. A per-model lock lets two threads ask for the same model without
-loading it twice, while a slow load of one model does not block the others.
+The models are the manifest's and the files dropped into the models folder
+(:mod:`~upscale_server.inference.weights.local`, rescanned on every lookup). Loading a network costs
+seconds (conversion on first use, then reading ~67 MB), so each model is loaded on first request and
+kept, keyed by its weight file's path, mtime and size (a file replaced on disk is loaded again, never
+served from the old copy). At most ``max_loaded_models`` stay loaded; the least recently used goes
+first. A per-model lock lets two threads ask for the same model without loading it twice, while a slow
+load of one model does not block the others.
 
 In test-target mode (``engine = "resize"``) every model is served by a
 :class:`~upscale_server.inference.engine.resize.ResizeUpscaler` of the model's scale: ids are still checked
@@ -18,8 +22,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
+from pathlib import Path
 
 from upscale_server.config import Settings
+from upscale_server.errors import InvalidModelError
 from upscale_server.inference.cpu import kernel
 from upscale_server.inference.cpu.tuning import MethodTable
 from upscale_server.inference.engine.base import ImageUpscaler
@@ -29,10 +36,14 @@ from upscale_server.inference.runtime.batching import DynamicBatcher
 from upscale_server.inference.runtime.compute import ComputeConfig
 from upscale_server.inference.runtime.devices import bind_thread
 from upscale_server.inference.weights.loading import load_network
+from upscale_server.inference.weights.local import LocalFile, LocalModels
 from upscale_server.inference.weights.manifest import Manifest, ModelSpec, load_manifest
 from upscale_server.inference.weights.provision import WeightStatus, WeightStore
 
 log = logging.getLogger(__name__)
+
+#: What a loaded upscaler is kept under: the model id, and its weight file's path, mtime and size.
+LoadKey = tuple[str, str, int, int]
 
 
 class ModelRegistry:
@@ -42,10 +53,13 @@ class ModelRegistry:
         self.settings = settings
         self.manifest = manifest or load_manifest()
         self.store = WeightStore(settings.resolved_models_dir(), allow_download=settings.allow_download)
+        self.local = LocalModels(settings.resolved_models_dir(), self.manifest)
         self.compute = compute
         self.resize_engine = settings.engine == "resize"
-        self._upscalers: dict[str, ImageUpscaler] = {}
-        self._locks = {spec.id: threading.Lock() for spec in self.manifest.models}
+        #: Loaded upscalers, least recently used first.
+        self._upscalers: OrderedDict[LoadKey, ImageUpscaler] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
         #: One batcher for all networks, only when cross-request batching is configured (never for the
         #: resize engine, which has no network to batch).
         self.batcher: DynamicBatcher | None = None
@@ -67,10 +81,26 @@ class ModelRegistry:
         if self.batcher is not None:
             self.batcher.close()
 
+    def models(self) -> tuple[ModelSpec, ...]:
+        """The manifest's models, then the ones dropped into the models folder (rescanned now)."""
+        return (*self.manifest.models, *self.local.models())
+
+    def local_files(self) -> tuple[LocalFile, ...]:
+        """Every weight file of the models folder the manifest does not name: taken or not, and why."""
+        return self.local.scan()
+
     def spec(self, model_id: str | None) -> ModelSpec:
-        """The manifest entry for ``model_id`` (the default model when None), or for the model it is an
-        alias of (``model_aliases``); InvalidModelError if unknown."""
-        return self.manifest.get(model_id or self.settings.default_model, self.settings.model_aliases)
+        """The model ``model_id`` names (the default model when None), or the one it is an alias of
+        (``model_aliases``); InvalidModelError listing every id if unknown.
+
+        A manifest id is answered without touching the disk; any other id rescans the models folder
+        (a listing and a stat per file), so a file dropped in a moment ago is found."""
+        wanted = model_id or self.settings.default_model
+        aliases = self.settings.model_aliases
+        try:
+            return self.manifest.get(wanted, aliases)
+        except InvalidModelError:
+            return Manifest(self.models(), self.manifest.path).get(wanted, aliases)
 
     def status(self, spec: ModelSpec) -> WeightStatus:
         """Whether ``spec`` can run now. The resize engine runs every model without weights: always ready."""
@@ -79,18 +109,50 @@ class ModelRegistry:
         return self.store.status(spec)
 
     def is_loaded(self, model_id: str) -> bool:
-        return model_id in self._upscalers
+        with self._cache_lock:
+            return any(key[0] == model_id for key in self._upscalers)
+
+    def _lock(self, model_id: str) -> threading.Lock:
+        with self._cache_lock:
+            return self._locks.setdefault(model_id, threading.Lock())
+
+    def _cached(self, key: LoadKey) -> ImageUpscaler | None:
+        with self._cache_lock:
+            found = self._upscalers.get(key)
+            if found is not None:
+                self._upscalers.move_to_end(key)
+            return found
+
+    def _keep(self, key: LoadKey, upscaler: ImageUpscaler) -> None:
+        """Remember ``upscaler``; drop older copies of the same model and, beyond ``max_loaded_models``,
+        the least recently used (runs holding one finish with it; its memory goes with the last of them)."""
+        with self._cache_lock:
+            for stale in [k for k in self._upscalers if k[0] == key[0]]:
+                del self._upscalers[stale]
+                log.info("unloaded %s: its weight file changed", key[0])
+            self._upscalers[key] = upscaler
+            while len(self._upscalers) > self.settings.max_loaded_models:
+                evicted, _ = self._upscalers.popitem(last=False)
+                limit = self.settings.max_loaded_models
+                log.info("unloaded %s (least recently used; UPSCALE_MAX_LOADED_MODELS=%d)", evicted[0], limit)
 
     def upscaler(self, spec: ModelSpec) -> ImageUpscaler:
-        """The shared upscaler for ``spec``, provisioning and loading its weights on first use.
+        """The shared upscaler for ``spec``, provisioning and loading its weights on first use, and again
+        when its weight file changed on disk.
 
         In test-target mode a :class:`ResizeUpscaler` of ``spec.scale``, without touching the weight store.
         """
-        found = self._upscalers.get(spec.id)
+        if self.resize_engine:
+            key: LoadKey = (spec.id, "", 0, 0)
+        else:
+            path = self.store.ensure(spec)
+            stat = path.stat()
+            key = (spec.id, str(path), stat.st_mtime_ns, stat.st_size)
+        found = self._cached(key)
         if found is not None:
             return found
-        with self._locks[spec.id]:
-            found = self._upscalers.get(spec.id)
+        with self._lock(spec.id):
+            found = self._cached(key)
             if found is None and self.resize_engine:
                 found = ResizeUpscaler(
                     spec.scale,
@@ -98,10 +160,9 @@ class ModelRegistry:
                     crash_width=self.settings.resize_crash_width,
                 )
                 log.info("serving %s (%s) with the resize engine (test-target mode)", spec.id, spec.name)
-                self._upscalers[spec.id] = found
+                self._keep(key, found)
             elif found is None:
-                path = self.store.ensure(spec)
-                network = load_network(path)
+                network = load_network(Path(key[1]))
                 found = Upscaler(
                     network,
                     device=self.compute.device,
@@ -119,5 +180,5 @@ class ModelRegistry:
                     # Before the model counts as loaded (readiness): the first request should not pay it.
                     for choice in found.choose_cpu_methods():
                         log.info("%s: %s", spec.id, choice.describe())
-                self._upscalers[spec.id] = found
+                self._keep(key, found)
             return found

@@ -16,16 +16,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from upscale_server.config import Settings
-from upscale_server.errors import UpscaleError
+from upscale_server.errors import InvalidModelError, UpscaleError
 from upscale_server.imaging import Picture
 from upscale_server.inference.engine.base import Progress
 from upscale_server.inference.engine.upscaler import Upscaler
-from upscale_server.inference.pipeline import UpscalePipeline, UpscalePlan
+from upscale_server.inference.pipeline import UpscalePipeline, UpscalePlan, check_factor, served_factors
 from upscale_server.inference.registry import ModelRegistry
 from upscale_server.inference.runtime.compute import ComputeConfig
 from upscale_server.inference.runtime.devices import bind_thread
 from upscale_server.inference.runtime.worker import InferenceWorker
-from upscale_server.vocabulary import UPSCALE_FACTORS
+from upscale_server.inference.weights.manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,21 @@ InferenceObserver = Callable[[float, int], None]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a client may know about a model: the manifest's id, name and description."""
+    """What a client may know about a model: its id, name and description, its native scale and the
+    factors it serves (none for a restoration model)."""
 
     id: str
     name: str
     description: str
+    scale: int
+    factors: tuple[int, ...]
+
+
+def _factors(spec: ModelSpec) -> tuple[int, ...]:
+    try:
+        return served_factors(spec)
+    except InvalidModelError:
+        return ()
 
 
 class InferenceService:
@@ -106,16 +116,30 @@ class InferenceService:
     def check_model(self, model_id: str | None) -> str:
         """The id that ``model_id`` names (the default model for None); InvalidModelError if unknown.
 
-        Reads nothing from disk: safe on the event loop, so an unknown model fails before any I/O.
+        A manifest id reads nothing from disk; another id lists the models folder and reads the header
+        of a file that is new or changed (shapes only): cheap enough for the event loop, so an unknown
+        model fails before any image I/O.
         """
         return self._registry.spec(model_id).id
 
-    def upscale_factors(self, model_id: str | None) -> tuple[int, ...]:
-        """The factors the ``upscale`` task takes with ``model_id`` (its schema's), else every factor made."""
-        return self._registry.spec(model_id).upscale_factors or UPSCALE_FACTORS
+    def upscale_factors(self, model_id: str | None, *, schema: bool = True) -> tuple[int, ...]:
+        """The factors ``model_id`` serves (up to its native scale); with ``schema`` (the ``upscale``
+        task) only those its Runware schema also lists. InvalidModelError for a restoration model."""
+        spec = self._registry.spec(model_id)
+        served = served_factors(spec)
+        listed = spec.upscale_factors if schema and spec.upscale_factors else served
+        return tuple(f for f in listed if f in served) or served
+
+    def check_factor(self, model_id: str | None, factor: int, *, schema: bool = True) -> None:
+        """InvalidUpscaleFactorError naming the model's factors unless it serves ``factor``."""
+        check_factor(self._registry.spec(model_id), factor, self.upscale_factors(model_id, schema=schema))
 
     def models(self) -> tuple[ModelInfo, ...]:
-        return tuple(ModelInfo(spec.id, spec.name, spec.description) for spec in self._registry.manifest.models)
+        """Every model, the files dropped into the models folder included (rescanned now: blocking)."""
+        return tuple(
+            ModelInfo(spec.id, spec.name, spec.description, spec.native_factors[-1], _factors(spec))
+            for spec in self._registry.models()
+        )
 
     def model_loaded(self) -> bool:
         """Whether the default model is loaded (readiness)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -21,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from upscale_server import json_text
 from upscale_server.sessions import Sender
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class LocalSession:
             self.detached_at = self._clock()
 
     async def deliver(self, payload: dict[str, Any]) -> None:
-        frame = json.dumps(payload)
+        frame = await json_text.dumps(payload)
         async with self._lock:
             if self._sender is None or not await self._try_send(frame):
                 self._keep(frame)

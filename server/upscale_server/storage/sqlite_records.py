@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from upscale_server import json_text
 from upscale_server.storage import JsonObject, TaskRecord, TaskStatus
 from upscale_server.storage.sqlite import Database
 
@@ -140,7 +141,7 @@ class SqliteTaskRecords:
 def _dump(value: JsonObject) -> str:
     if not isinstance(value, dict):
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json_text.dump_text(value, ensure_ascii=False)
 
 
 def _load(text: str | None) -> JsonObject | None:

@@ -20,7 +20,6 @@ from typing import Any
 from upscale_server.delivery import upload_output
 from upscale_server.errors import (
     ConflictTaskUUIDError,
-    InvalidUpscaleFactorError,
     TaskCrashedWorkersError,
     UploadFailedError,
 )
@@ -52,19 +51,12 @@ class UpscaleChecks:
         self.cost_per_megapixel = cost_per_megapixel
 
     def check_model(self, task: UpscaleTask) -> None:
-        """The model exists and takes the factor (``upscale`` follows the model's schema). No I/O."""
-        model_id = self.inference.check_model(task.model)
-        if task.task_type != "upscale" or task.upscale_factor is None:
+        """The model exists and serves the factor (up to its native scale; ``upscale`` also follows the
+        model's schema); a restoration model is refused. No image I/O."""
+        if task.upscale_factor is None:  # targetMegapixels: checked against the picture later
+            self.inference.upscale_factors(task.model)
             return
-        allowed = self.inference.upscale_factors(task.model)
-        if task.upscale_factor not in allowed:
-            raise InvalidUpscaleFactorError(
-                f"Invalid value for 'upscaleFactor' parameter. Model {model_id} takes "
-                f"{', '.join(map(str, allowed))}; got {task.upscale_factor}.",
-                min=allowed[0],
-                max=allowed[-1],
-                allowed_values=allowed,
-            )
+        self.inference.check_factor(task.model, task.upscale_factor, schema=task.task_type == "upscale")
 
     async def plan(self, task: UpscaleTask, picture: Picture) -> UpscalePlan:
         """The plan for ``picture``: by factor, or by ``targetMegapixels`` (refused when out of reach)."""

@@ -4,11 +4,12 @@ Everything is served with ``FileResponse`` from ``server/upscale_server/web/stat
 including :data:`router` is the only wiring the app needs. The files are small and change with the
 code, so they are sent with ``Cache-Control: no-cache``: browsers keep them but revalidate each load.
 The page talks to the server only through the public Runware API (``POST /v1``) like any client;
-``GET /playground/models`` is a read-only helper that lists the manifest's models.
+``GET /playground/models`` is a read-only helper that lists the models (the manifest's and your own).
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
@@ -36,10 +37,21 @@ async def playground_page() -> FileResponse:
 
 @router.get("/playground/models")
 async def playground_models(request: Request) -> JSONResponse:
-    """The manifest's models, the default one, and whether the server wants an API key."""
+    """Every model (the manifest's and the files dropped into the models folder, with the factors each
+    serves: none for a restoration model), the default one, and whether the server wants an API key."""
     context = server_context(request)
+    models = await asyncio.to_thread(context.models)  # lists the models folder
     body = {
-        "models": [{"id": model.id, "name": model.name, "description": model.description} for model in context.models],
+        "models": [
+            {
+                "id": model.id,
+                "name": model.name,
+                "description": model.description,
+                "scale": model.scale,
+                "factors": list(model.factors),
+            }
+            for model in models
+        ],
         "default": context.settings.default_model,
         "keysRequired": not context.keys.open_mode,
     }

@@ -35,16 +35,20 @@ def by_name(name: str) -> Architecture:
     raise ValueError(f"unknown architecture {name!r} (known: {', '.join(names())})")
 
 
-def detect(state_dict: Mapping[str, torch.Tensor], *, source: Path | None = None) -> tuple[Architecture, ArchInfo]:
-    """The architecture of ``state_dict`` and its scale and hyper-parameters, read from keys and shapes.
+def recognise(
+    state_dict: Mapping[str, torch.Tensor], *, source: Path | None = None
+) -> tuple[Architecture, ArchInfo, dict[str, torch.Tensor]]:
+    """The architecture of ``state_dict``, its scale and hyper-parameters (read from keys and shapes),
+    and the state dict under the architecture's own names (ESRGAN's original layout is renamed).
 
-    Raises :class:`ModelLoadError` naming ``source`` for anything else (old ESRGAN key names, other
-    architectures, non-RGB variants).
+    Raises :class:`ModelLoadError` naming ``source`` for anything else (other architectures, non-RGB
+    variants).
     """
     where = str(source) if source is not None else "state dict"
     for arch in ARCHITECTURES:
-        if arch.claims(state_dict):
-            return arch, arch.detect(state_dict, where)
+        state = arch.own_names(state_dict, where)
+        if state is not None:
+            return arch, arch.detect(state, where), state
     sample = ", ".join(sorted(state_dict)[:4])
     raise ModelLoadError(
         f"{where}: not a known architecture (expected Real-ESRGAN {' or '.join(names())} keys; "
@@ -52,9 +56,15 @@ def detect(state_dict: Mapping[str, torch.Tensor], *, source: Path | None = None
     )
 
 
+def detect(state_dict: Mapping[str, torch.Tensor], *, source: Path | None = None) -> tuple[Architecture, ArchInfo]:
+    """:func:`recognise` without the renamed state dict."""
+    arch, info, _ = recognise(state_dict, source=source)
+    return arch, info
+
+
 def build(info: ArchInfo) -> nn.Module:
     """A fresh (randomly initialised) module for ``info``; load weights into it afterwards."""
     return by_name(info.arch).build(info)
 
 
-__all__ = ["ARCHITECTURES", "ArchInfo", "Architecture", "build", "by_name", "detect", "names"]
+__all__ = ["ARCHITECTURES", "ArchInfo", "Architecture", "build", "by_name", "detect", "names", "recognise"]

@@ -62,7 +62,8 @@ class NcnnLayout:
 class Architecture(ABC):
     """One network architecture, described for everything that handles its networks.
 
-    * weights: :meth:`claims` and :meth:`detect` (the state dict is the only description trusted),
+    * weights: :meth:`claims`, :meth:`own_names` and :meth:`detect` (the state dict is the only
+      description trusted),
       :attr:`params` and :attr:`scales` (what a manifest entry must give), :meth:`build`, and
       :meth:`ncnn_layout` (how the official ncnn files map onto the module's names);
     * the engine: :meth:`size_multiple`, :attr:`default_tile_overlap`, the memory model
@@ -87,6 +88,12 @@ class Architecture(ABC):
     @abstractmethod
     def claims(self, state: Mapping[str, torch.Tensor]) -> bool:
         """Whether ``state`` has this architecture's key signature (then :meth:`detect` decides the rest)."""
+
+    def own_names(self, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor] | None:
+        """``state`` under this architecture's own key names when it is in a layout the architecture
+        knows (another trainer's naming included), else None. Renaming only: :meth:`detect` and a
+        strict load still decide whether every tensor fits."""
+        return dict(state) if self.claims(state) else None
 
     @abstractmethod
     def detect(self, state: Mapping[str, torch.Tensor], where: str) -> ArchInfo:

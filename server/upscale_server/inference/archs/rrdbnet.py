@@ -1,5 +1,5 @@
-"""ESRGAN's RRDB network (RealESRGAN_x4plus, x4plus_anime_6B, x2plus): the module, its Winograd form,
-and its descriptor.
+"""ESRGAN's RRDB network (RealESRGAN_x4plus, x4plus_anime_6B, x2plus, and community ESRGAN models): the
+module, its Winograd form, and its descriptor.
 
 Why our own copy: the reference implementations live in ``basicsr``/``realesrgan`` (and ``spandrel``),
 which import torchvision and do not import on a CPU-only torch install. The module follows the
@@ -40,9 +40,24 @@ from upscale_server.inference.cpu.winograd import POSITIONS, WinogradConv, nchw,
 RESIDUAL_SCALE: Final = 0.2
 LRELU_SLOPE: Final = 0.2
 
-#: Pixel-unshuffle factor per scale: scale 2 and 1 fold pixels into channels first.
-_UNSHUFFLE: Final = {4: 1, 2: 2, 1: 4}
+#: BasicSR's pixel-unshuffle factor per scale: scale 2 and 1 fold pixels into channels first, so the
+#: trunk keeps two x2 upsampling stages (three at scale 8). A model with another factor (ESRGAN's own
+#: x2 and x1 models unshuffle nothing and upsample once or never) records it as ``pixel_unshuffle``.
+_UNSHUFFLE: Final = {8: 1, 4: 1, 2: 2, 1: 4}
 _BLOCK_KEY: Final = re.compile(r"^body\.(\d+)\.rdb1\.conv1\.weight$")
+_UP_KEY: Final = re.compile(r"^conv_up(\d+)\.weight$")
+#: ESRGAN's original key layout: one ``model`` Sequential, the trunk inside ``model.1.sub``.
+_OLD_BLOCK: Final = re.compile(r"^model\.1\.sub\.(\d+)\.RDB([123])\.conv([1-5])\.0\.(weight|bias)$")
+_OLD_TOP: Final = re.compile(r"^model\.(\d+)\.(weight|bias)$")
+_OLD_TRUNK_CONV: Final = re.compile(r"^model\.1\.sub\.(\d+)\.(weight|bias)$")
+
+
+def upsample_stages(scale: int, unshuffle: int) -> int:
+    """How many nearest-x2 + conv stages the trunk needs: ``2**stages == scale * unshuffle``."""
+    stages = (scale * unshuffle).bit_length() - 1
+    if stages < 0 or 2**stages != scale * unshuffle:
+        raise ValueError(f"RRDBNet cannot make scale {scale} from a pixel-unshuffle by {unshuffle}")
+    return stages
 
 
 class ResidualDenseBlock(nn.Module):
@@ -82,9 +97,10 @@ class RRDB(nn.Module):
 class RRDBNet(nn.Module):
     """ESRGAN's generator as used by Real-ESRGAN (x4plus, x4plus_anime_6B, x2plus).
 
-    The trunk always works at 1/4 of the output size and upsamples twice by 2 (nearest + conv). For
-    ``scale`` 2 or 1 the input is pixel-unshuffled by 2 or 4 first (3 -> 12 or 48 channels), which is
-    how RealESRGAN_x2plus reuses the x4 trunk; the same trick gives scale 1.
+    The trunk upsamples by 2 (nearest + conv) once per stage: twice at scale 4, three times at scale 8.
+    For ``scale`` 2 or 1 the input is pixel-unshuffled by 2 or 4 first (3 -> 12 or 48 channels), which
+    is how RealESRGAN_x2plus reuses the x4 trunk; ``unshuffle`` overrides that (ESRGAN's own x2 and x1
+    models unshuffle by 1 and have one stage or none). Stage ``k`` is ``conv_up{k}``.
     """
 
     def __init__(
@@ -96,17 +112,19 @@ class RRDBNet(nn.Module):
         num_feat: int = 64,
         num_block: int = 23,
         num_grow_ch: int = 32,
+        unshuffle: int | None = None,
     ) -> None:
         super().__init__()
         if scale not in _UNSHUFFLE:
-            raise ValueError(f"RRDBNet supports scale 1, 2 or 4, not {scale}")
+            raise ValueError(f"RRDBNet supports scale 1, 2, 4 or 8, not {scale}")
         self.scale = scale
-        self.unshuffle = _UNSHUFFLE[scale]
+        self.unshuffle = _UNSHUFFLE[scale] if unshuffle is None else unshuffle
+        self.stages = upsample_stages(scale, self.unshuffle)
         self.conv_first = nn.Conv2d(num_in_ch * self.unshuffle**2, num_feat, 3, 1, 1)
         self.body = nn.Sequential(*(RRDB(num_feat, num_grow_ch) for _ in range(num_block)))
         self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        for k in range(1, self.stages + 1):
+            self.add_module(f"conv_up{k}", nn.Conv2d(num_feat, num_feat, 3, 1, 1))
         self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
 
@@ -115,10 +133,14 @@ class RRDBNet(nn.Module):
         feat = F.pixel_unshuffle(x, self.unshuffle) if self.unshuffle > 1 else x
         feat = self.conv_first(feat)
         feat = feat + self.conv_body(self.body(feat))
-        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
-        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
+        for conv in self.up_convs():
+            feat = F.leaky_relu(conv(F.interpolate(feat, scale_factor=2.0, mode="nearest")), LRELU_SLOPE)
         out: torch.Tensor = self.conv_last(F.leaky_relu(self.conv_hr(feat), LRELU_SLOPE))
         return out
+
+    def up_convs(self) -> list[nn.Conv2d]:
+        """``conv_up1`` .. ``conv_up{stages}``, in order."""
+        return [getattr(self, f"conv_up{k}") for k in range(1, self.stages + 1)]
 
 
 # --------------------------------------------------------------------------- Winograd form
@@ -183,8 +205,7 @@ class WinogradRRDBNet(nn.Module):
         self.net = net
         self.blocks = [[_DenseBlock(getattr(rrdb, f"rdb{k}")) for k in range(1, 4)] for rrdb in net.body]
         self.conv_body = WinogradConv.of(net.conv_body)
-        self.conv_up1 = WinogradConv.of(net.conv_up1)
-        self.conv_up2 = WinogradConv.of(net.conv_up2)
+        self.conv_ups = [WinogradConv.of(conv) for conv in net.up_convs()]
         self.conv_hr = WinogradConv.of(net.conv_hr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,8 +222,9 @@ class WinogradRRDBNet(nn.Module):
             body = torch.add(body, inner, alpha=RESIDUAL_SCALE)
         del scratch
         feat_nhwc = winograd.conv(body, self.conv_body, residual=trunk)
-        up = winograd.conv(nhwc_upsample2x(feat_nhwc), self.conv_up1, slope=LRELU_SLOPE)
-        up = winograd.conv(nhwc_upsample2x(up), self.conv_up2, slope=LRELU_SLOPE)
+        up = feat_nhwc
+        for conv in self.conv_ups:
+            up = winograd.conv(nhwc_upsample2x(up), conv, slope=LRELU_SLOPE)
         up = winograd.conv(up, self.conv_hr, slope=LRELU_SLOPE)
         out: torch.Tensor = net.conv_last(nchw(up))
         return out
@@ -224,6 +246,38 @@ class RRDBNetArchitecture(Architecture):
     def claims(self, state: Mapping[str, torch.Tensor]) -> bool:
         return "conv_first.weight" in state and "body.0.rdb1.conv1.weight" in state
 
+    def own_names(self, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor] | None:
+        """BasicSR's names as they are; ESRGAN's original layout (``model.0``, ``model.1.sub.N.RDBr``,
+        used by most community models) renamed key by key. A key of the old layout that has no place
+        in the network is refused rather than dropped."""
+        if self.claims(state):
+            return dict(state)
+        if "model.0.weight" not in state or "model.1.sub.0.RDB1.conv1.0.weight" not in state:
+            return None
+        trunk = [int(m.group(1)) for key in state if (m := _OLD_TRUNK_CONV.match(key))]
+        tops = sorted({int(m.group(1)) for key in state if (m := _OLD_TOP.match(key))} - {0})
+        if len(set(trunk)) != 1 or len(tops) < 2:
+            raise ModelLoadError(f"{where}: ESRGAN layout without its trunk conv or its last two convs")
+        # After the trunk (model.1): one (upsample, conv, lrelu) triple per stage, then HR conv, lrelu, last conv.
+        *ups, hr, last = tops
+        stages = len(ups)
+        if ups != [3 * k for k in range(1, stages + 1)] or (hr, last) != (2 + 3 * stages, 4 + 3 * stages):
+            raise ModelLoadError(f"{where}: ESRGAN layout with convs at model.{tops} is not a known RRDBNet")
+        names = {0: "conv_first", hr: "conv_hr", last: "conv_last"}
+        names |= {3 * k: f"conv_up{k}" for k in range(1, stages + 1)}
+        renamed: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            if m := _OLD_BLOCK.match(key):
+                block, rdb, conv, kind = m.groups()
+                renamed[f"body.{block}.rdb{rdb}.conv{conv}.{kind}"] = tensor
+            elif m := _OLD_TRUNK_CONV.match(key):
+                renamed[f"conv_body.{m.group(2)}"] = tensor
+            elif m := _OLD_TOP.match(key):
+                renamed[f"{names[int(m.group(1))]}.{m.group(2)}"] = tensor
+            else:
+                raise ModelLoadError(f"{where}: ESRGAN layout has an unexpected key {key}")
+        return renamed
+
     def detect(self, state: Mapping[str, torch.Tensor], where: str) -> ArchInfo:
         num_feat, in_ch, _, _ = tensor_shape(state, "conv_first.weight", 4, where)
         blocks = {int(m.group(1)) for key in state if (m := _BLOCK_KEY.match(key))}
@@ -232,16 +286,29 @@ class RRDBNetArchitecture(Architecture):
             raise ModelLoadError(f"{where}: RRDBNet body blocks are not numbered 0..{num_block - 1}")
         num_grow_ch = tensor_shape(state, "body.0.rdb1.conv1.weight", 4, where)[0]
         out_ch = tensor_shape(state, "conv_last.weight", 4, where)[0]
-        # The first conv sees 3 channels at scale 4, and pixel-unshuffled 12 / 48 at scale 2 / 1.
-        scale = {RGB * f * f: s for s, f in _UNSHUFFLE.items()}.get(in_ch)
-        if scale is None or out_ch != RGB:
+        ups = sorted(int(m.group(1)) for key in state if (m := _UP_KEY.match(key)))
+        if ups != list(range(1, len(ups) + 1)):
+            raise ModelLoadError(f"{where}: RRDBNet upsampling convs are not numbered conv_up1..conv_up{len(ups)}")
+        # The first conv sees 3 channels, or 12 / 48 after a pixel-unshuffle by 2 / 4.
+        unshuffle = {RGB * f * f: f for f in (1, 2, 4)}.get(in_ch)
+        if unshuffle is None or out_ch != RGB:
             raise ModelLoadError(
                 f"{where}: RRDBNet with {in_ch} input / {out_ch} output channels is not an RGB model "
                 "(expected 3, 12 or 48 in and 3 out)"
             )
-        return ArchInfo(self.name, scale, {"num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch})
+        scale, remainder = divmod(2 ** len(ups), unshuffle)
+        if remainder or scale not in _UNSHUFFLE:
+            raise ModelLoadError(
+                f"{where}: RRDBNet with {len(ups)} upsampling stages after a pixel-unshuffle by {unshuffle} "
+                f"makes no scale this server runs (1, 2, 4 or 8)"
+            )
+        params: dict[str, int | str] = {"num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch}
+        if unshuffle != _UNSHUFFLE[scale]:
+            params["pixel_unshuffle"] = unshuffle  # only where it differs from BasicSR's, so manifests need not say it
+        return ArchInfo(self.name, scale, params)
 
     def build(self, info: ArchInfo) -> nn.Module:
+        unshuffle = info.params.get("pixel_unshuffle")
         return RRDBNet(
             num_in_ch=RGB,
             num_out_ch=RGB,
@@ -249,10 +316,12 @@ class RRDBNetArchitecture(Architecture):
             num_feat=int_param(info.params, "num_feat"),
             num_block=int_param(info.params, "num_block"),
             num_grow_ch=int_param(info.params, "num_grow_ch"),
+            unshuffle=None if unshuffle is None else int_param(info.params, "pixel_unshuffle"),
         )
 
     def size_multiple(self, scale: int) -> int:
-        """Scale 2 and 1 pixel-unshuffle the input by 2 and 4: its sides must divide by that."""
+        """Scale 2 and 1 pixel-unshuffle the input by 2 and 4 (in BasicSR's layout): its sides must
+        divide by that. A model that unshuffles less only pads a few pixels it did not need."""
         return _UNSHUFFLE.get(scale, 1)
 
     def peak_values_per_input_pixel(self, scale: int) -> int:
@@ -278,7 +347,10 @@ class RRDBNetArchitecture(Architecture):
                     slope = LRELU_SLOPE if c < 5 else None
                     slots.append(NcnnSlot(f"body.{b}.rdb{r}.conv{c}", "Convolution", slope))
         slots.append(NcnnSlot("conv_body", "Convolution"))
-        slots += [NcnnSlot(name, "Convolution", LRELU_SLOPE) for name in ("conv_up1", "conv_up2", "conv_hr")]
+        unshuffle = info.params.get("pixel_unshuffle")
+        stages = upsample_stages(info.scale, _UNSHUFFLE[info.scale] if unshuffle is None else int(unshuffle))
+        ups = [f"conv_up{k}" for k in range(1, stages + 1)]
+        slots += [NcnnSlot(name, "Convolution", LRELU_SLOPE) for name in (*ups, "conv_hr")]
         slots.append(NcnnSlot("conv_last", "Convolution"))
         return NcnnLayout(tuple(slots))
 

@@ -30,6 +30,7 @@ from upscale_server.inference.cpu import winograd
 from upscale_server.inference.cpu.winograd import WinogradConv, fused_activation, nchw, nhwc
 
 ACT_TYPES: Final = ("prelu", "relu", "leakyrelu")
+_SCALES: Final = (1, 2, 3, 4)
 _LAYER_KEY: Final = re.compile(r"^body\.(\d+)\.weight$")
 
 
@@ -106,6 +107,7 @@ class WinogradSRVGGNet(nn.Module):
 class SRVGGNetCompactArchitecture(Architecture):
     name = "SRVGGNetCompact"
     params = ("num_feat", "num_conv", "act_type")
+    scales = _SCALES
     #: animevideov3 is exact from 18 pixels inward (its receptive radius); 32 leaves room for the
     #: quarter-overlap feather band.
     default_tile_overlap = 32
@@ -122,10 +124,10 @@ class SRVGGNetCompactArchitecture(Architecture):
         num_feat, in_ch, _, _ = tensor_shape(state, "body.0.weight", 4, where)
         last_out = tensor_shape(state, f"body.{conv_idx[-1]}.weight", 4, where)[0]
         upscale = round((last_out / RGB) ** 0.5)
-        if in_ch != RGB or upscale < 1 or RGB * upscale * upscale != last_out:
+        if in_ch != RGB or upscale not in _SCALES or RGB * upscale * upscale != last_out:
             raise ModelLoadError(
                 f"{where}: SRVGGNetCompact with {in_ch} input channels and a last conv of {last_out} "
-                "channels is not an RGB model (expected 3 in and 3 * scale^2 out)"
+                "channels is not an RGB model of scale 1 to 4 (expected 3 in and 3 * scale^2 out)"
             )
         # Only PReLU has weights; ReLU and LeakyReLU leave no trace, and the official models never use
         # them, so a body without slopes is assumed to be ReLU (BasicSR's other parameter-free choice).

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from upscale_server.errors import ModelLoadError
-from upscale_server.inference import archs
 from upscale_server.inference.archs.base import ArchInfo, Architecture
+from upscale_server.inference.weights.detect import Detection, detect_state
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,15 @@ class LoadedNetwork:
     path: Path
 
 
+#: Wrappers around the state dict in common use, in order of preference: BasicSR's EMA weights (the
+#: ones to use), its plain weights, and a training checkpoint's ``state_dict``.
+WRAPPER_KEYS = ("params_ema", "params", "state_dict")
+
+
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """BasicSR saves ``{"params_ema": sd}`` (EMA weights, the ones to use) or ``{"params": sd}``."""
+    """The tensors inside one of :data:`WRAPPER_KEYS`, or the bare dict itself."""
     if isinstance(obj, Mapping):
-        for key in ("params_ema", "params"):
+        for key in WRAPPER_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
@@ -60,13 +65,27 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The gist of a library error, without ANSI styling or multi-line advice."""
+    """The gist of a library error: its first sentence, without ANSI styling or multi-line advice."""
     text = _ANSI.sub("", str(exc)).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read ``.pth``/``.pt`` (weights-only unpickling) or ``.safetensors`` into a flat tensor dict."""
+def _torch_load(path: Path, *, mmap: bool) -> object:
+    """``torch.load`` weights-only; ``mmap`` maps a zip checkpoint instead of reading its tensors (an
+    old-format file cannot be mapped and is read whole)."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read ``.pth``/``.pt`` (weights-only unpickling) or ``.safetensors`` into a flat tensor dict.
+
+    ``mmap``: leave a ``.pth``'s tensors on disk until used (detection only looks at shapes)."""
     suffix = path.suffix.lower()
     try:
         if suffix == SAFETENSORS_SUFFIX:
@@ -74,7 +93,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             obj: object = load_file(str(path), device="cpu")
         elif suffix in TORCH_SUFFIXES:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path, mmap=mmap)
         else:
             raise ModelLoadError(f"{path}: unsupported weight file type {suffix!r} (use .safetensors, .pth)")
     except ModelLoadError:
@@ -95,15 +114,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
+def detect_file(path: Path) -> Detection:
+    """Read ``path`` (weights-only) and recognise it: architecture, hyper-parameters, fitted tensors."""
+    return detect_state(read_state_dict(path), str(path))
+
+
 def load_network(path: Path) -> LoadedNetwork:
     """Read, detect, build and strictly load; the module comes back frozen for inference on CPU."""
-    state = read_state_dict(path)
-    arch, info = archs.detect(state, source=path)
+    found = detect_file(path)
+    arch, info = found.arch, found.info
     try:
         module = arch.build(info)
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(found.state, strict=True)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{path}: weights do not fit {info.arch}: {exc}") from exc
+        raise ModelLoadError(f"{path}: weights do not fit {info.arch}: {_first_line(exc)}") from exc
     module = module.float().eval().requires_grad_(False)
     logger.info("loaded %s x%d %s from %s", info.arch, info.scale, dict(info.params), path)
     return LoadedNetwork(module=module, arch=arch, info=info, path=path)

@@ -257,11 +257,16 @@ async function loadModels(preferred) {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
     for (const model of info.models) {
-      const option = new Option(`${model.name} (${model.id})`, model.id);
+      // A restoration model (native 1x) serves no upscale factor: listed as such, not selectable.
+      const restoration = model.factors && model.factors.length === 0;
+      const label = `${model.name} (${model.id})${restoration ? " - restoration (1x), does not upscale" : ""}`;
+      const option = new Option(label, model.id);
       option.title = model.description;
+      option.disabled = restoration;
       ui.model.add(option);
     }
-    const wanted = [preferred, info.default].find((id) => id && info.models.some((m) => m.id === id));
+    const usable = info.models.filter((m) => !m.factors || m.factors.length > 0);
+    const wanted = [preferred, info.default].find((id) => id && usable.some((m) => m.id === id));
     if (wanted) ui.model.value = wanted;
     if (info.keysRequired) {
       ui.apiKey.placeholder = "required by this server";
