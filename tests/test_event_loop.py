@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from tests.api_helpers import make_client, new_uuid, upscale_task
 from upscale_server import json_text
 from upscale_server.api import context as api_context
-from upscale_server.api import rest
+from upscale_server.api.preauth import BodyReader
 from upscale_server.errors import PayloadTooLargeError
 from upscale_server.tasks import images as task_images
 
@@ -122,29 +122,28 @@ def test_small_inputs_are_still_handled_inline(client: TestClient, recorder: Thr
     assert recorder.calls == [("parse_request_body", True)]
 
 
-class ChunkedRequest:
-    """Just what ``read_body`` uses of a Starlette request: the headers and the body's chunk stream."""
+async def chunk_stream(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
-    def __init__(self, chunks: list[bytes], declared: int | None = None) -> None:
-        self.headers = {} if declared is None else {"content-length": str(declared)}
-        self._chunks = chunks
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
-            yield chunk
+def read_whole(chunks: list[bytes], *, limit: int, declared: int | None = None) -> bytearray:
+    """The body as the REST route reads it once its key is accepted."""
+    reader = BodyReader(chunk_stream(chunks), declared=declared, limit=limit)
+    return asyncio.run(reader.read_until(limit))
 
 
 def test_a_rest_body_grows_in_one_buffer_not_joined_at_the_end() -> None:
     """Joining a 100 MB body once it has all arrived is a single copy of about 0.1 s on the loop's
     thread; appending each chunk as it comes keeps every step as small as a chunk."""
     chunks = [bytes([i]) * 1000 for i in range(50)]
-    body = asyncio.run(rest.read_body(ChunkedRequest(chunks), limit=10**6))  # type: ignore[arg-type]
+    body = read_whole(chunks, limit=10**6)
     assert isinstance(body, bytearray) and body == b"".join(chunks)
 
     with pytest.raises(PayloadTooLargeError):  # refused as it passes the limit, declared or not
-        asyncio.run(rest.read_body(ChunkedRequest(chunks), limit=49_999))  # type: ignore[arg-type]
+        read_whole(chunks, limit=49_999)
     with pytest.raises(PayloadTooLargeError):
-        asyncio.run(rest.read_body(ChunkedRequest([], declared=50_000), limit=49_999))  # type: ignore[arg-type]
+        read_whole([], limit=49_999, declared=50_000)
 
 
 @pytest.mark.parametrize("transport", ["rest", "ws"])

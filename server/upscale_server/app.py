@@ -117,7 +117,8 @@ async def start_parts(
             max_redirects=settings.outbound_max_redirects,
             connect_timeout=settings.outbound_connect_timeout,
             total_timeout=settings.outbound_timeout,
-        )
+        ),
+        max_deliveries=settings.max_deliveries_in_flight,
     )
     stack.push_async_callback(outbound.aclose)
     webhooks = WebhookSender(
@@ -162,6 +163,7 @@ async def start_parts(
             GetResponseTask: GetResponseHandler(results),
         },
         metrics,
+        max_reply_bytes=settings.max_reply_bytes,
     )
     metrics.watch(
         queue_depth=(lambda: inference.queue_depth) if runs_jobs else None,

@@ -352,6 +352,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from upscale_server.app import create_app
+    from upscale_server.connections import uvicorn_options
     from upscale_server.inference import ComputeConfig, tune_process
     from upscale_server.observability.logs import configure_logging
 
@@ -370,7 +371,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        ws_max_size=settings.max_frame_bytes,
+        **uvicorn_options(settings),  # connection, header and frame bounds (upscale_server.connections)
         log_config=None,  # keep configure_logging's handler: uvicorn's own config would replace it
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),

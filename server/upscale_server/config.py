@@ -246,10 +246,62 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=100 * 2**20, ge=1024, description="Largest REST request body (413 beyond): base64 adds a third."
     )
+    max_unauthenticated_bytes: int = Field(
+        default=64 * 2**10,
+        ge=1024,
+        description="Most bytes read of a REST body or taken in a WebSocket frame before its API key is accepted. A "
+        "bigger REST body is judged by its `Authorization` header, or by a leading authentication task that fits "
+        "in this prefix, before the rest is read; a bigger WebSocket frame before authentication closes the "
+        "connection with code 1009.",
+    )
     max_frame_bytes: int = Field(
         default=100 * 2**20,
         ge=1024,
         description="Largest WebSocket frame; a bigger one closes the connection with code 1009 (message too big).",
+    )
+    max_reply_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1024,
+        description="Most inline image data (base64Data, dataURI) in the reply to one REST request or WebSocket "
+        "frame; a task whose output would pass it is answered with a payloadTooLarge error instead (its result "
+        "stays pollable alone, or as a URL). Repeated getResponse items for one task in a request are answered "
+        "once.",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open HTTP and WebSocket connections one process serves; past it a request is answered 503 "
+        "and a WebSocket handshake refused with 503.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 2**10, ge=1024, description="Largest request head (request line and headers); 400 beyond."
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A request head must arrive whole within this long of its first byte (or of the connection), "
+        "else the connection is closed; then a REST body's first `UPSCALE_MAX_UNAUTHENTICATED_BYTES` (all of a "
+        "smaller one) within this long again, else 408 `requestTimeout`.",
+    )
+    ws_auth_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A WebSocket connection that has not authenticated this long after opening is closed (1008).",
+    )
+    ws_idle_timeout_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="An authenticated WebSocket connection with no frame from its client and no request of its own "
+        "running for this long is closed (1001); its session stays resumable (`UPSCALE_SESSION_RESUME_SECONDS`).",
+    )
+    max_deliveries_in_flight: int = Field(
+        default=32,
+        ge=1,
+        le=10000,
+        description="Webhook and uploadEndpoint requests sent at once; the others wait their turn (none is "
+        "dropped), so receivers that never answer hold at most this many sockets.",
     )
     shutdown_grace_seconds: float = Field(
         default=30.0,

@@ -157,6 +157,13 @@ class TooManyTasksError(UpscaleError):
     http_status = 413
 
 
+class RequestTimeoutError(UpscaleError):
+    """A request that did not arrive in time: a body too slow before its key was accepted."""
+
+    code = "requestTimeout"
+    http_status = 408
+
+
 class InvalidUpscaleFactorError(InvalidParameterError):
     """The factor is not one the pipeline produces exactly (2, 3 or 4)."""
 

@@ -304,8 +304,12 @@ class OutboundClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         resolver: Resolver | None = None,
+        max_deliveries: int | None = None,
     ) -> None:
         self.policy = policy
+        # Webhook POSTs and upload PUTs in flight at once (``request``); the others wait their turn, so
+        # receivers that never answer hold a bounded number of sockets. Input downloads are not counted.
+        self._deliveries = asyncio.Semaphore(max_deliveries) if max_deliveries is not None else None
         self._resolve = resolver or system_resolver
         self._transport = transport or httpx.AsyncHTTPTransport(
             retries=0, limits=httpx.Limits(max_keepalive_connections=0)
@@ -366,8 +370,15 @@ class OutboundClient:
         The response body is not read: nothing a receiver sends can reach a log or an error, and a
         receiver cannot hold the call by trickling a body (``.content`` raises ``ResponseNotRead``).
         Raises ``BlockedAddressError`` for a refused URL or redirect and ``OutboundError`` when no
-        response came (DNS, connection, timeout, redirect loop). Non-2xx statuses are returned.
+        response came (DNS, connection, timeout, redirect loop). Non-2xx statuses are returned. Waits
+        for a free delivery slot first (``max_deliveries``); the timeout starts once it has one.
         """
+        async with self._deliveries or contextlib.nullcontext():
+            return await self._request(method, url, content=content, content_type=content_type, parameter=parameter)
+
+    async def _request(
+        self, method: str, url: str, *, content: bytes, content_type: str, parameter: str
+    ) -> httpx.Response:
         headers = {"Content-Type": content_type}
         async with self._deadline(url):
             response = await self._exchange(method, url, content=content, headers=headers, parameter=parameter)

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from upscale_server import json_text
 from upscale_server.api.auth import ApiKeys
 from upscale_server.api.bodies import parse_long_strings_apart
+from upscale_server.api.shape import check_shape
 from upscale_server.config import Settings
 from upscale_server.inference import ModelInfo
 from upscale_server.protocol import parse_request_body
@@ -93,13 +94,15 @@ LARGE_BODY = 1 << 20
 
 async def parse_tasks(body: bytes | bytearray | str, settings: Settings) -> list[object]:
     """The task array of a REST body or WebSocket frame (text frames as they came: no copy to bytes on
-    the loop), parsed off the event loop when it is big."""
+    the loop), parsed off the event loop when it is big. Its task and value counts are bounded first, so
+    a body of millions of tiny values is refused before any of them is built."""
     if len(body) > LARGE_BODY:
         # In a thread, and with the long strings cut out first: json.loads holds the GIL throughout.
         parse = functools.partial(_parse_body, max_tasks=settings.max_tasks)
         return await asyncio.to_thread(parse_long_strings_apart, body, parse)
-    return parse_request_body(body, max_tasks=settings.max_tasks)
+    return _parse_body(body, max_tasks=settings.max_tasks)
 
 
 def _parse_body(body: bytes | bytearray | str, *, max_tasks: int) -> list[object]:
+    check_shape(body, max_tasks=max_tasks)
     return parse_request_body(body, max_tasks=max_tasks)

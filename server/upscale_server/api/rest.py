@@ -13,12 +13,14 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from upscale_server.api.context import (
     RunwareJSONResponse,
+    ServerContext,
     dry_run_requested,
     json_reply,
     parse_tasks,
     server_context,
 )
-from upscale_server.errors import ImageNotFoundError, PayloadTooLargeError, UpscaleError, error_item, http_status_for
+from upscale_server.api.preauth import read_authenticated_body
+from upscale_server.errors import ImageNotFoundError, UpscaleError, error_item, http_status_for
 from upscale_server.protocol import Outcome, envelope
 from upscale_server.tasks.results import IMAGE_ROUTE
 
@@ -32,25 +34,19 @@ def error_response(
     return RunwareJSONResponse(envelope(errors=[item]), status_code=exc.http_status)
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The request body, refused as soon as it passes ``limit`` bytes (Starlette itself has no cap).
-
-    Chunks are appended to one buffer as they arrive (a ``bytearray`` grows in place): joining a 100 MB
-    body at the end would be a single copy of about a tenth of a second on the event loop's thread,
-    long enough to stall every other connection.
-    """
+async def read_body(request: Request, context: ServerContext, bearer: str | None) -> bytearray:
+    """The request body, refused past ``max_body_bytes`` and read past ``max_unauthenticated_bytes``
+    only once its key is accepted (Starlette itself has no cap)."""
     declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLargeError(
-        f"The request body is larger than {limit} bytes (UPSCALE_MAX_BODY_BYTES).", max=limit
+    return await read_authenticated_body(
+        request.stream(),
+        context.keys,
+        bearer=bearer,
+        declared=int(declared) if declared.isdigit() else None,
+        max_body_bytes=context.settings.max_body_bytes,
+        max_unauthenticated_bytes=context.settings.max_unauthenticated_bytes,
+        unauthenticated_timeout=context.settings.header_timeout_seconds,
     )
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            raise too_large
-        body += chunk
-    return body
 
 
 def bearer_key(request: Request) -> str | None:
@@ -64,9 +60,10 @@ def bearer_key(request: Request) -> str | None:
 async def run_tasks(request: Request) -> Response:
     context = server_context(request)
     try:
-        body = await read_body(request, context.settings.max_body_bytes)
+        bearer = bearer_key(request)
+        body = await read_body(request, context, bearer)
         raw_tasks = await parse_tasks(body, context.settings)
-        owner, raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer_key(request))
+        owner, raw_tasks = context.keys.authenticate_request(raw_tasks, bearer=bearer)
     except UpscaleError as exc:
         return error_response(exc)
 

@@ -19,10 +19,12 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.types import Message
 
 from upscale_server import json_text
 from upscale_server.api.context import LARGE_BODY, ServerContext, dry_run_requested, parse_tasks, server_context
-from upscale_server.errors import MissingApiKeyError, UpscaleError, error_item
+from upscale_server.connections import lift_frame_limit
+from upscale_server.errors import MissingApiKeyError, PayloadTooLargeError, UpscaleError, error_item
 from upscale_server.protocol import Outcome, auth_item, envelope, pong_item, task_identity
 from upscale_server.sessions import Session
 
@@ -41,6 +43,7 @@ class Connection:
         self.owner = ""
         self.dry_run = dry_run_requested(socket.query_params.get("dryRun"))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._opened = asyncio.get_running_loop().time()
 
     async def send_text(self, text: str) -> None:
         await self.socket.send_text(text)
@@ -58,8 +61,11 @@ class Connection:
     async def run(self) -> None:
         try:
             while True:
-                message = await self.socket.receive()
-                if message["type"] == "websocket.disconnect":
+                message = await self.receive()
+                if message is None or message["type"] == "websocket.disconnect":
+                    break
+                if self.session is None and _frame_size(message) > self.context.settings.max_unauthenticated_bytes:
+                    await self.refuse_big_frame()
                     break
                 text = message.get("text")
                 if text is None and message.get("bytes") is not None:
@@ -71,6 +77,48 @@ class Connection:
             if self.session is not None:
                 with contextlib.suppress(Exception):  # a store that is unreachable now expires it anyway
                     await self.session.detach(self.send_text)
+
+    async def receive(self) -> Message | None:
+        """The next message; None once the connection was closed for waiting: unauthenticated past
+        ``ws_auth_timeout_seconds`` after it opened, or idle (no frame, no request of its own running)
+        for ``ws_idle_timeout_seconds``."""
+        settings = self.context.settings
+        while True:
+            if self.session is None:
+                timeout = self._opened + settings.ws_auth_timeout_seconds - asyncio.get_running_loop().time()
+            else:
+                timeout = settings.ws_idle_timeout_seconds
+            try:
+                async with asyncio.timeout(max(timeout, 0)):
+                    return await self.socket.receive()
+            except TimeoutError:
+                if self.session is not None and self._tasks:
+                    continue  # its requests are still running: not idle
+            if self.session is None:
+                exc = MissingApiKeyError(
+                    f"no authentication within {settings.ws_auth_timeout_seconds:g} s of connecting",
+                    parameter="apiKey",
+                )
+                await self.reply(envelope(errors=[error_item(exc, task_type="authentication", task_uuid=None)]))
+                await self.close(1008, "authentication timeout")
+            else:
+                await self.close(1001, "idle timeout")
+            return None
+
+    async def refuse_big_frame(self) -> None:
+        """A frame over the unauthenticated limit before authentication: an error frame, then close 1009."""
+        limit = self.context.settings.max_unauthenticated_bytes
+        exc = PayloadTooLargeError(
+            f"Frames are limited to {limit} bytes until the connection is authenticated "
+            "(UPSCALE_MAX_UNAUTHENTICATED_BYTES): authenticate first.",
+            max=limit,
+        )
+        await self.reply(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
+        await self.close(1009, "authenticate before sending big frames")
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await self.socket.close(code, reason)
 
     async def handle_frame(self, text: str) -> None:
         try:
@@ -115,6 +163,7 @@ class Connection:
             return None
         await self.reply(envelope(data=[auth_item(session.uuid)]))
         self.session, self.owner = session, owner
+        lift_frame_limit(self.socket.scope, self.context.settings.max_frame_bytes)
         # Flushes results that finished while the client was away.
         await session.attach(self.send_text, self.context.base_url(self.socket))
         return rest
@@ -143,6 +192,14 @@ class Connection:
                 parameter="apiKey",
             )
             await self.reply(envelope(errors=[error_item(exc, task_type=task_type, task_uuid=task_uuid)]))
+
+
+def _frame_size(message: Message) -> int:
+    """A received frame's length (characters of a text frame, bytes of a binary one)."""
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes")
+    return len(data) if data is not None else 0
 
 
 async def _frame_text(data: bytes) -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from upscale_server.observability.logs import task_context
 from upscale_server.observability.metrics import Metrics
 from upscale_server.protocol import AuthenticationTask, Outcome, Task, parse_task, task_identity
+from upscale_server.tasks.replies import ReplyBudget, without_repeated_polls
 
 Emit = Callable[[Outcome], Awaitable[None]]
 
@@ -24,12 +25,14 @@ Emit = Callable[[Outcome], Awaitable[None]]
 class RequestContext:
     """What a handler knows about the request a task came in: where its client reaches the server, the
     WebSocket session it came in (None for REST), whether it is a dry run (validate and answer, run and
-    record nothing), and the tenant that sent it (its API key's owner; '' in open mode)."""
+    record nothing), the tenant that sent it (its API key's owner; '' in open mode), and what its reply
+    may still carry of inline images."""
 
     base_url: str
     session: str | None = None
     dry_run: bool = False
     owner: str = ""
+    reply_budget: ReplyBudget = field(default_factory=lambda: ReplyBudget(None), compare=False)
 
 
 class TaskHandler(Protocol):
@@ -41,9 +44,12 @@ class TaskHandler(Protocol):
 class TaskDispatcher:
     """Routes parsed tasks by type. ``handlers`` maps each task class to the handler that runs it."""
 
-    def __init__(self, handlers: Mapping[type[Task], TaskHandler], metrics: Metrics) -> None:
+    def __init__(
+        self, handlers: Mapping[type[Task], TaskHandler], metrics: Metrics, *, max_reply_bytes: int | None = None
+    ) -> None:
         self.handlers = dict(handlers)
         self.metrics = metrics
+        self.max_reply_bytes = max_reply_bytes
 
     async def dispatch(
         self,
@@ -56,9 +62,11 @@ class TaskDispatcher:
         owner: str = "",
     ) -> None:
         """Run every task of an array concurrently; each emits exactly one outcome (or has it delivered to
-        its ``session`` by the job queue)."""
-        request = RequestContext(base_url, session, dry_run, owner)
-        await asyncio.gather(*(self._run_one(raw, request, emit) for raw in raw_tasks))
+        its ``session`` by the job queue); repeated polls of one task are answered once, and the inline
+        images of the whole reply are bounded by ``max_reply_bytes``."""
+        request = RequestContext(base_url, session, dry_run, owner, ReplyBudget(self.max_reply_bytes))
+        tasks = without_repeated_polls(raw_tasks)
+        await asyncio.gather(*(self._run_one(raw, request, emit) for raw in tasks))
 
     async def _run_one(self, raw: object, request: RequestContext, emit: Emit) -> None:
         task_type, task_uuid = task_identity(raw)

@@ -15,4 +15,6 @@ class GetResponseHandler:
         self.results = results
 
     async def __call__(self, task: GetResponseTask, request: RequestContext, emit: Emit) -> None:
-        await emit(await self.results.poll(task.task_uuid, request.base_url, owner=request.owner))
+        await emit(
+            await self.results.poll(task.task_uuid, request.base_url, owner=request.owner, budget=request.reply_budget)
+        )

@@ -17,12 +17,13 @@ from upscale_server.errors import TaskNotFoundError
 from upscale_server.protocol import OUTPUT_FIELDS, Outcome, WireItem, processing_item, with_status
 from upscale_server.storage import ImageStorage, StoredImage, TaskRecords
 from upscale_server.tasks.images import load_stored
+from upscale_server.tasks.replies import INLINE_FIELDS, ReplyBudget, inline_size
 
 #: The route stored images are served on (``GET /image/<uuid>.<ext>``).
 IMAGE_ROUTE = "/image/{name}"
 
 #: Result fields that inline the image: kept out of the task records, rebuilt from the stored image.
-INLINE_OUTPUT_FIELDS = (OUTPUT_FIELDS["base64Data"], OUTPUT_FIELDS["dataURI"])
+INLINE_OUTPUT_FIELDS = INLINE_FIELDS
 _INLINE_MARK = "_inlineOutput"
 #: Kept with a recorded error: the HTTP status a sync reply read back from the records answers with.
 _STATUS_MARK = "_httpStatus"
@@ -59,8 +60,11 @@ def stored_result(item: WireItem, base_url: str) -> dict[str, Any]:
     return stored
 
 
-def replayed_result(images: ImageStorage, stored: dict[str, Any], base_url: str) -> WireItem:
-    """Inverse of :func:`stored_result`, reading inline outputs back from the image store (blocking)."""
+def replayed_result(
+    images: ImageStorage, stored: dict[str, Any], base_url: str, budget: ReplyBudget | None = None
+) -> WireItem:
+    """Inverse of :func:`stored_result`, reading inline outputs back from the image store (blocking); an
+    inline output is counted against ``budget`` before it is read."""
     item: WireItem = {k: v for k, v in stored.items() if k != _INLINE_MARK}
     url = item.get("imageURL")
     if isinstance(url, str) and url.startswith("/"):
@@ -68,6 +72,8 @@ def replayed_result(images: ImageStorage, stored: dict[str, Any], base_url: str)
     field = stored.get(_INLINE_MARK)
     if field is None:
         return item
+    if budget is not None and (known := images.get(str(item["imageUUID"]))) is not None:
+        budget.take(inline_size(known.size_bytes, field))
     data, image = load_stored(images, str(item["imageUUID"]), parameter="taskUUID")
     item[field] = base64_text(data) if field == OUTPUT_FIELDS["base64Data"] else data_uri(image, data)
     return item
@@ -88,11 +94,12 @@ class RecordedResults:
         self.records = records
         self.images = images
 
-    async def poll(self, task_uuid: str, base_url: str, *, owner: str) -> Outcome:
+    async def poll(self, task_uuid: str, base_url: str, *, owner: str, budget: ReplyBudget | None = None) -> Outcome:
         """What ``getResponse`` answers: ``processing``, the result, or the error item with HTTP 200 (the
         poll itself succeeded). TaskNotFoundError when the task is unknown, its result expired, or it
-        belongs to another tenant (the same error: another key's task does not exist for this one)."""
-        outcome, _ = await self._read(task_uuid, base_url, owner=owner)
+        belongs to another tenant (the same error: another key's task does not exist for this one);
+        PayloadTooLargeError when its inline image does not fit in ``budget``."""
+        outcome, _ = await self._read(task_uuid, base_url, budget, owner=owner)
         return outcome
 
     async def finished(self, task_uuid: str, base_url: str) -> Outcome:
@@ -110,7 +117,9 @@ class RecordedResults:
         except TaskNotFoundError:
             return None
 
-    async def _read(self, task_uuid: str, base_url: str, *, owner: str | None = None) -> tuple[Outcome, int]:
+    async def _read(
+        self, task_uuid: str, base_url: str, budget: ReplyBudget | None = None, *, owner: str | None = None
+    ) -> tuple[Outcome, int]:
         """The task's outcome; ``owner`` (a poll's tenant) must match the record's, None skips the check
         (the server reading back a task it accepted itself)."""
         record = await asyncio.to_thread(self.records.get, task_uuid)
@@ -122,7 +131,8 @@ class RecordedResults:
             return Outcome(item=processing_item(record.task_type, record.task_uuid)), 200
         if record.status == "success":
             assert record.item is not None
-            return Outcome(item=await asyncio.to_thread(replayed_result, self.images, record.item, base_url)), 200
+            item = await asyncio.to_thread(replayed_result, self.images, record.item, base_url, budget)
+            return Outcome(item=item), 200
         assert record.error is not None
         error = {key: value for key, value in record.error.items() if key != _STATUS_MARK}
         status = record.error.get(_STATUS_MARK)

@@ -121,6 +121,8 @@ class UpscaleHandler:
             if request.session is not None:
                 return  # and delivered to the session already, on whichever node it is attached now
             outcome = await self.results.finished(task.task_uuid, request.base_url)
+        if outcome.item is not None:
+            request.reply_budget.take_item(outcome.item)  # else payloadTooLarge: the result stays pollable
         await emit(outcome)
 
     async def _rehearse(self, task: UpscaleTask) -> WireItem:
