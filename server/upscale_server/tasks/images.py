@@ -16,8 +16,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
+from upscale_server.budget import MemoryBudget
 from upscale_server.errors import ImageNotFoundError, ImageTooLargeError, InvalidImageError
-from upscale_server.imaging import Picture, decode_image, encode_image, resize_pixels
+from upscale_server.imaging import ImageHeader, Picture, decode_image, encode_image, read_header, resize_pixels
 from upscale_server.outbound import OutboundClient
 from upscale_server.storage import ImageStorage, StoredImage
 from upscale_server.tasks.inputs import Base64Ref, DataUriRef, ImageRef, UrlRef, UuidRef, classify_image_input
@@ -50,6 +51,7 @@ class TaskImages:
         outbound: OutboundClient,
         codecs: Executor,
         *,
+        budget: MemoryBudget,
         max_fetch_bytes: int,
         max_input_pixels: int,
         upload_max_side: int,
@@ -57,6 +59,7 @@ class TaskImages:
         self.storage = storage
         self.outbound = outbound
         self.codecs = codecs
+        self.budget = budget
         self.max_fetch_bytes = max_fetch_bytes
         self.max_input_pixels = max_input_pixels
         self.upload_max_side = upload_max_side
@@ -92,6 +95,26 @@ class TaskImages:
         elif isinstance(ref, UrlRef):
             await self.outbound.check_url(ref.url, parameter=parameter)
 
+    async def held_bytes(self, value: str, parameter: str) -> bytes | None:
+        """The bytes of an inline or stored input, which the server holds before a task is accepted (its
+        header can be read then); None for a URL, downloaded only when the task runs."""
+        if len(value) > LARGE_INPUT:
+            ref = await asyncio.to_thread(classify_image_input, value, parameter=parameter)
+        else:
+            ref = classify_image_input(value, parameter=parameter)
+        if isinstance(ref, UrlRef):
+            return None
+        return (await self.input_bytes(value, parameter))[0]
+
+    async def header(self, data: bytes, parameter: str) -> ImageHeader:
+        """What decoding ``data`` will cost, from its header; refuses what decoding would refuse, without
+        decoding (off the event loop when the data is big: the JPEG scan count reads every byte)."""
+        if len(data) > LARGE_INPUT:
+            return await asyncio.to_thread(
+                read_input_header, data, max_pixels=self.max_input_pixels, parameter=parameter
+            )
+        return read_input_header(data, max_pixels=self.max_input_pixels, parameter=parameter)
+
     async def decode(self, data: bytes, parameter: str) -> Picture:
         return await self.in_codecs(decode_input, data, max_pixels=self.max_input_pixels, parameter=parameter)
 
@@ -121,6 +144,15 @@ def load_stored(images: ImageStorage, image_uuid: str, *, parameter: str) -> tup
             f"no stored image with UUID {image_uuid} (never uploaded, or expired)", parameter=parameter
         )
     return images.read_bytes(stored), stored
+
+
+def read_input_header(data: bytes, *, max_pixels: int, parameter: str) -> ImageHeader:
+    """An input's header, naming the request field at fault when it is not one we can read."""
+    try:
+        return read_header(data, max_pixels=max_pixels)
+    except (InvalidImageError, ImageTooLargeError) as exc:
+        exc.parameter = exc.parameter or parameter
+        raise
 
 
 def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
