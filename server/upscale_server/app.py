@@ -139,6 +139,7 @@ async def start_parts(
         max_fetch_bytes=settings.max_fetch_bytes,
         max_input_pixels=settings.max_input_pixels,
         upload_max_side=settings.upload_max_side,
+        keep_metadata=settings.keep_metadata,
     )
     lifecycle = TaskLifecycle(backends.records, webhooks, metrics)
     results = RecordedResults(backends.records, backends.images)

@@ -237,6 +237,12 @@ def jpeg_scan_count(data: bytes) -> int:
     return 0
 
 
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) decoding applies to ``data``: 1 when it has none."""
+    with _open(data) as image:
+        return _png_orientation(data) if image.format == "PNG" else _orientation(image)
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode untrusted bytes into a :class:`Picture` (first frame, EXIF orientation applied).
 

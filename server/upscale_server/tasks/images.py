@@ -18,7 +18,16 @@ from typing import ParamSpec, TypeVar
 
 from upscale_server.budget import MemoryBudget
 from upscale_server.errors import ImageNotFoundError, ImageTooLargeError, InvalidImageError
-from upscale_server.imaging import ImageHeader, Picture, decode_image, encode_image, read_header, resize_pixels
+from upscale_server.imaging import (
+    ImageHeader,
+    Picture,
+    decode_image,
+    encode_image,
+    exif_orientation,
+    read_header,
+    resize_pixels,
+)
+from upscale_server.metadata import strip_metadata
 from upscale_server.outbound import OutboundClient
 from upscale_server.storage import ImageStorage, StoredImage
 from upscale_server.tasks.inputs import Base64Ref, DataUriRef, ImageRef, UrlRef, UuidRef, classify_image_input
@@ -55,6 +64,7 @@ class TaskImages:
         max_fetch_bytes: int,
         max_input_pixels: int,
         upload_max_side: int,
+        keep_metadata: bool = False,
     ) -> None:
         self.storage = storage
         self.outbound = outbound
@@ -63,6 +73,7 @@ class TaskImages:
         self.max_fetch_bytes = max_fetch_bytes
         self.max_input_pixels = max_input_pixels
         self.upload_max_side = upload_max_side
+        self.keep_metadata = keep_metadata
 
     async def input_bytes(self, value: str, parameter: str) -> tuple[bytes, str | None]:
         """The raw bytes of an image input, and its stored UUID when it names one."""
@@ -124,7 +135,9 @@ class TaskImages:
         )
 
     async def store_input(self, data: bytes, picture: Picture, image_uuid: str) -> StoredImage:
-        return await self.in_codecs(store_input, self.storage, data, picture, image_uuid)
+        return await self.in_codecs(
+            store_input, self.storage, data, picture, image_uuid, keep_metadata=self.keep_metadata
+        )
 
     async def in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the
@@ -198,9 +211,18 @@ def store_output(
     return StoredOutput(stored, data)
 
 
-def store_input(images: ImageStorage, data: bytes, picture: Picture, image_uuid: str | None = None) -> StoredImage:
-    """Keep an inline upscale input so its ``inputImageUUID`` can be reused; raw bytes when possible."""
+def store_input(
+    images: ImageStorage, data: bytes, picture: Picture, image_uuid: str | None = None, *, keep_metadata: bool = False
+) -> StoredImage:
+    """Keep an inline upscale input so its ``inputImageUUID`` can be reused: the bytes as sent when possible,
+    without their metadata (GPS position and the like) unless ``keep_metadata``."""
     fmt = ImageFormat.from_pillow(picture.source_format)
+    if fmt is not None and not keep_metadata:
+        stripped = strip_metadata(data, fmt, orientation=exif_orientation(data))
+        if stripped is None:  # a container this server reads but cannot rewrite: re-encoded below
+            fmt = None
+        else:
+            data = stripped
     if fmt is None:  # BMP, GIF...: stored as PNG, the format every client can read back
         data, fmt = encode_image(picture, ImageFormat.PNG), ImageFormat.PNG
     return images.put(data, format=fmt, kind="upload", image_uuid=image_uuid)
