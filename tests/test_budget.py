@@ -27,7 +27,7 @@ def test_pixel_cost_counts_input_output_and_encoded_bytes() -> None:
     header = ImageHeader(100, 50, 3, 8, "PNG")
     picture = 100 * 50 * 3 * 4
     assert pixel_cost(header) == WORKING_FACTOR * picture
-    assert pixel_cost(header, encoded_bytes=1000) == WORKING_FACTOR * picture + 2000
+    assert pixel_cost(header, encoded_bytes=1000) == WORKING_FACTOR * picture + 3000
     assert pixel_cost(header, output_size=(200, 100)) == WORKING_FACTOR * picture * 5
 
 

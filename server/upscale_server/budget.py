@@ -43,10 +43,11 @@ _SAMPLE_BYTES: Final = 4
 
 def pixel_cost(header: ImageHeader, *, encoded_bytes: int = 0, output_size: tuple[int, int] | None = None) -> int:
     """Bytes a task decoding ``header``'s image holds at its peak: the decoded input and its working
-    copies, the encoded input twice (bytes and the text they came in), and for an upscale the output
-    (``output_size``, width and height) with its own working copies and encoding."""
+    copies, the encoded input three times (the bytes, the base64 text they came in, 4/3 as long, and
+    slack for the request's parse), and for an upscale the output (``output_size``, width and height)
+    with its own working copies and encoding."""
     picture = header.pixels * header.channels * _SAMPLE_BYTES
-    cost = WORKING_FACTOR * picture + 2 * encoded_bytes
+    cost = WORKING_FACTOR * picture + 3 * encoded_bytes
     if output_size is not None:
         cost += WORKING_FACTOR * output_size[0] * output_size[1] * header.channels * _SAMPLE_BYTES
     return cost
