@@ -8,7 +8,8 @@ keeping the tag would rotate twice), text chunks, gamma chunks (Pillow ignores `
 decoders agree) and animation (first frame only).
 
 Untrusted bytes only ever produce :class:`InvalidImageError` or :class:`ImageTooLargeError`; the pixel
-budget is checked on the header before anything is decoded (decompression bombs).
+budget and the JPEG scan count are checked on the header before anything is decoded (decompression
+bombs, files that cost seconds per kilobyte).
 
 No torch and no FastAPI here: the module is shared by the CLI, the server and the tests.
 """
