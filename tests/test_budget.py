@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
@@ -12,6 +14,7 @@ from upscale_server.budget import WORKING_FACTOR, MemoryBudget, pixel_cost
 from upscale_server.config import DEFAULT_MEMORY_BUDGET, Settings
 from upscale_server.errors import ImageTooLargeError, QueueFullError
 from upscale_server.imaging import ImageHeader
+from upscale_server.tasks.images import TaskImages
 
 T = TypeVar("T")
 
@@ -138,3 +141,37 @@ def test_the_default_budget_is_half_the_usable_memory(monkeypatch: pytest.Monkey
     assert Settings().resolved_memory_budget() == 8 * 2**30
     monkeypatch.setattr("upscale_server.config.usable_memory", lambda: None)
     assert Settings().resolved_memory_budget() == DEFAULT_MEMORY_BUDGET
+
+
+def test_a_cancelled_task_keeps_its_reservation_while_its_codec_work_still_runs() -> None:
+    """A thread cannot be stopped: the pixels it holds stay counted until it returns."""
+
+    async def go() -> None:
+        budget = MemoryBudget(100)
+        started, release = threading.Event(), threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            images = TaskImages(
+                None,  # type: ignore[arg-type]  # no storage or network here
+                None,  # type: ignore[arg-type]
+                pool,
+                budget=budget,
+                max_fetch_bytes=1,
+                max_input_pixels=1,
+                upload_max_side=16,
+            )
+
+            async def task() -> None:
+                with budget.reserve(60, what="an image"):
+                    await images.in_codecs(lambda: started.set() or release.wait(10))
+
+            running = asyncio.create_task(task())
+            assert await asyncio.to_thread(started.wait, 10)
+            running.cancel()
+            await asyncio.sleep(0.05)
+            assert not running.done() and budget.used == 60
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert budget.used == 0
+
+    run(go)

@@ -141,9 +141,18 @@ class TaskImages:
 
     async def in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the
-        log lines), as ``asyncio.to_thread`` does for the default executor."""
+        log lines), as ``asyncio.to_thread`` does for the default executor.
+
+        Cancelled, it returns only once the work is dropped (still queued) or has ended (running: a
+        thread cannot be stopped), so a task's memory reservation outlives the pixels its work holds."""
         call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self.codecs, call)
+        work = self.codecs.submit(call)
+        try:
+            return await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            if not work.cancel():
+                await asyncio.wait([asyncio.wrap_future(work)])
+            raise
 
 
 # --------------------------------------------------------------------------- the blocking steps

@@ -258,6 +258,7 @@ class UpscaleRunner:
             if storing is not None:  # the task failed: its input's UUID is never reported
                 storing.cancel()
                 storing.add_done_callback(_outcome_ignored)
+                await asyncio.wait([storing])  # a running store holds the picture: the reservation outlives it
             raise
         if storing is not None:
             input_uuid = (await storing).uuid
