@@ -29,9 +29,10 @@ def run(make: Callable[[], Awaitable[T]]) -> T:
 def test_pixel_cost_counts_input_output_and_encoded_bytes() -> None:
     header = ImageHeader(100, 50, 3, 8, "PNG")
     picture = 100 * 50 * 3 * 4
-    assert pixel_cost(header) == WORKING_FACTOR * picture
-    assert pixel_cost(header, encoded_bytes=1000) == WORKING_FACTOR * picture + 3000
-    assert pixel_cost(header, output_size=(200, 100)) == WORKING_FACTOR * picture * 5
+    assert pixel_cost(header) == int(WORKING_FACTOR * picture)
+    assert pixel_cost(header, encoded_bytes=1000) == int(WORKING_FACTOR * picture) + 3000
+    assert pixel_cost(header, outputs=[(200, 100)]) == int(WORKING_FACTOR * picture * 5)
+    assert pixel_cost(header, outputs=[(200, 100), (400, 200)]) == int(WORKING_FACTOR * picture * 21)
 
 
 def test_admission_refuses_with_429_naming_the_setting_and_gives_back_on_release() -> None:

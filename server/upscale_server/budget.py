@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -34,23 +34,23 @@ BUDGET_SETTING: Final = "UPSCALE_MEMORY_BUDGET_BYTES"
 
 #: Peak bytes held per byte of a float32 picture while it is decoded and worked on. Measured peaks
 #: (resident set, resize engine): decoding 1.7x (gray) to 2.6x (WEBP); an upload resized to 2048 px,
-#: 2.5x (RGB) to 3.0x (RGBA); an upscale, input plus 2.7x its output. 3 covers each of them.
-WORKING_FACTOR: Final = 3
+#: 2.5x (RGB) to 3.0x (RGBA); an upscale, input plus 2.7x its output (the resize engine's native x4
+#: image counted as one more output). With 3.5, sync upscales over REST peaked at 0.7x the estimate.
+WORKING_FACTOR: Final = 3.5
 
 #: Bytes of one float32 sample: the pipeline's one picture form.
 _SAMPLE_BYTES: Final = 4
 
 
-def pixel_cost(header: ImageHeader, *, encoded_bytes: int = 0, output_size: tuple[int, int] | None = None) -> int:
+def pixel_cost(header: ImageHeader, *, encoded_bytes: int = 0, outputs: Sequence[tuple[int, int]] = ()) -> int:
     """Bytes a task decoding ``header``'s image holds at its peak: the decoded input and its working
     copies, the encoded input three times (the bytes, the base64 text they came in, 4/3 as long, and
-    slack for the request's parse), and for an upscale the output (``output_size``, width and height)
-    with its own working copies and encoding."""
-    picture = header.pixels * header.channels * _SAMPLE_BYTES
-    cost = WORKING_FACTOR * picture + 3 * encoded_bytes
-    if output_size is not None:
-        cost += WORKING_FACTOR * output_size[0] * output_size[1] * header.channels * _SAMPLE_BYTES
-    return cost
+    slack for the request's parse), and for an upscale each full-size image it makes (``outputs``,
+    width and height: the output, and any larger canvas the engine resizes it from) with their working
+    copies and encoding."""
+    per_pixel = header.channels * _SAMPLE_BYTES
+    pixels = header.pixels + sum(width * height for width, height in outputs)
+    return int(WORKING_FACTOR * pixels * per_pixel) + 3 * encoded_bytes
 
 
 @dataclass(eq=False)

@@ -90,10 +90,10 @@ class UpscaleChecks:
         the input alone (the run fails on the same plan before any output exists)."""
         header = await self.images.header(data, task.image_parameter)
         try:
-            output: tuple[int, int] | None = (await self._plan(task, header.width, header.height)).output_size
+            outputs = self.inference.canvas_sizes(await self._plan(task, header.width, header.height))
         except UpscaleError:
-            output = None
-        cost = pixel_cost(header, encoded_bytes=len(data), output_size=output)
+            outputs = ()
+        cost = pixel_cost(header, encoded_bytes=len(data), outputs=outputs)
         return cost, f"this task's {header.width}x{header.height} input"
 
     async def admit(self, task: UpscaleTask, key: str) -> Reservation | None:
