@@ -33,6 +33,8 @@ def test_pixel_cost_counts_input_output_and_encoded_bytes() -> None:
     assert pixel_cost(header, encoded_bytes=1000) == int(WORKING_FACTOR * picture) + 3000
     assert pixel_cost(header, outputs=[(200, 100)]) == int(WORKING_FACTOR * picture * 5)
     assert pixel_cost(header, outputs=[(200, 100), (400, 200)]) == int(WORKING_FACTOR * picture * 21)
+    gray = ImageHeader(100, 50, 1, 16, "PNG")  # the network sees it in colour
+    assert pixel_cost(gray, outputs=[(200, 100)]) == int(WORKING_FACTOR * (picture / 3 + 4 * picture))
 
 
 def test_admission_refuses_with_429_naming_the_setting_and_gives_back_on_release() -> None:

@@ -47,10 +47,12 @@ def pixel_cost(header: ImageHeader, *, encoded_bytes: int = 0, outputs: Sequence
     copies, the encoded input three times (the bytes, the base64 text they came in, 4/3 as long, and
     slack for the request's parse), and for an upscale each full-size image it makes (``outputs``,
     width and height: the output, and any larger canvas the engine resizes it from) with their working
-    copies and encoding."""
-    per_pixel = header.channels * _SAMPLE_BYTES
-    pixels = header.pixels + sum(width * height for width, height in outputs)
-    return int(WORKING_FACTOR * pixels * per_pixel) + 3 * encoded_bytes
+    copies and encoding. Outputs are counted in colour (plus alpha): the network works on RGB, a
+    gray picture is widened for it."""
+    out_channels = 4 if header.channels in (2, 4) else 3
+    output_pixels = sum(width * height for width, height in outputs)
+    samples = header.pixels * header.channels + output_pixels * out_channels
+    return int(WORKING_FACTOR * samples * _SAMPLE_BYTES) + 3 * encoded_bytes
 
 
 @dataclass(eq=False)
