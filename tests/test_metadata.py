@@ -78,6 +78,21 @@ def test_jpeg_keeps_its_icc_profile_and_its_scans_byte_for_byte() -> None:
     assert stripped.endswith(data[scans:])
 
 
+def test_an_mpo_keeps_only_its_first_picture() -> None:
+    """A phone's multi-picture JPEG: each picture has its own EXIF; decoding reads the first one only."""
+    exif = Image.Exif()
+    exif[0x010F] = MAKER
+    exif[GPS_IFD] = {1: "N", 2: (52.0, 22.0, 1.5)}
+    buffer = io.BytesIO()
+    first, second = Image.new("RGB", (32, 24), (200, 0, 0)), Image.new("RGB", (32, 24), (0, 200, 0))
+    first.save(buffer, "MPO", save_all=True, append_images=[second], exif=exif.tobytes())
+    data = buffer.getvalue()
+    assert data.count(MAKER.encode()) == 2
+    stripped = strip_metadata(data, ImageFormat.JPG)
+    assert stripped is not None and MAKER.encode() not in stripped
+    assert np.array_equal(decode_image(stripped).pixels, decode_image(data).pixels)
+
+
 def test_png_text_chunks_go_too() -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("Location", "52.37N 4.89E")
