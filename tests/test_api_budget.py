@@ -188,6 +188,17 @@ def test_a_failed_upscale_gives_its_reservation_back(tmp_path: Path, monkeypatch
         assert reserved(client) == 0
 
 
+def test_a_task_refused_after_admission_gives_its_reservation_back(tmp_path: Path) -> None:
+    """A used taskUUID is found when the job is claimed, after the memory was reserved: given back."""
+    with make_client(tmp_path, KEY, memory_budget_bytes=UPSCALE_COST) as client:
+        task = upscale_task(data_uri(IMAGE))
+        assert client.post("/v1", json=[task], headers=AUTH).status_code == 200
+        response = client.post("/v1", json=[{**task, "inputImage": b64(IMAGE)}], headers=AUTH)
+        assert response.json()["errors"][0]["code"] == "conflictTaskUUID"
+        assert reserved(client) == 0
+        assert client.post("/v1", json=[upscale_task(b64(IMAGE))], headers=AUTH).status_code == 200
+
+
 def test_an_input_url_is_acknowledged_and_waits_for_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
