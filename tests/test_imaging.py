@@ -28,6 +28,7 @@ from upscale_server.imaging import (
     decode_image,
     encode_image,
     flatten_alpha,
+    read_header,
     read_image_file,
     resize_pixels,
 )
@@ -207,6 +208,50 @@ def no_pixel_decoding() -> Iterator[None]:
         patch.setattr(ImageFile.ImageFile, "load", refuse)
         patch.setattr(imaging, "_read_png16", refuse)
         yield
+
+
+def many_scan_jpeg(repeats: int, size: int = 256) -> bytes:
+    """A progressive JPEG whose smallest scan is repeated ``repeats`` times: a few KB that libjpeg
+    decodes scan by scan over the whole image (it warns about the bogus progression, and carries on)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 130, 140)).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    first, end = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    starts = [first, *(i for i in range(first + 2, end) if data[i : i + 2] == b"\xff\xda")]
+    smallest = min((data[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)), key=len)
+    return data[:end] + smallest * repeats + data[end:]
+
+
+def test_ordinary_progressive_jpegs_decode() -> None:
+    data = many_scan_jpeg(0)
+    assert 5 <= imaging.jpeg_scan_count(data) <= imaging.MAX_JPEG_SCANS
+    assert decode_image(data).width == 256
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_from_its_markers() -> None:
+    """Thousands of scans in a few KB would each be a pass over the whole image; the count is read first."""
+    data = many_scan_jpeg(5_000)
+    assert len(data) < 256 * 1024
+    assert imaging.jpeg_scan_count(data) > 5_000
+    with no_pixel_decoding():
+        for check in (decode_image, read_header):
+            with pytest.raises(InvalidImageError, match=r"5,0\d\d progressive scans"):
+                check(data)
+
+
+def test_read_header_reports_what_decoding_will_produce(photo_path: Path) -> None:
+    header = read_header(photo_path.read_bytes())
+    picture = decode_image(photo_path.read_bytes())
+    assert (header.pixels, header.channels, header.bit_depth) == (
+        picture.width * picture.height,
+        picture.channels,
+        picture.bit_depth,
+    )
+    rgba16 = io.BytesIO()
+    png.Writer(3, 2, greyscale=False, alpha=True, bitdepth=16).write(rgba16, [[0, 1, 2, 65535] * 3] * 2)
+    assert (read_header(rgba16.getvalue()).channels, read_header(rgba16.getvalue()).bit_depth) == (4, 16)
+    gray = encode_image(Picture(np.zeros((2, 3, 1), np.float32)), ImageFormat.PNG)
+    assert read_header(gray).channels == 1
 
 
 def test_max_pixels_is_the_callers_budget(photo_path: Path) -> None:

@@ -347,7 +347,8 @@ def test_a_sync_client_that_hangs_up_does_not_cancel_its_accepted_task(
             queue,
             RecordedResults(records, images=None),  # type: ignore[arg-type]
             outbound=None,  # type: ignore[arg-type]
-            checks=None,  # type: ignore[arg-type]  # a sync task checks nothing before it is queued
+            checks=None,  # type: ignore[arg-type]  # a sync task checks nothing before it is queued ...
+            admit_in_process=False,  # ... but its memory, which this test leaves out
         )
         emitted: list[Outcome] = []
 

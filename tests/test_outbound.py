@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import ipaddress
 import socket
 import threading
@@ -511,6 +512,23 @@ def test_size_cap_without_content_length(serve: Serve) -> None:
     server = serve({"/big": Reply(200, b"x" * (LIMIT + 64 * 1024), close_delimited=True)})
     with pytest.raises(ImageTooLargeError):
         get(server.url("/big"), policy=LOCAL)
+
+
+def test_content_encoded_bodies_are_refused_never_inflated(serve: Serve) -> None:
+    """A 'gzip, gzip' bomb: a few KB on the wire, megabytes once inflated twice. The client asks for
+    identity and refuses an encoded answer without decoding it, so the cap holds for the bytes in memory."""
+    bomb = gzip.compress(gzip.compress(b"\0" * (8 * 2**20)))
+    assert len(bomb) < LIMIT
+    server = serve({"/bomb": Reply(200, bomb, {"Content-Encoding": "gzip, gzip", "Content-Type": "image/png"})})
+    with pytest.raises(ImageFetchError, match="content-encoded") as caught:
+        get(server.url("/bomb"), policy=LOCAL)
+    assert (caught.value.code, caught.value.parameter) == ("downloadFailed", "inputs.image")
+    assert server.requests[0].headers["accept-encoding"] == "identity"
+
+
+def test_identity_content_encoding_is_read_as_sent(serve: Serve) -> None:
+    server = serve({"/img": Reply(200, PNG, {"Content-Encoding": "identity"})})
+    assert get(server.url("/img"), policy=LOCAL) == PNG
 
 
 def test_non_2xx_names_the_status_and_never_the_body(serve: Serve) -> None:

@@ -26,6 +26,7 @@ from upscale_server.api.auth import ApiKeys
 from upscale_server.api.context import ServerContext
 from upscale_server.api.origins import OriginGuard
 from upscale_server.backends import open_backends
+from upscale_server.budget import MemoryBudget
 from upscale_server.config import Settings, UnusableSettingError
 from upscale_server.delivery import WebhookSender
 from upscale_server.inference import ComputeConfig, InferenceService, check_model_aliases
@@ -140,13 +141,17 @@ async def start_parts(
         inference.start()
         stack.push_async_callback(asyncio.to_thread, inference.stop, settings.shutdown_grace_seconds)
 
+    # One budget for every task of this process, whichever transport or connection it came in.
+    budget = MemoryBudget(settings.resolved_memory_budget())
     images = TaskImages(
         backends.images,
         outbound,
         codecs,
+        budget=budget,
         max_fetch_bytes=settings.max_fetch_bytes,
         max_input_pixels=settings.max_input_pixels,
         upload_max_side=settings.upload_max_side,
+        keep_metadata=settings.keep_metadata,
     )
     lifecycle = TaskLifecycle(backends.records, webhooks, metrics)
     results = RecordedResults(backends.records, backends.images)
@@ -159,7 +164,9 @@ async def start_parts(
         {
             PingTask: handle_ping,
             ImageUploadTask: UploadHandler(lifecycle, images),
-            UpscaleTask: UpscaleHandler(backends.jobs, results, outbound, upscale_checks),
+            UpscaleTask: UpscaleHandler(
+                backends.jobs, results, outbound, upscale_checks, admit_in_process=not backends.cluster
+            ),
             GetResponseTask: GetResponseHandler(results),
         },
         metrics,
@@ -171,6 +178,7 @@ async def start_parts(
         storage_stats=backends.images.stats,
         cuda_device=compute.device if compute.device.type == "cuda" and runs_jobs else None,
         cluster_queue=backends.queue_figures,
+        memory_reserved=lambda: budget.used,
     )
 
     if role != "worker":  # in a cluster the API nodes sweep (twice is harmless); workers keep to jobs
@@ -207,11 +215,12 @@ async def start_parts(
         checks=checks,
     )
     log.info(
-        "%s on %s; models on %s; %d codec threads",
+        "%s on %s; models on %s; %d codec threads; memory budget %.0f MiB",
         {"all": "serving", "api": "API node serving", "worker": "worker running"}[role],
         settings.host,
         inference.describe() if runs_jobs else "the workers",
         codec_threads,
+        budget.limit / 2**20,
     )
     return context, observability
 

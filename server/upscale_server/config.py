@@ -12,7 +12,7 @@ import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from upscale_server.vocabulary import usable_cores
+from upscale_server.vocabulary import usable_cores, usable_memory
 
 #: The checkout this package runs from, if any: ``<checkout>/server/upscale_server/config.py``.
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,9 @@ def default_models_dir() -> Path:
         return _CHECKOUT / "models"
     return platformdirs.user_data_path("upscale-server", appauthor=False) / "models"
 
+
+#: The memory budget where the machine's memory cannot be read.
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
 Device = str  # "auto", "cpu", "cuda" or "cuda:N"
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -208,6 +211,22 @@ class Settings(BaseSettings):
         default=64 * 2**20,
         ge=1,
         description="Largest decoded input image (width x height), checked from the header before decoding.",
+    )
+    memory_budget_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Bytes of pixel work all tasks together may hold (decoded inputs, outputs and their working "
+        "copies, estimated from each image's header before it is decoded; uploads and upscales, REST and "
+        "WebSocket alike). A task that does not fit is refused with 429 before it is acknowledged, or, when its "
+        "input URL is downloaded only after the acknowledgement, waits for room; one that could never fit gets "
+        "413. 0 uses half the memory this process may use (the machine's, or its container's limit; 4 GiB "
+        "where neither can be read). See docs/operations.md.",
+    )
+    keep_metadata: bool = Field(
+        default=False,
+        description="Keep EXIF (GPS position, camera, time), XMP, IPTC and text metadata in the upscale inputs "
+        "the server stores; by default they are removed (the ICC profile and the orientation stay). imageUpload "
+        "re-encodes what it stores and never keeps them.",
     )
     # ------------------------------------------------------------------ outbound requests
     outbound_allow: list[str] = Field(
@@ -424,6 +443,13 @@ class Settings(BaseSettings):
 
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser().resolve()
+
+    def resolved_memory_budget(self) -> int:
+        """``memory_budget_bytes``, with 0 meaning half the memory this process may use."""
+        if self.memory_budget_bytes:
+            return self.memory_budget_bytes
+        available = usable_memory()
+        return available // 2 if available else DEFAULT_MEMORY_BUDGET
 
     def resolved_encode_workers(self) -> int:
         """``encode_workers``, with 0 meaning one per CPU core this process may use."""

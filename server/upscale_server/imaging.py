@@ -8,7 +8,8 @@ keeping the tag would rotate twice), text chunks, gamma chunks (Pillow ignores `
 decoders agree) and animation (first frame only).
 
 Untrusted bytes only ever produce :class:`InvalidImageError` or :class:`ImageTooLargeError`; the pixel
-budget is checked on the header before anything is decoded (decompression bombs).
+budget and the JPEG scan count are checked on the header before anything is decoded (decompression
+bombs, files that cost seconds per kilobyte).
 
 No torch and no FastAPI here: the module is shared by the CLI, the server and the tests.
 """
@@ -47,6 +48,12 @@ FloatArray = npt.NDArray[np.float32]
 ALLOWED_INPUT_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 DEFAULT_MAX_PIXELS: Final = 64 * 2**20
+
+# A progressive JPEG is decoded scan by scan, each a pass over the whole image's coefficients: about
+# 1 ms per scan and megapixel here, so a 40 KB file with 1,000 scans of 4 MP costs 4 s and one of
+# 5,000 scans half a minute. Encoders write about 10 scans (libjpeg's default script), rarely more
+# than 20; this bound keeps the worst file at the largest allowed size to seconds.
+MAX_JPEG_SCANS: Final = 64
 
 # PNGs are written here, not by Pillow: every row gets the Average filter (computed in numpy) and
 # zlib level 1. Pillow tries several filters per row and keeps the best, which costs more than the
@@ -160,18 +167,92 @@ class Picture:
 # Decoding
 
 
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What an image's header says it will cost, read without decoding any pixel.
+
+    ``width`` x ``height`` as stored (before EXIF orientation, which does not change the cost);
+    ``channels`` and ``bit_depth`` those of the :class:`Picture` it decodes to.
+    """
+
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    source_format: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of untrusted bytes, with every check :func:`decode_image` makes before decoding
+    (pixel count, JPEG scan count, format), so a file refused here is refused without any pixel work."""
+    with _open(data) as image:
+        _check_cost(image, data, max_pixels)
+        ihdr = _png_ihdr(data) if image.format == "PNG" else None
+        bit_depth = 16 if (ihdr is not None and ihdr[2] == 16) or image.mode.startswith("I") else 8
+        if image.mode.startswith("I"):  # 16-bit gray, with an alpha channel for a tRNS value
+            channels = 2 if "transparency" in image.info else 1
+        else:
+            channels = len(_target_mode(image) or "RGBA")
+        source_format = "JPEG" if image.format == "MPO" else str(image.format)
+        return ImageHeader(image.width, image.height, channels, bit_depth, source_format)
+
+
+def _check_cost(image: Image.Image, data: bytes, max_pixels: int) -> None:
+    """Refuse from the header what would cost too much to decode: too many pixels, too many JPEG scans."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"Image is {width}x{height} ({width * height:,} pixels); the limit is {max_pixels:,} pixels."
+        )
+    if image.format in ("JPEG", "MPO"):
+        scans = jpeg_scan_count(data)
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImageError(
+                f"The JPEG has {scans:,} progressive scans; this server decodes at most {MAX_JPEG_SCANS} "
+                "(ordinary encoders write about 10). Re-save it as a baseline or ordinary progressive JPEG."
+            )
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """Start-of-scan markers in a JPEG. Segments are walked by their lengths up to the first scan; after
+    it, entropy-coded data escapes every 0xFF byte (0xFF 0x00, or a restart marker), so any 0xFF 0xDA
+    there is a real marker. Counts the scans of every frame in the file (an MPO's too)."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return 0  # not a marker where one must be: the decoder will say what is wrong
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return 1 + data.count(b"\xff\xda", pos + 2)
+        if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) decoding applies to ``data``: 1 when it has none."""
+    with _open(data) as image:
+        return _png_orientation(data) if image.format == "PNG" else _orientation(image)
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode untrusted bytes into a :class:`Picture` (first frame, EXIF orientation applied).
 
     Raises :class:`ImageTooLargeError` when the header declares more than ``max_pixels`` pixels,
-    before any pixel data is decoded, and :class:`InvalidImageError` for anything unreadable.
+    before any pixel data is decoded, :class:`InvalidImageError` for anything unreadable and for a
+    JPEG with more than :data:`MAX_JPEG_SCANS` scans (seconds of work per few KB).
     """
     with _open(data) as image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"Image is {width}x{height} ({width * height:,} pixels); the limit is {max_pixels:,} pixels."
-            )
+        _check_cost(image, data, max_pixels)
         source_format = "JPEG" if image.format == "MPO" else str(image.format)
         try:
             ihdr = _png_ihdr(data) if image.format == "PNG" else None
@@ -316,7 +397,20 @@ def _to_array(image: Image.Image) -> tuple[np.ndarray, int, object]:
         return values[..., None], 16, icc
     if mode == "CMYK":
         return np.asarray(_cmyk_to_rgb(image)), 8, None
-    target = {
+    target = _target_mode(image)
+    if target is None:
+        raise InvalidImageError(f"Unsupported pixel format {mode!r} in a {image.format} image.")
+    converted = image if target == mode else image.convert(target)
+    values = np.asarray(converted)
+    if values.ndim == 2:
+        values = values[..., None]
+    return values, 8, icc
+
+
+def _target_mode(image: Image.Image) -> str | None:
+    """The 8-bit mode an image is converted to for its :class:`Picture` (None: unsupported)."""
+    transparent = "transparency" in image.info
+    return {
         "1": "LA" if transparent else "L",
         "L": "LA" if transparent else "L",
         "LA": "LA",
@@ -328,14 +422,8 @@ def _to_array(image: Image.Image) -> tuple[np.ndarray, int, object]:
         "RGBA": "RGBA",
         "RGBa": "RGBA",
         "YCbCr": "RGB",
-    }.get(mode)
-    if target is None:
-        raise InvalidImageError(f"Unsupported pixel format {mode!r} in a {image.format} image.")
-    converted = image if target == mode else image.convert(target)
-    values = np.asarray(converted)
-    if values.ndim == 2:
-        values = values[..., None]
-    return values, 8, icc
+        "CMYK": "RGB",
+    }.get(image.mode)
 
 
 def _cmyk_to_rgb(image: Image.Image) -> Image.Image:

@@ -339,14 +339,14 @@ class OutboundClient:
 
         Raises ``BlockedAddressError`` for a refused URL or redirect, ``ImageTooLargeError`` past
         ``max_bytes`` (the declared ``Content-Length`` is checked before reading, then the bytes as
-        they arrive), and ``ImageFetchError`` for a non-2xx status (named), an empty body, or any
-        network failure or timeout.
+        they arrive, undecoded), and ``ImageFetchError`` for a non-2xx status (named), a body with a
+        ``Content-Encoding`` other than identity, an empty body, or any network failure or timeout.
         """
         too_large = f"The image at {parameter} is larger than this server accepts ({max_bytes} bytes)."
         try:
             async with self._deadline(url):
-                # identity: images are compressed already, and it keeps a gzip bomb from inflating
-                # a whole chunk in memory before the size check sees it.
+                # identity: images are compressed already. A response encoded anyway is refused, never
+                # inflated: the byte cap then holds for what is in memory (no gzip bomb).
                 headers = {"Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
                 response = await self._exchange("GET", url, content=None, headers=headers, parameter=parameter)
                 try:
@@ -526,11 +526,20 @@ async def _read_capped(response: httpx.Response, *, max_bytes: int, parameter: s
             f"Could not download {parameter} from {host}: the server answered HTTP {response.status_code}.",
             parameter=parameter,
         )
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The request asked for identity; decoding anyway would let a few KB inflate to gigabytes
+        # before the size check sees them (each layer of "gzip, gzip" multiplies).
+        raise ImageFetchError(
+            f"Could not download {parameter} from {host}: the server sent it content-encoded ({encoding[:40]}); "
+            "only unencoded (identity) bodies are accepted.",
+            parameter=parameter,
+        )
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ImageTooLargeError(too_large, parameter=parameter)
     received = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in _raw_chunks(response):
         received += chunk
         if len(received) > max_bytes:
             raise ImageTooLargeError(too_large, parameter=parameter)
@@ -539,6 +548,16 @@ async def _read_capped(response: httpx.Response, *, max_bytes: int, parameter: s
             f"Could not download {parameter} from {host}: the response body is empty.", parameter=parameter
         )
     return bytes(received)
+
+
+async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as sent, never content-decoded, so a byte cap holds for what is in memory. A response a
+    transport has read already (an in-process test transport) yields what it holds."""
+    if response.is_stream_consumed:
+        yield response.content
+        return
+    async for chunk in response.aiter_raw():
+        yield chunk
 
 
 def _is_ip_literal(host: str) -> bool:

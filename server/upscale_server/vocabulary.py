@@ -122,6 +122,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def usable_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit when lower (a
+    container's memory limit). None when neither can be read (not on Linux)."""
+    limits: list[int] = []
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        with contextlib.suppress(OSError, ValueError):
+            limits.append(int(Path(path).read_text().strip()))  # "max" (no limit) is a ValueError
+    return min(limits) if limits else None
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -156,6 +156,16 @@ class InferenceService:
         """Like :meth:`plan`, for an output of ``megapixels`` million pixels (``targetMegapixels``)."""
         return self._pipeline.plan_target(width, height, megapixels, model_id)
 
+    def canvas_sizes(self, plan: UpscalePlan) -> tuple[tuple[int, int], ...]:
+        """The full-size images running ``plan`` holds besides its input, for the memory budget: the output,
+        and with the resize engine the model's native-scale image it resizes the output from (the real
+        engine makes the output size window by window, so that one never exists there)."""
+        if not self._registry.resize_engine:
+            return (plan.output_size,)
+        scale = plan.model.scale
+        native = (plan.input_size[0] * scale, plan.input_size[1] * scale)
+        return (plan.output_size,) if native == plan.output_size else (plan.output_size, native)
+
     def submit(self, picture: Picture, plan: UpscalePlan, *, label: str) -> Future[Picture]:
         """Queue ``plan`` on the worker; the future resolves with the upscaled picture or its error."""
         return self._worker.submit(lambda: self._timed(picture, plan), label=label)

@@ -103,6 +103,7 @@ class Metrics:
         storage_stats: Callable[[], tuple[int, int]] | None = None,
         cuda_device: torch.device | None = None,
         cluster_queue: Callable[[], QueueFigures] | None = None,
+        memory_reserved: Callable[[], int] | None = None,
     ) -> None:
         """Register the levels read at scrape time; call once. A series whose source is None is left out.
 
@@ -110,9 +111,12 @@ class Metrics:
         and not finished (fetching, decoding, queued or running). ``storage_stats``: ``(image count,
         total bytes)``, called once per scrape from the scraping thread. ``cuda_device``: the CUDA
         device the models run on, or None on the CPU (no GPU series then). ``cluster_queue``: the shared
-        queue's figures (a cluster node or worker), one Redis round trip per scrape.
+        queue's figures (a cluster node or worker), one Redis round trip per scrape. ``memory_reserved``:
+        bytes of the memory budget reserved by tasks now.
         """
-        self.registry.register(_ScrapeTimeCollector(queue_depth, in_flight, storage_stats, cuda_device))
+        self.registry.register(
+            _ScrapeTimeCollector(queue_depth, in_flight, storage_stats, cuda_device, memory_reserved)
+        )
         if cluster_queue is not None:
             self.registry.register(_ClusterQueueCollector(cluster_queue))
 
@@ -176,8 +180,10 @@ class _ScrapeTimeCollector:
         in_flight: Callable[[], int] | None,
         storage_stats: Callable[[], tuple[int, int]] | None,
         cuda_device: torch.device | None,
+        memory_reserved: Callable[[], int] | None = None,
     ) -> None:
         self._queue_depth = queue_depth
+        self._memory_reserved = memory_reserved
         self._in_flight = in_flight
         self._storage_stats = storage_stats
         self._cuda_device = cuda_device
@@ -188,7 +194,7 @@ class _ScrapeTimeCollector:
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        queue, in_flight, images, size, gpu = families
+        queue, in_flight, images, size, gpu, budget = families
         if self._queue_depth is not None and (depth := self._read("queue_depth", self._queue_depth)) is not None:
             queue.add_metric([], depth)
         if self._in_flight is not None and (running := self._read("in_flight", self._in_flight)) is not None:
@@ -199,6 +205,11 @@ class _ScrapeTimeCollector:
         if self._cuda_device is not None and (memory := self._read("gpu_memory", self._gpu_memory)) is not None:
             for kind, size_bytes in memory:
                 gpu.add_metric([str(self._cuda_device), kind], size_bytes)
+        if (
+            self._memory_reserved is not None
+            and (reserved := self._read("memory_reserved", self._memory_reserved)) is not None
+        ):
+            budget.add_metric([], reserved)
         # A family with no sample is left out: no GPU series on CPU, none for a failing callback.
         return [family for family in families if family.samples]
 
@@ -214,6 +225,10 @@ class _ScrapeTimeCollector:
                 "upscale_gpu_memory_bytes",
                 "CUDA memory held by PyTorch's caching allocator: allocated (in tensors) and reserved.",
                 labels=["device", "kind"],
+            ),
+            GaugeMetricFamily(
+                "upscale_memory_reserved_bytes",
+                "Bytes of the memory budget (UPSCALE_MEMORY_BUDGET_BYTES) reserved by tasks holding pixels.",
             ),
         )
 

@@ -16,8 +16,18 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
+from upscale_server.budget import MemoryBudget
 from upscale_server.errors import ImageNotFoundError, ImageTooLargeError, InvalidImageError
-from upscale_server.imaging import Picture, decode_image, encode_image, resize_pixels
+from upscale_server.imaging import (
+    ImageHeader,
+    Picture,
+    decode_image,
+    encode_image,
+    exif_orientation,
+    read_header,
+    resize_pixels,
+)
+from upscale_server.metadata import strip_metadata
 from upscale_server.outbound import OutboundClient
 from upscale_server.storage import ImageStorage, StoredImage
 from upscale_server.tasks.inputs import Base64Ref, DataUriRef, ImageRef, UrlRef, UuidRef, classify_image_input
@@ -50,16 +60,20 @@ class TaskImages:
         outbound: OutboundClient,
         codecs: Executor,
         *,
+        budget: MemoryBudget,
         max_fetch_bytes: int,
         max_input_pixels: int,
         upload_max_side: int,
+        keep_metadata: bool = False,
     ) -> None:
         self.storage = storage
         self.outbound = outbound
         self.codecs = codecs
+        self.budget = budget
         self.max_fetch_bytes = max_fetch_bytes
         self.max_input_pixels = max_input_pixels
         self.upload_max_side = upload_max_side
+        self.keep_metadata = keep_metadata
 
     async def input_bytes(self, value: str, parameter: str) -> tuple[bytes, str | None]:
         """The raw bytes of an image input, and its stored UUID when it names one."""
@@ -92,6 +106,26 @@ class TaskImages:
         elif isinstance(ref, UrlRef):
             await self.outbound.check_url(ref.url, parameter=parameter)
 
+    async def held_bytes(self, value: str, parameter: str) -> bytes | None:
+        """The bytes of an inline or stored input, which the server holds before a task is accepted (its
+        header can be read then); None for a URL, downloaded only when the task runs."""
+        if len(value) > LARGE_INPUT:
+            ref = await asyncio.to_thread(classify_image_input, value, parameter=parameter)
+        else:
+            ref = classify_image_input(value, parameter=parameter)
+        if isinstance(ref, UrlRef):
+            return None
+        return (await self.input_bytes(value, parameter))[0]
+
+    async def header(self, data: bytes, parameter: str) -> ImageHeader:
+        """What decoding ``data`` will cost, from its header; refuses what decoding would refuse, without
+        decoding (off the event loop when the data is big: the JPEG scan count reads every byte)."""
+        if len(data) > LARGE_INPUT:
+            return await asyncio.to_thread(
+                read_input_header, data, max_pixels=self.max_input_pixels, parameter=parameter
+            )
+        return read_input_header(data, max_pixels=self.max_input_pixels, parameter=parameter)
+
     async def decode(self, data: bytes, parameter: str) -> Picture:
         return await self.in_codecs(decode_input, data, max_pixels=self.max_input_pixels, parameter=parameter)
 
@@ -101,13 +135,24 @@ class TaskImages:
         )
 
     async def store_input(self, data: bytes, picture: Picture, image_uuid: str) -> StoredImage:
-        return await self.in_codecs(store_input, self.storage, data, picture, image_uuid)
+        return await self.in_codecs(
+            store_input, self.storage, data, picture, image_uuid, keep_metadata=self.keep_metadata
+        )
 
     async def in_codecs(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``func(*args, **kwargs)`` in the codec pool, in the caller's context (its taskUUID reaches the
-        log lines), as ``asyncio.to_thread`` does for the default executor."""
+        log lines), as ``asyncio.to_thread`` does for the default executor.
+
+        Cancelled, it returns only once the work is dropped (still queued) or has ended (running: a
+        thread cannot be stopped), so a task's memory reservation outlives the pixels its work holds."""
         call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self.codecs, call)
+        work = self.codecs.submit(call)
+        try:
+            return await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            if not work.cancel():
+                await asyncio.wait([asyncio.wrap_future(work)])
+            raise
 
 
 # --------------------------------------------------------------------------- the blocking steps
@@ -121,6 +166,15 @@ def load_stored(images: ImageStorage, image_uuid: str, *, parameter: str) -> tup
             f"no stored image with UUID {image_uuid} (never uploaded, or expired)", parameter=parameter
         )
     return images.read_bytes(stored), stored
+
+
+def read_input_header(data: bytes, *, max_pixels: int, parameter: str) -> ImageHeader:
+    """An input's header, naming the request field at fault when it is not one we can read."""
+    try:
+        return read_header(data, max_pixels=max_pixels)
+    except (InvalidImageError, ImageTooLargeError) as exc:
+        exc.parameter = exc.parameter or parameter
+        raise
 
 
 def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
@@ -166,9 +220,18 @@ def store_output(
     return StoredOutput(stored, data)
 
 
-def store_input(images: ImageStorage, data: bytes, picture: Picture, image_uuid: str | None = None) -> StoredImage:
-    """Keep an inline upscale input so its ``inputImageUUID`` can be reused; raw bytes when possible."""
+def store_input(
+    images: ImageStorage, data: bytes, picture: Picture, image_uuid: str | None = None, *, keep_metadata: bool = False
+) -> StoredImage:
+    """Keep an inline upscale input so its ``inputImageUUID`` can be reused: the bytes as sent when possible,
+    without their metadata (GPS position and the like) unless ``keep_metadata``."""
     fmt = ImageFormat.from_pillow(picture.source_format)
+    if fmt is not None and not keep_metadata:
+        stripped = strip_metadata(data, fmt, orientation=exif_orientation(data))
+        if stripped is None:  # a container this server reads but cannot rewrite: re-encoded below
+            fmt = None
+        else:
+            data = stripped
     if fmt is None:  # BMP, GIF...: stored as PNG, the format every client can read back
         data, fmt = encode_image(picture, ImageFormat.PNG), ImageFormat.PNG
     return images.put(data, format=fmt, kind="upload", image_uuid=image_uuid)

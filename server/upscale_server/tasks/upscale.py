@@ -15,13 +15,18 @@ and answers without claiming the UUID, queueing, storing, uploading or notifying
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+from upscale_server.budget import Reservation, pixel_cost
 from upscale_server.delivery import upload_output
 from upscale_server.errors import (
     ConflictTaskUUIDError,
+    ImageTooLargeError,
+    InvalidImageError,
     TaskCrashedWorkersError,
     UploadFailedError,
+    UpscaleError,
 )
 from upscale_server.imaging import Picture
 from upscale_server.inference import InferenceService, UpscalePlan
@@ -60,14 +65,42 @@ class UpscaleChecks:
 
     async def plan(self, task: UpscaleTask, picture: Picture) -> UpscalePlan:
         """The plan for ``picture``: by factor, or by ``targetMegapixels`` (refused when out of reach)."""
+        return await self._plan(task, picture.width, picture.height)
+
+    async def _plan(self, task: UpscaleTask, width: int, height: int) -> UpscalePlan:
         if task.target_megapixels is not None:
             return await asyncio.to_thread(
-                self.inference.plan_target, picture.width, picture.height, task.target_megapixels, task.model
+                self.inference.plan_target, width, height, task.target_megapixels, task.model
             )
         assert task.upscale_factor is not None  # the parser sets exactly one of the two
-        return await asyncio.to_thread(
-            self.inference.plan, picture.width, picture.height, task.upscale_factor, task.model
-        )
+        return await asyncio.to_thread(self.inference.plan, width, height, task.upscale_factor, task.model)
+
+    async def memory_cost(self, task: UpscaleTask, data: bytes) -> tuple[int, str]:
+        """What running ``task`` on ``data`` holds at its peak (see :func:`~upscale_server.budget.pixel_cost`),
+        from the image's header and the output size planned for it, and how to name it in a refusal.
+        Raises what decoding would raise for an unreadable or oversized header; a plan that fails counts
+        the input alone (the run fails on the same plan before any output exists)."""
+        header = await self.images.header(data, task.image_parameter)
+        try:
+            outputs = self.inference.canvas_sizes(await self._plan(task, header.width, header.height))
+        except UpscaleError:
+            outputs = ()
+        cost = pixel_cost(header, encoded_bytes=len(data), outputs=outputs)
+        return cost, f"this task's {header.width}x{header.height} input"
+
+    async def admit(self, task: UpscaleTask, key: str) -> Reservation | None:
+        """Reserve the task's memory before it is accepted, when its input is inline or stored (a URL is
+        downloaded only when the task runs, which then waits for room): QueueFullError (429) when the
+        budget cannot take it now. None when there is nothing to reserve yet, or the header is unreadable
+        (the run reports that, as it reports an image that does not decode)."""
+        data = await self.images.held_bytes(task.image, task.image_parameter)
+        if data is None:
+            return None
+        try:
+            cost, what = await self.memory_cost(task, data)
+        except (InvalidImageError, ImageTooLargeError):
+            return None
+        return self.images.budget.reserve(cost, what=what, parameter=task.image_parameter, key=key)
 
     def cost(self, width: int, height: int) -> float:
         return round(self.cost_per_megapixel * width * height / 1e6, 6) + 0.0
@@ -77,8 +110,11 @@ class UpscaleChecks:
         run would, so a missing or undecodable image fails here too); nothing is stored or sent."""
         self.check_model(task)
         data, _ = await self.images.input_bytes(task.image, task.image_parameter)
-        picture = await self.images.decode(data, task.image_parameter)
-        plan = await self.plan(task, picture)
+        memory, what = await self.memory_cost(task, data)
+        with self.images.budget.reserve(memory, what=what, parameter=task.image_parameter):
+            picture = await self.images.decode(data, task.image_parameter)
+            plan = await self.plan(task, picture)
+            del picture
         return dry_run_item(task.task_type, task.task_uuid, self.cost(*plan.output_size) if task.include_cost else None)
 
 
@@ -91,11 +127,16 @@ class UpscaleHandler:
         results: RecordedResults,
         outbound: OutboundClient,
         checks: UpscaleChecks,
+        *,
+        admit_in_process: bool = True,
     ) -> None:
         self.jobs = jobs
         self.results = results
         self.outbound = outbound
         self.checks = checks
+        # Memory is reserved at admission only where the job will run: this process's queue. A cluster's
+        # jobs run on workers, each of which holds its own budget (it waits for room before decoding).
+        self.admit_in_process = admit_in_process
 
     async def __call__(self, task: UpscaleTask, request: RequestContext, emit: Emit) -> None:
         if task.delivery_method == "async":
@@ -111,7 +152,16 @@ class UpscaleHandler:
         if request.dry_run:
             await emit(Outcome(item=await self._rehearse(task)))
             return
-        done = await self.jobs.enqueue(UpscaleJob(task, request.base_url, request.session, owner=request.owner))
+        job = UpscaleJob(task, request.base_url, request.session, owner=request.owner)
+        admitted = await self.checks.admit(task, job.output_uuid) if self.admit_in_process else None
+        try:
+            done = await self.jobs.enqueue(job)
+        except BaseException:
+            if admitted is not None:
+                admitted.release()
+            raise
+        if admitted is not None:  # however the job ends (the runner gives it back first, as it finishes)
+            done.add_done_callback(_releasing(admitted))
         if task.delivery_method == "async":
             await emit(Outcome(item=ack_item(task.task_type, task.task_uuid)))
             return
@@ -168,6 +218,25 @@ class UpscaleRunner:
         task = job.task
         self.checks.check_model(task)  # an unknown model or a factor it does not take fails before any I/O
         data, input_uuid = await self.images.input_bytes(task.image, task.image_parameter)
+        memory, what = await self.checks.memory_cost(task, data)
+        # The reservation made at admission, else (an input URL, a cluster worker) a wait for room.
+        async with self.images.budget.hold(job.output_uuid, memory, what=what, parameter=task.image_parameter):
+            output, url, fields, input_uuid, plan = await self._pixels(job, data, input_uuid)
+        if task.upload_endpoint:
+            try:
+                await upload_output(self.outbound, task.upload_endpoint, output.data, output.image.content_type)
+            except UploadFailedError as exc:
+                exc.message += f"; the result is kept as imageUUID {output.image.uuid} at {url}"
+                raise
+        cost = self.checks.cost(*plan.output_size) if task.include_cost else None
+        return upscale_item(task.task_type, task.task_uuid, output.image.uuid, input_uuid, fields, cost)
+
+    async def _pixels(
+        self, job: UpscaleJob, data: bytes, input_uuid: str | None
+    ) -> tuple[StoredOutput, str, WireItem, str, UpscalePlan]:
+        """Decode, plan, upscale, encode and store: the part that holds pixels, all of which are gone when
+        it returns. Returns the stored output, its URL, the reply field, the input's UUID and the plan."""
+        task = job.task
         picture = await self.images.decode(data, task.image_parameter)
         plan = await self.checks.plan(task, picture)
         # An inline input is stored while the network runs: only the reply needs its UUID.
@@ -183,17 +252,12 @@ class UpscaleRunner:
             if storing is not None:  # the task failed: its input's UUID is never reported
                 storing.cancel()
                 storing.add_done_callback(_outcome_ignored)
+                await asyncio.wait([storing])  # a running store holds the picture: the reservation outlives it
             raise
         if storing is not None:
             input_uuid = (await storing).uuid
-        if task.upload_endpoint:
-            try:
-                await upload_output(self.outbound, task.upload_endpoint, output.data, output.image.content_type)
-            except UploadFailedError as exc:
-                exc.message += f"; the result is kept as imageUUID {output.image.uuid} at {url}"
-                raise
-        cost = self.checks.cost(*plan.output_size) if task.include_cost else None
-        return upscale_item(task.task_type, task.task_uuid, output.image.uuid, input_uuid, fields, cost)
+        assert input_uuid is not None
+        return output, url, fields, input_uuid, plan
 
     def _store_result(self, result: Picture, job: UpscaleJob) -> tuple[StoredOutput, str, WireItem]:
         """Encode once, store under the job's output UUID, and build the reply field from the same bytes (in
@@ -214,6 +278,11 @@ class UpscaleRunner:
         if task.output_type == "base64Data":
             return output, url, image_output("base64Data", base64_text(output.data))
         return output, url, image_output("dataURI", data_uri(output.image, output.data))
+
+
+def _releasing(reservation: Reservation) -> Callable[[object], None]:
+    """A done-callback that gives ``reservation`` back."""
+    return lambda _: reservation.release()
 
 
 async def _crashed() -> WireItem:
