@@ -390,6 +390,24 @@ def detached_sessions(server: UpscaleTestServer) -> dict[str, Any]:
     return {"sent": "50 sessions left with an upscale running", "answers": "results buffered for absent clients"}
 
 
+def many_scans(server: UpscaleTestServer) -> dict[str, Any]:
+    """A progressive JPEG whose smallest scan is repeated 5,000 times: each scan is a pass over the picture."""
+    out = io.BytesIO()
+    Image.new("RGB", (2048, 2048), (120, 130, 140)).save(out, "JPEG", progressive=True, quality=90)
+    data = out.getvalue()
+    first, end = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    starts = [first, *(i for i in range(first + 2, end) if data[i : i + 2] == b"\xff\xda")]
+    smallest = min((data[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)), key=len)
+    jpeg = data[:end] + smallest * 5000 + data[end:]
+    task = {"taskType": "imageUpload", "taskUUID": new_uuid(), "image": base64.b64encode(jpeg).decode()}
+    try:
+        body = httpx.post(server.rest_url, json=[task], headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+        answers: Any = summarize(body.json().get("data", []) + body.json().get("errors", []))
+    except httpx.HTTPError as exc:
+        answers = {exc.__class__.__name__: 1}
+    return {"sent": f"a {len(jpeg) / 1e3:.0f} KB JPEG of 5,000 scans, 2048 x 2048", "answers": answers}
+
+
 ATTACKS: dict[str, Callable[[UpscaleTestServer], dict[str, Any]]] = {
     "upload_claims": upload_claims,
     "big_png_upscales": big_png_upscales,
@@ -400,6 +418,7 @@ ATTACKS: dict[str, Callable[[UpscaleTestServer], dict[str, Any]]] = {
     "endless_headers": endless_headers,
     "stuck_webhooks": stuck_webhooks,
     "detached_sessions": detached_sessions,
+    "many_scans": many_scans,
 }
 
 
