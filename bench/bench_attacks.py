@@ -7,6 +7,7 @@ one-second timeout. Per attack: the peak memory, the time until the server had a
 everything, the health probes missed, and what the client saw.
 
     .venv/bin/python -m bench.bench_attacks [--only NAME ...] [--server-source DIR] [--memory-cap-mb 6000]
+        [--memory-budget-mb 2048]
 
 ``--server-source`` runs the server from another checkout's ``server/`` folder (an older commit, for a
 before/after comparison in one run of this script).
@@ -422,8 +423,12 @@ ATTACKS: dict[str, Callable[[UpscaleTestServer], dict[str, Any]]] = {
 }
 
 
-def run_attack(name: str, source: Path | None, cap_bytes: int) -> dict[str, Any]:
-    env = {"UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]', "UPSCALE_WEBHOOK_GIVE_UP_AFTER": "15"}
+def run_attack(name: str, source: Path | None, cap_bytes: int, budget_bytes: int) -> dict[str, Any]:
+    env = {
+        "UPSCALE_OUTBOUND_ALLOW": '["127.0.0.1"]',
+        "UPSCALE_WEBHOOK_GIVE_UP_AFTER": "15",
+        "UPSCALE_MEMORY_BUDGET_BYTES": str(budget_bytes),  # a server from before budgets ignores it
+    }
     if source is not None:
         env["PYTHONPATH"] = str(source)
     with (
@@ -473,14 +478,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(ATTACKS), help="attacks to run (default: all)")
     parser.add_argument("--server-source", type=Path, help="run the server from this checkout's server/ folder")
     parser.add_argument("--memory-cap-mb", type=int, default=6000, help="kill the server past this resident size")
+    parser.add_argument("--memory-budget-mb", type=int, default=2048, help="the server's UPSCALE_MEMORY_BUDGET_BYTES")
     args = parser.parse_args()
     source = args.server_source.resolve() if args.server_source else None
     rows = []
     for name in args.only or ATTACKS:
-        rows.append(run_attack(name, source, args.memory_cap_mb * 2**20))
+        rows.append(run_attack(name, source, args.memory_cap_mb * 2**20, args.memory_budget_mb * 2**20))
         print(json.dumps(rows[-1]), flush=True)
     machine = {**cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
-    print(json.dumps({"machine": machine, "server_source": str(source or "this checkout"), "attacks": rows}, indent=1))
+    settings = {"memory_cap_mb": args.memory_cap_mb, "memory_budget_mb": args.memory_budget_mb}
+    report = {"machine": machine, "server_source": str(source or "this checkout"), **settings, "attacks": rows}
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

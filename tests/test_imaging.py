@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import png
@@ -837,3 +837,37 @@ def test_striping_inside_the_pool_it_uses_cannot_deadlock(monkeypatch: pytest.Mo
     np.testing.assert_array_equal(decode_image(data).pixels, expected)
     pool.shutdown()
     np.testing.assert_array_equal(decode_image(encode_image(picture, ImageFormat.PNG, executor=pool)).pixels, expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "options"),
+    [
+        ("RGB", (300, 200), {"lossless": True}),  # VP8L
+        ("RGBA", (301, 17), {"lossless": True}),  # VP8L with alpha
+        ("RGB", (640, 480), {"quality": 80}),  # VP8
+        ("RGBA", (64, 33), {"quality": 80}),  # VP8X with an alpha chunk
+    ],
+)
+def test_webp_headers_are_read_without_opening_the_file_in_pillow(
+    mode: str, size: tuple[int, int], options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow opens a WebP through libwebp's animation decoder, which allocates two full-size canvases
+    at once: a 34-byte file claiming 8192 x 8192 costs 0.5 GB. The size is read from the first chunk."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, (10, 20, 30, 128)[: len(mode)]).save(buffer, "WEBP", **options)
+    data = buffer.getvalue()
+    expected = decode_image(data)
+
+    def refuse(data: bytes) -> None:
+        raise AssertionError("the file was opened in Pillow")
+
+    monkeypatch.setattr(imaging, "_open", refuse)
+    header = read_header(data)
+    assert (header.width, header.height, header.channels, header.source_format) == (
+        expected.width,
+        expected.height,
+        expected.channels,
+        "WEBP",
+    )
+    with pytest.raises(ImageTooLargeError):  # decoding checks the size before Pillow opens the file
+        decode_image(data, max_pixels=size[0] * size[1] - 1)

@@ -189,6 +189,11 @@ class ImageHeader:
 def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """The header of untrusted bytes, with every check :func:`decode_image` makes before decoding
     (pixel count, JPEG scan count, format), so a file refused here is refused without any pixel work."""
+    webp = webp_canvas(data)
+    if webp is not None:  # Pillow's WebP reader allocates two canvases when it opens the file
+        width, height, alpha = webp
+        _check_pixels(width, height, max_pixels)
+        return ImageHeader(width, height, 4 if alpha else 3, 8, "WEBP")
     with _open(data) as image:
         _check_cost(image, data, max_pixels)
         ihdr = _png_ihdr(data) if image.format == "PNG" else None
@@ -203,11 +208,7 @@ def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHe
 
 def _check_cost(image: Image.Image, data: bytes, max_pixels: int) -> None:
     """Refuse from the header what would cost too much to decode: too many pixels, too many JPEG scans."""
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"Image is {width}x{height} ({width * height:,} pixels); the limit is {max_pixels:,} pixels."
-        )
+    _check_pixels(*image.size, max_pixels)
     if image.format in ("JPEG", "MPO"):
         scans = jpeg_scan_count(data)
         if scans > MAX_JPEG_SCANS:
@@ -215,6 +216,35 @@ def _check_cost(image: Image.Image, data: bytes, max_pixels: int) -> None:
                 f"The JPEG has {scans:,} progressive scans; this server decodes at most {MAX_JPEG_SCANS} "
                 "(ordinary encoders write about 10). Re-save it as a baseline or ordinary progressive JPEG."
             )
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"Image is {width}x{height} ({width * height:,} pixels); the limit is {max_pixels:,} pixels."
+        )
+
+
+def webp_canvas(data: bytes) -> tuple[int, int, bool] | None:
+    """(width, height, has alpha) from a WebP file's first chunk, or None when ``data`` is not one we can
+    read so. Pillow opens a WebP through libwebp's animation decoder, which allocates (and, with the
+    allocator tuned for tensors, touches) two RGBA canvases of the full size: 0.5 GB for a 34-byte file
+    claiming 8192 x 8192, before any size check could run."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    chunk, payload = data[12:16], data[20:30]
+    if chunk == b"VP8X":  # extended: 24-bit canvas size minus one, alpha flag
+        width = int.from_bytes(payload[4:7], "little") + 1
+        height = int.from_bytes(payload[7:10], "little") + 1
+        return width, height, bool(payload[0] & 0x10)
+    if chunk == b"VP8L" and payload[0] == 0x2F:  # lossless: 14-bit sizes minus one, alpha hint
+        bits = int.from_bytes(payload[1:5], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
+    if chunk == b"VP8 " and payload[3:6] == b"\x9d\x01\x2a":  # lossy key frame: 14-bit sizes, no alpha
+        width = int.from_bytes(payload[6:8], "little") & 0x3FFF
+        height = int.from_bytes(payload[8:10], "little") & 0x3FFF
+        return width, height, False
+    return None
 
 
 def jpeg_scan_count(data: bytes) -> int:
@@ -251,6 +281,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pictur
     before any pixel data is decoded, :class:`InvalidImageError` for anything unreadable and for a
     JPEG with more than :data:`MAX_JPEG_SCANS` scans (seconds of work per few KB).
     """
+    webp = webp_canvas(data)
+    if webp is not None:  # before Pillow opens it: its reader allocates the canvas at once
+        _check_pixels(webp[0], webp[1], max_pixels)
     with _open(data) as image:
         _check_cost(image, data, max_pixels)
         source_format = "JPEG" if image.format == "MPO" else str(image.format)
