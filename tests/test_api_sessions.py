@@ -142,6 +142,33 @@ def test_a_detached_session_keeps_at_most_buffer_bytes_dropping_the_oldest_frame
     assert session.buffered_frames == 0 and session.buffered_bytes == 0
 
 
+def test_all_detached_sessions_together_keep_at_most_total_bytes() -> None:
+    """Fifty absent clients must not hold fifty times the per-session bound: the store's total bound drops
+    the oldest frames of the session at hand, and what is forgotten or sent gives its room back."""
+    store = LocalSessionStore(resume_seconds=120, buffer_bytes=10_000, total_bytes=3500, clock=lambda: 0.0)
+    first, second = _detached_session(store), _detached_session(store)
+
+    async def scenario() -> None:
+        for task in ("a1", "a2", "a3"):
+            await first.deliver(_frame(task, 1000))
+        assert first.buffered_frames == 3 and store.pool.used == first.buffered_bytes
+        await second.deliver(_frame("b1", 1000))  # over the total: the session at hand loses its oldest
+        assert second.buffered_frames == 0 and second.dropped == 1
+        assert store.pool.used <= 3500
+        first.forget()  # an expired session gives its room back
+        assert store.pool.used == 0
+        await second.deliver(_frame("b2", 1000))
+        assert second.buffered_frames == 1 and store.pool.used == second.buffered_bytes
+
+        async def sender(frame: str) -> None:
+            pass
+
+        await second.attach(sender)
+        assert store.pool.used == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_frame_bigger_than_the_whole_bound_is_not_kept() -> None:
     store = LocalSessionStore(resume_seconds=120, buffer_bytes=1024, clock=lambda: 0.0)
     session = _detached_session(store)

@@ -95,7 +95,9 @@ def open_local_backends(settings: Settings) -> Backends:
         db.close()
 
     sessions = LocalSessionStore(
-        resume_seconds=settings.session_resume_seconds, buffer_bytes=settings.session_buffer_bytes
+        resume_seconds=settings.session_resume_seconds,
+        buffer_bytes=settings.session_buffer_bytes,
+        total_bytes=settings.session_buffers_total_bytes,
     )
     return Backends(
         images=images,

@@ -344,6 +344,13 @@ class Settings(BaseSettings):
         "whole image as base64; at most 256 frames in any case); beyond it the oldest frames are dropped, and "
         "their tasks stay pollable with getResponse. Single process only: cluster sessions keep references.",
     )
+    session_buffers_total_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1024,
+        description="Most frame text all detached WebSocket sessions of the process keep together; beyond it a "
+        "session's oldest frames are dropped as for UPSCALE_SESSION_BUFFER_BYTES (their tasks stay pollable). "
+        "Single process only: cluster sessions keep references.",
+    )
     log_format: Literal["plain", "json"] = Field(
         default="plain",
         description="Log lines as plain text or as one JSON object per line (time, level, logger, message, "

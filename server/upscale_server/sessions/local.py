@@ -1,9 +1,11 @@
 """Sessions kept in this process: a session outlives its socket for ``resume_seconds``.
 
 Results are delivered to the session, which sends them on its current socket or keeps them until one
-attaches or the session expires. What a detached session keeps is bounded twice: at most
-:data:`MAX_BUFFERED_FRAMES` frames and at most ``buffer_bytes`` of frame text (a result frame can
-inline a whole image as base64). Beyond either bound the oldest frames are dropped: a reconnecting
+attaches or the session expires. What a detached session keeps is bounded three times: at most
+:data:`MAX_BUFFERED_FRAMES` frames, at most ``buffer_bytes`` of frame text (a result frame can
+inline a whole image as base64), and all sessions together at most ``total_bytes`` (else fifty absent
+clients could hold fifty times the per-session bound). Beyond any bound the oldest frames of the session
+at hand are dropped: a reconnecting
 client does not receive them, but every task stays pollable by its taskUUID (``getResponse``) while its
 record lives. Detached sessions are forgotten by :meth:`LocalSessionStore.expire`, which
 :meth:`LocalSessionStore.expire_forever` runs on a schedule for the lifetime of the server.
@@ -31,6 +33,18 @@ MAX_BUFFERED_FRAMES = 256
 DEFAULT_BUFFER_BYTES = 64 * 2**20
 
 
+class BufferPool:
+    """The frame text all sessions of a store keep together, against one bound."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @property
+    def over(self) -> bool:
+        return self.limit is not None and self.used > self.limit
+
+
 class LocalSession:
     """Results for one client session; sends through the attached connection, buffers otherwise."""
 
@@ -41,8 +55,10 @@ class LocalSession:
         *,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         owner: str = "",
+        pool: BufferPool | None = None,
     ) -> None:
         self.uuid = session_uuid
+        self._pool = pool or BufferPool()
         self.key = session_key(owner, session_uuid)
         self._clock = clock
         self._sender: Sender | None = None
@@ -92,6 +108,7 @@ class LocalSession:
         """The store dropped this session: free its frames, and keep none delivered from now on."""
         self.expired = True
         self._buffer.clear()
+        self._pool.used -= self._buffered_bytes
         self._buffered_bytes = 0
 
     def _keep(self, frame: str) -> None:
@@ -101,22 +118,29 @@ class LocalSession:
             return
         self._buffer.append(frame)
         self._buffered_bytes += len(frame)
+        self._pool.used += len(frame)
         dropped = 0
-        while self._buffer and (len(self._buffer) > MAX_BUFFERED_FRAMES or self._buffered_bytes > self.buffer_bytes):
+        while self._buffer and (
+            len(self._buffer) > MAX_BUFFERED_FRAMES or self._buffered_bytes > self.buffer_bytes or self._pool.over
+        ):
             self._pop_oldest()
             dropped += 1
         if dropped:
             self.dropped += dropped
             log.warning(
-                "session %s: %d buffered frame(s) dropped (over %d frames or %d bytes); their tasks stay pollable",
+                "session %s: %d buffered frame(s) dropped (over %d frames, %d bytes, or %s bytes for all "
+                "sessions); their tasks stay pollable",
                 self.uuid,
                 dropped,
                 MAX_BUFFERED_FRAMES,
                 self.buffer_bytes,
+                self._pool.limit,
             )
 
     def _pop_oldest(self) -> None:
-        self._buffered_bytes -= len(self._buffer.popleft())
+        size = len(self._buffer.popleft())
+        self._buffered_bytes -= size
+        self._pool.used -= size
 
     async def _try_send(self, frame: str) -> bool:
         sender = self._sender
@@ -139,10 +163,12 @@ class LocalSessionStore:
         *,
         resume_seconds: float,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        total_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.resume_seconds = resume_seconds
         self.buffer_bytes = buffer_bytes
+        self.pool = BufferPool(total_bytes)
         self._clock = clock
         self._sessions: dict[str, LocalSession] = {}
 
@@ -158,7 +184,9 @@ class LocalSessionStore:
         self.expire()
         if requested is not None and (kept := self._sessions.get(session_key(owner, requested))) is not None:
             return kept
-        session = LocalSession(requested or str(uuid.uuid4()), self._clock, buffer_bytes=self.buffer_bytes, owner=owner)
+        session = LocalSession(
+            requested or str(uuid.uuid4()), self._clock, buffer_bytes=self.buffer_bytes, owner=owner, pool=self.pool
+        )
         self._sessions[session.key] = session
         return session
 
