@@ -7,7 +7,7 @@ REST request and once as a WebSocket frame; meanwhile one authenticated WebSocke
 ``--interval-ms``. The request comes from another process, so that the pings time the server alone.
 Prints one JSON object.
 
-    .venv/bin/python -m bench.bench_loop [--side 4096] [--decode-side 2048]
+    .venv/bin/python -m bench.bench_loop [--side 4096] [--decode-side 2048] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,11 +165,27 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=4096, help="side of the PNG in the heavy request")
     parser.add_argument("--decode-side", type=int, default=2048, help="side of the PNG for old vs new decode")
     parser.add_argument("--interval-ms", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=3, help="requests per transport (the worst ping is noisy)")
     args = parser.parse_args()
     image = base64.b64encode(png16(args.side)).decode()
+    runs = [
+        ping_during_request(transport, image, args.interval_ms / 1000)
+        for _ in range(args.repeats)
+        for transport in ("rest", "ws")
+    ]
+    summary = {
+        transport: {
+            "worst_ping_ms": [run["ping_max_ms"] for run in runs if run["transport"] == transport],
+            "median_worst_ping_ms": statistics.median(
+                run["ping_max_ms"] for run in runs if run["transport"] == transport
+            ),
+        }
+        for transport in ("rest", "ws")
+    }
     report = {
         "machine": {**cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "loop": [ping_during_request(transport, image, args.interval_ms / 1000) for transport in ("rest", "ws")],
+        "loop": runs,
+        "summary": summary,
         "decode": decode_speed(args.decode_side),
     }
     print(json.dumps(report, indent=2))

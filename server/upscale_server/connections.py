@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 #: Key of the WebSocket scope's ``extensions`` holding ``lift(max_bytes)``: called once the connection is
 #: authenticated. Absent when the app runs under another server (tests' in-process client).
 FRAME_LIMIT_EXTENSION = "upscale.frame_limit"
+#: Text messages longer than this reach the app as bytes, decoded by its JSON parser off the event loop.
+UNDECODED_TEXT_BYTES = 1 << 20
 
 
 class HeadTimeoutH11Protocol(H11Protocol):
@@ -95,6 +97,14 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def _lift_frame_limit(self, max_bytes: int) -> None:
         self.conn.max_message_size = max_bytes
+
+    def send_receive_event_to_app(self) -> None:
+        """A big text message goes to the app as its UTF-8 bytes: decoding 100 MB into a string here would
+        be one pass of some 40 ms on the event loop, and the app's JSON parser reads (and checks) UTF-8
+        bytes itself, off the loop and in short steps."""
+        if self.curr_msg_data_type == "text" and sum(len(frame) for frame in self.frames) > UNDECODED_TEXT_BYTES:
+            self.curr_msg_data_type = "bytes"
+        super().send_receive_event_to_app()
 
 
 def lift_frame_limit(scope: Mapping[str, Any], max_bytes: int) -> None:

@@ -115,7 +115,7 @@ def raw_connection(server: UpscaleTestServer) -> socket.socket:
 
 def get_health(sock: socket.socket) -> bytes:
     """One ``GET /health`` on ``sock``: the status line of its response, read whole."""
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     data = b""
     while b"\r\n\r\n" not in data:
         data += sock.recv(4096) or b"\r\n\r\n"
@@ -130,7 +130,7 @@ def get_health(sock: socket.socket) -> bytes:
 
 def test_a_trickled_request_head_is_cut_off(server: UpscaleTestServer) -> None:
     with raw_connection(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         started = time.monotonic()
         for _ in range(5):
             with contextlib.suppress(OSError):
@@ -142,7 +142,7 @@ def test_a_trickled_request_head_is_cut_off(server: UpscaleTestServer) -> None:
 
 def test_a_trickled_body_without_a_key_is_refused(server: UpscaleTestServer) -> None:
     with raw_connection(server) as sock:
-        sock.sendall(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n[")  # and no more
+        sock.sendall(b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n[")  # and no more
         started = time.monotonic()
         answer = b""
         while b"requestTimeout" not in answer and (chunk := sock.recv(4096)):
@@ -160,7 +160,7 @@ def test_a_silent_connection_is_cut_off(server: UpscaleTestServer) -> None:
 
 def test_an_oversized_request_head_is_refused(server: UpscaleTestServer) -> None:
     with raw_connection(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 16384)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 16384)
         time.sleep(0.2)  # the head is judged while incomplete (one read may complete a bigger one)
         with contextlib.suppress(OSError):
             sock.sendall(b"a" * 16384 + b"\r\n\r\n")

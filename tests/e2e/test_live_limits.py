@@ -38,3 +38,18 @@ def test_a_frame_over_the_limit_closes_with_1009(live_server: UpscaleTestServer)
         with pytest.raises(ConnectionClosedError) as closed:
             ws.recv(timeout=60)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_big_text_frames_are_read_as_utf8_json_off_the_loop(live_server: UpscaleTestServer) -> None:
+    """Text messages over a megabyte reach the app undecoded (decoding 100 MB on the event loop is a
+    stall of its own); the JSON parser reads the UTF-8 itself: non-ASCII text survives, bad JSON is an
+    error frame and the connection goes on."""
+    with authenticated(live_server) as ws:
+        pad = "\u00e9\u2603\U0001f600" * (2**20 // 3)
+        ws.send(json.dumps([{"taskType": "ping", "ping": True, "pad": pad}], ensure_ascii=False))
+        assert json.loads(ws.recv(timeout=60))["data"][0]["pong"] is True
+        ws.send('[{"taskType": "ping", "pad": "' + "a" * 2**21)  # an unterminated string
+        error = json.loads(ws.recv(timeout=60))["errors"][0]
+        assert error["code"] == "invalidRequest", error
+        ws.send(json.dumps([{"taskType": "ping", "ping": True}]))
+        assert json.loads(ws.recv(timeout=60))["data"][0]["pong"] is True

@@ -22,7 +22,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.types import Message
 
 from upscale_server import json_text
-from upscale_server.api.context import LARGE_BODY, ServerContext, dry_run_requested, parse_tasks, server_context
+from upscale_server.api.context import ServerContext, dry_run_requested, parse_tasks, server_context
 from upscale_server.connections import lift_frame_limit
 from upscale_server.errors import MissingApiKeyError, PayloadTooLargeError, UpscaleError, error_item
 from upscale_server.protocol import Outcome, auth_item, envelope, pong_item, task_identity
@@ -67,10 +67,10 @@ class Connection:
                 if self.session is None and _frame_size(message) > self.context.settings.max_unauthenticated_bytes:
                     await self.refuse_big_frame()
                     break
-                text = message.get("text")
-                if text is None and message.get("bytes") is not None:
-                    text = await _frame_text(message["bytes"])
-                await self.handle_frame(text or "")
+                frame: str | bytes | None = message.get("text")
+                if frame is None:  # a binary frame, or a big text frame handed over undecoded (connections.py)
+                    frame = message.get("bytes")
+                await self.handle_frame(frame or "")
         except WebSocketDisconnect:
             pass
         finally:
@@ -120,9 +120,11 @@ class Connection:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             await self.socket.close(code, reason)
 
-    async def handle_frame(self, text: str) -> None:
+    async def handle_frame(self, frame: str | bytes) -> None:
+        """Run a frame's tasks. Bytes (a binary frame, or a big text frame) are parsed as UTF-8 JSON, off
+        the loop when big; bytes that are not UTF-8 are refused as JSON that does not parse."""
         try:
-            raw_tasks = await parse_tasks(text, self.context.settings)
+            raw_tasks = await parse_tasks(frame, self.context.settings)
         except UpscaleError as exc:
             await self.reply(envelope(errors=[error_item(exc, task_type=None, task_uuid=None)]))
             return
@@ -200,13 +202,6 @@ def _frame_size(message: Message) -> int:
     if data is None:
         data = message.get("bytes")
     return len(data) if data is not None else 0
-
-
-async def _frame_text(data: bytes) -> str:
-    """A binary frame read as UTF-8 text (bad bytes replaced), in a thread when it is big."""
-    if len(data) > LARGE_BODY:
-        return await asyncio.to_thread(data.decode, "utf-8", errors="replace")
-    return data.decode("utf-8", errors="replace")
 
 
 @router.websocket("/v1")
