@@ -265,3 +265,19 @@ def test_real_engine_runs_an_esrgan_layout_file_over_the_api(tmp_path: Path) -> 
             client, upscale_task(image, model="local:4x-old@1", upscaleFactor=2, outputType="base64Data")
         )
     assert status == 200, body
+
+
+def test_an_alias_can_name_a_dropped_in_file(folder: Path, tmp_path: Path) -> None:
+    """``UPSCALE_MODEL_ALIASES`` may point a Runware id at a file of the models folder; the file is
+    looked up when a task names the alias (it may come later), so start-up does not ask for it."""
+    image = data_uri(encode(photo_crop(16, 12)))
+    aliases = {"runware:502@1": "local:4x-ultrasharp@1", "runware:503@1": "local:later@1"}
+    settings = resize_settings(tmp_path / "data", models_dir=folder, model_aliases=aliases)
+    with api_client(settings) as client:
+        status, body = _post(client, upscale_task(image, model="runware:502@1", upscaleFactor=4))
+        assert status == 200, body
+        status, body = _post(client, upscale_task(image, model="runware:503@1", upscaleFactor=2))
+        assert status == 400 and body["errors"][0]["code"] == "invalidModel", body
+        drop(folder, "Later.pth", tiny_rrdb(4))
+        status, body = _post(client, upscale_task(image, model="runware:503@1", upscaleFactor=2))
+        assert status == 200, body

@@ -97,6 +97,7 @@ def test_bad_aliases_are_refused(value: str, fragment: str) -> None:
     [
         ("runware:500@1=runware:999@1", "unknown model 'runware:999@1'"),
         ("runware:504@1=local:realesrgan-x2plus@1", "a model of this server already"),
+        ("local:mine@1=runware:504@1", "namespace of this server's local models"),
     ],
 )
 def test_aliases_the_manifest_cannot_honour_stop_the_app(value: str, fragment: str) -> None:

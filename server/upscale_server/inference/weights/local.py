@@ -26,12 +26,12 @@ from upscale_server.errors import UpscaleError
 from upscale_server.inference.archs.base import ArchInfo
 from upscale_server.inference.weights.detect import detect_state
 from upscale_server.inference.weights.loading import SAFETENSORS_SUFFIX, read_state_dict
-from upscale_server.inference.weights.manifest import Manifest, ModelSpec
+from upscale_server.inference.weights.manifest import LOCAL_ID_PREFIX, Manifest, ModelSpec
 from upscale_server.vocabulary import UPSCALE_FACTORS
 
 logger = logging.getLogger(__name__)
 
-ID_PREFIX = "local:"
+ID_PREFIX = LOCAL_ID_PREFIX
 ID_VERSION = "@1"
 SUFFIXES = frozenset({".pth", SAFETENSORS_SUFFIX})
 

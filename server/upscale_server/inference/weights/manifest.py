@@ -239,19 +239,31 @@ def load_manifest(path: Path | None = None) -> Manifest:
     return parse_manifest(packaged.read_text(encoding="utf-8"), source=str(packaged))
 
 
+#: Ids of models that are not Runware's: manifest entries without a Runware id, and the models folder's
+#: own files (``weights/local.py``).
+LOCAL_ID_PREFIX = "local:"
+
+
 def check_model_aliases(settings_aliases: Mapping[str, str], manifest: Manifest | None = None) -> None:
     """UnusableSettingError (start-up, one line) when an alias is a model of this server already or
-    names one it does not have."""
+    names one it does not have. A ``local:`` target (a file of the models folder) is taken as it is:
+    files come and go while the server runs, and a task naming the alias then gets the file's model or
+    the unknown-model error."""
     from upscale_server.config import UnusableSettingError
 
     known = (manifest or load_manifest()).ids()
     for alias, target in settings_aliases.items():
+        if alias.startswith(LOCAL_ID_PREFIX):
+            raise UnusableSettingError(
+                f"invalid setting model_aliases (UPSCALE_MODEL_ALIASES): {alias} is in the namespace of this server's "
+                "local models; it cannot be an alias"
+            )
         if alias in known:
             raise UnusableSettingError(
                 f"invalid setting model_aliases (UPSCALE_MODEL_ALIASES): {alias} is a model of this server already; "
                 "it cannot be an alias"
             )
-        if target not in known:
+        if target not in known and not target.startswith(LOCAL_ID_PREFIX):  # a file: looked up per task
             raise UnusableSettingError(
                 f"invalid setting model_aliases (UPSCALE_MODEL_ALIASES): alias {alias} names unknown model "
                 f"{target!r} (known: {', '.join(known)})"
