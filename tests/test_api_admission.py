@@ -222,6 +222,7 @@ def test_websocket_timeouts(tmp_path: Path) -> None:
             assert closed.value.code == 1001
 
 
+@pytest.mark.local_only  # in a cluster the worker's job is not the connection's own request (docs/operations.md)
 def test_a_connection_waiting_for_its_own_request_is_not_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with (
         make_client(tmp_path, KEY, ws_idle_timeout_seconds=0.2) as client,
