@@ -22,6 +22,7 @@ import pytest
 from tests.support import http_receiver
 from tests.support.http_receiver import Reply, Serve, free_port, held, ok
 from tests.test_outbound import LOCAL, RecordingTransport, real_transport
+from upscale_server import delivery
 from upscale_server.delivery import WebhookSender, upload_output
 from upscale_server.errors import BlockedAddressError, UploadFailedError
 from upscale_server.outbound import OutboundClient, OutboundPolicy
@@ -353,3 +354,37 @@ def test_upload_to_a_refused_address_never_connects() -> None:
     error = upload_error("http://10.0.0.7/bucket/out.jpg", policy=OutboundPolicy(), transport=transport)
     assert isinstance(error, BlockedAddressError) and error.parameter == "uploadEndpoint"
     assert transport.requests == []
+
+
+def test_a_big_base64_result_is_encoded_off_the_loop_and_sent_as_it_was(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding a 35 MB base64 result is about 0.1 s: done in a worker thread, on a copy taken at send
+    time, so a caller that changes its dict afterwards changes nothing; a payload that is not JSON is
+    given up there too."""
+    receiver = serve({"/hook": status_sequence(200)})
+    payload = {"data": [{"taskUUID": TASK, "imageBase64Data": "QUJD" * 40_000, "cost": 0.1}]}
+    expected = json.dumps(payload, separators=(",", ":")).encode()
+    threads: list[bool] = []
+    real_encode = delivery.encode_json
+
+    def encode(value: Any) -> bytes:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_encode(value)
+
+    monkeypatch.setattr(delivery, "encode_json", encode)
+
+    async def scenario() -> CountingSender:
+        client = OutboundClient(LOCAL, transport=real_transport())
+        sender = CountingSender(client)
+        sender.send(receiver.url("/hook"), payload, task_uuid=TASK)
+        payload["data"][0]["cost"] = 99  # after send: not what is delivered
+        sender.send(receiver.url("/hook"), {"data": [{"x": "A" * 70_000, "y": {1, 2}}]}, task_uuid=TASK)
+        await sender.aclose(timeout=10)
+        await client.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert [seen.body for seen in receiver.requests] == [expected]
+    assert threads == [False, False]  # both encoded in a worker thread
+    assert (sender.delivered, sender.given_up) == (1, 1)

@@ -10,6 +10,7 @@ arrive where it asked.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from upscale_server import json_text
 from upscale_server.errors import BlockedAddressError, UploadFailedError
 from upscale_server.outbound import OutboundClient, OutboundError, encode_json, origin
 
@@ -121,10 +123,13 @@ class WebhookSender:
         try:
             if self._closed:
                 raise RuntimeError("the webhook sender is closed (the server is shutting down)")
-            body = encode_json(payload)
-            task = asyncio.get_running_loop().create_task(
-                self._deliver(url, body, task_uuid), name=f"webhook {task_uuid}"
-            )
+            if json_text.has_long_strings(payload):
+                # A base64 result is some 0.1 s of encoding: not on the event loop. The containers are
+                # copied now (the strings are shared: they cannot change), so the caller's dict may change.
+                work = self._encode_and_deliver(url, copy.deepcopy(dict(payload)), task_uuid)
+            else:
+                work = self._deliver(url, encode_json(payload), task_uuid)
+            task = asyncio.get_running_loop().create_task(work, name=f"webhook {task_uuid}")
         except Exception as exc:
             self._on_result("given_up")
             log.error("webhook for task %s to %s not sent: %s", task_uuid, origin(url), exc)
@@ -153,6 +158,15 @@ class WebhookSender:
         if retry_after is not None:
             delay = max(delay, retry_after)
         return min(delay, self.max_delay)
+
+    async def _encode_and_deliver(self, url: str, payload: Mapping[str, object], task_uuid: str) -> None:
+        try:
+            body = await asyncio.to_thread(encode_json, payload)
+        except Exception as exc:
+            self._on_result("given_up")
+            log.error("webhook for task %s to %s not sent: %s", task_uuid, origin(url), exc)
+            return
+        await self._deliver(url, body, task_uuid)
 
     async def _deliver(self, url: str, body: bytes, task_uuid: str) -> None:
         target = origin(url)  # never the path or query: webhook URLs carry tokens there

@@ -39,14 +39,15 @@ def has_long_strings(value: object) -> bool:
     return False
 
 
-def dump_pieces(value: object, *, ensure_ascii: bool = True) -> list[str]:
-    """``json.dumps(value, separators=(",", ":"), ensure_ascii=...)`` as a list of pieces that join to it."""
+def dump_pieces(value: object, *, ensure_ascii: bool = True, allow_nan: bool = True) -> list[str]:
+    """``json.dumps(value, separators=(",", ":"), ensure_ascii=..., allow_nan=...)`` as a list of pieces that
+    join to it."""
     marker = f"\x00long-{uuid.uuid4().hex}-"
     strings: list[str] = []
     skeleton = _cut(value, marker, strings)
     if not strings:
-        return [json.dumps(value, separators=_SEPARATORS, ensure_ascii=ensure_ascii)]
-    text = json.dumps(skeleton, separators=_SEPARATORS, ensure_ascii=ensure_ascii)
+        return [json.dumps(value, separators=_SEPARATORS, ensure_ascii=ensure_ascii, allow_nan=allow_nan)]
+    text = json.dumps(skeleton, separators=_SEPARATORS, ensure_ascii=ensure_ascii, allow_nan=allow_nan)
     placeholder = re.compile(re.escape(json.dumps(marker)[:-1]) + r'(\d+)"')
     pieces: list[str] = []
     last = 0
@@ -59,11 +60,11 @@ def dump_pieces(value: object, *, ensure_ascii: bool = True) -> list[str]:
     return pieces
 
 
-def dump_text(value: object, *, ensure_ascii: bool = True) -> str:
+def dump_text(value: object, *, ensure_ascii: bool = True, allow_nan: bool = True) -> str:
     """``json.dumps(value)`` (compact) for a worker thread: with long strings, in short GIL-holding steps."""
     if not has_long_strings(value):
-        return json.dumps(value, separators=_SEPARATORS, ensure_ascii=ensure_ascii)
-    return "".join(dump_pieces(value, ensure_ascii=ensure_ascii))
+        return json.dumps(value, separators=_SEPARATORS, ensure_ascii=ensure_ascii, allow_nan=allow_nan)
+    return "".join(dump_pieces(value, ensure_ascii=ensure_ascii, allow_nan=allow_nan))
 
 
 async def dumps(value: object) -> str:

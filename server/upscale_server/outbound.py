@@ -28,7 +28,6 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
-import json
 import logging
 import re
 import socket
@@ -38,6 +37,7 @@ from typing import TypeAlias
 
 import httpx
 
+from upscale_server import json_text
 from upscale_server.errors import BlockedAddressError, ImageFetchError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def origin(url: str | httpx.URL) -> str:
 
 def encode_json(payload: Mapping[str, object]) -> bytes:
     """``payload`` as the API itself encodes it (FastAPI's JSONResponse: compact UTF-8, no NaN)."""
-    return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return json_text.dump_text(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)
