@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from upscale_server.api import bodies
-from upscale_server.api.bodies import parse_long_strings_apart
+from upscale_server import json_text
 from upscale_server.errors import InvalidRequestError
+from upscale_server.json_text import parse_long_strings_apart
 from upscale_server.protocol import parse_request_body
 
 LONG = "QUJD" * 20_000  # 80,000 base64 characters: above LONG_STRING
@@ -50,7 +50,7 @@ def test_long_strings_are_cut_out_before_json_loads(monkeypatch: pytest.MonkeyPa
     assert parse_long_strings_apart(body, parse) == [{"image": LONG}, {"image": LONG}]
     assert seen and max(seen) < 1000  # json.loads only saw the skeleton
 
-    monkeypatch.setattr(bodies, "_PIECE", 7)  # the pieces a long string is checked in change nothing
+    monkeypatch.setattr(json_text, "PIECE", 7)  # the pieces a long string is checked in change nothing
     assert parse_long_strings_apart(body, parse) == [{"image": LONG}, {"image": LONG}]
 
 

@@ -69,3 +69,12 @@ def test_a_reply_with_a_long_string_is_sent_in_pieces_with_its_length() -> None:
     assert response.headers["content-type"] == "application/json"
     assert int(response.headers["content-length"]) == len(response.content)
     assert response.json() == content
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_loads_reads_back_what_was_written(as_bytes: bool) -> None:
+    """Stored results are read back with the long strings cut out of the text first."""
+    value = {"item": {"imageBase64Data": LONG, "echo": "\u00e9" + LONG, "n": [1, 2.5, None, True]}}
+    text = json_text.dump_text(value, ensure_ascii=False)
+    assert json_text.loads(text.encode() if as_bytes else text) == value
+    assert json_text.loads('{"small": 1}') == {"small": 1}

@@ -1,11 +1,16 @@
-"""JSON text of replies that carry big strings, made without holding the GIL for long.
+"""JSON that carries big strings (base64 images), read and written without holding the GIL for long.
 
-``json.dumps`` of a result holding a 35 MB base64 image is one C call of about 0.1 s (it scans every
-character for escapes), and it holds the GIL throughout: on the event loop, or even in a worker
-thread, it stalls every other connection for that long. Here the long strings that need no escaping
-(base64 and data URIs always qualify) are cut out, ``json.dumps`` writes the small rest, and the
-strings are put back as pieces of a megabyte, each checked and copied in its own short step. The text
-is the same as ``json.dumps(value, separators=(",", ":"))`` gives.
+``json.loads`` of a 76 MB body that is one base64 string, or ``json.dumps`` of a result holding a 35 MB
+one, is a single C call of a tenth of a second or more, and it holds the GIL throughout: on the event
+loop, or even in a worker thread, it stalls every other connection for that long. Both directions
+cut the long string literals out first, in steps of a megabyte (a check, and a copy or an ASCII
+decode per piece), leave the small rest to the ``json`` module, and put the strings back.
+
+Reading (:func:`parse_long_strings_apart`): whatever the fast path is not sure of (a long string with
+escapes, control characters or non-ASCII text, a literal left unrestored) falls back to one plain
+``json.loads``, so what is accepted and what is refused never changes. Writing (:func:`dump_pieces`):
+only strings that need no escaping (base64 and data URIs always qualify) are cut out, and the text is
+the same as ``json.dumps(value, separators=(",", ":"))`` gives.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import asyncio
 import json
 import re
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 #: Strings longer than this are written in pieces; shorter ones are left to ``json.dumps``.
 LONG_STRING = 1 << 16
 #: Characters per piece: checking and copying one is a C call of about a millisecond.
 PIECE = 1 << 20
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\\"]')
+_NOT_PLAIN_BYTES = re.compile(rb'[\x00-\x1f\\"\x80-\xff]')
+T = TypeVar("T")
 _SEPARATORS = (",", ":")
 
 
@@ -67,6 +75,14 @@ def dump_text(value: object, *, ensure_ascii: bool = True, allow_nan: bool = Tru
     return "".join(dump_pieces(value, ensure_ascii=ensure_ascii, allow_nan=allow_nan))
 
 
+def loads(text: str | bytes) -> Any:
+    """``json.loads(text)``, with the long strings cut out first when ``text`` is big (a stored result
+    holding a base64 image is read back in a worker thread, in short GIL-holding steps)."""
+    if len(text) > LONG_STRING:
+        return parse_long_strings_apart(text, json.loads)
+    return json.loads(text)
+
+
 async def dumps(value: object) -> str:
     """``json.dumps(value)`` (compact), in a worker thread and in pieces when ``value`` holds long strings."""
     if not has_long_strings(value):
@@ -103,3 +119,90 @@ def _plain(text: str) -> bool:
         if not piece.isascii() or _NEEDS_ESCAPE.search(piece):
             return False
     return True
+
+
+def parse_long_strings_apart(body: bytes | bytearray | str, parse: Callable[[bytes | bytearray | str], T]) -> T:
+    """``parse(body)`` (a JSON parser), with the long string literals of ``body`` cut out and restored."""
+    split = _split(body)
+    if split is None:
+        return parse(body)
+    skeleton, marker, strings = split
+    parsed = parse(skeleton)
+    restored = _restore(parsed, marker, strings)
+    return parsed if restored == len(strings) else parse(body)
+
+
+def _split(body: bytes | bytearray | str) -> tuple[bytes | bytearray | str, str, list[str]] | None:
+    """(the body with each long literal replaced by a marker string, the marker prefix, the literals),
+    or None when there is nothing to cut or the fast path does not apply."""
+    is_bytes = not isinstance(body, str)
+    quote: bytes | str = b'"' if is_bytes else '"'
+    backslash: bytes | str = b"\\" if is_bytes else "\\"
+    marker = f"\x00long-{uuid.uuid4().hex}-"
+    parts: list[bytes | bytearray | str] = []
+    strings: list[str] = []
+    pos = last = 0
+    while (start := body.find(quote, pos)) >= 0:  # type: ignore[arg-type]
+        end = start + 1
+        while True:
+            end = body.find(quote, end)  # type: ignore[arg-type]
+            if end < 0:
+                return None  # unterminated: json.loads says so
+            escapes = 0
+            while body[end - 1 - escapes : end - escapes] == backslash:
+                escapes += 1
+            if escapes % 2 == 0:
+                break
+            end += 1
+        if end - start - 1 > LONG_STRING:
+            text = _plain_text(body, start + 1, end)
+            if text is None:
+                return None
+            literal = f'"\\u0000{marker[1:]}{len(strings)}"'
+            parts.extend((body[last:start], literal.encode() if is_bytes else literal))
+            strings.append(text)
+            last = end + 1
+        pos = end + 1
+    if not strings:
+        return None
+    parts.append(body[last:])
+    skeleton = b"".join(parts) if is_bytes else "".join(parts)  # type: ignore[arg-type]
+    return skeleton, marker, strings
+
+
+def _plain_text(body: bytes | bytearray | str, start: int, stop: int) -> str | None:
+    """``body[start:stop]`` as text when it is plain ASCII without escapes or control characters, in pieces."""
+    pieces: list[str] = []
+    for begin in range(start, stop, PIECE):
+        piece = body[begin : min(begin + PIECE, stop)]
+        if not isinstance(piece, str):
+            if _NOT_PLAIN_BYTES.search(piece):
+                return None
+            pieces.append(piece.decode("ascii"))
+        else:
+            if not piece.isascii() or _NEEDS_ESCAPE.search(piece):
+                return None
+            pieces.append(piece)
+    return "".join(pieces)
+
+
+def _restore(parsed: object, marker: str, strings: list[str]) -> int:
+    """Put the cut-out strings back in place of their markers (values only); returns how many."""
+    restored = 0
+    stack = [parsed]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)  # type: ignore[assignment]
+        else:
+            continue
+        for key, value in list(items):
+            if isinstance(value, str):
+                if value.startswith(marker):
+                    node[key] = strings[int(value[len(marker) :])]
+                    restored += 1
+            elif isinstance(value, dict | list):
+                stack.append(value)
+    return restored

@@ -14,7 +14,6 @@ from starlette.types import Receive, Scope, Send
 
 from upscale_server import json_text
 from upscale_server.api.auth import ApiKeys
-from upscale_server.api.bodies import parse_long_strings_apart
 from upscale_server.api.shape import check_shape
 from upscale_server.config import Settings
 from upscale_server.inference import ModelInfo
@@ -99,7 +98,7 @@ async def parse_tasks(body: bytes | bytearray | str, settings: Settings) -> list
     if len(body) > LARGE_BODY:
         # In a thread, and with the long strings cut out first: json.loads holds the GIL throughout.
         parse = functools.partial(_parse_body, max_tasks=settings.max_tasks)
-        return await asyncio.to_thread(parse_long_strings_apart, body, parse)
+        return await asyncio.to_thread(json_text.parse_long_strings_apart, body, parse)
     return _parse_body(body, max_tasks=settings.max_tasks)
 
 

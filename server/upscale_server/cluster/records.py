@@ -9,7 +9,6 @@ Finishing is :data:`.scripts.FINISH`: the first finisher wins and wakes whoever 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -121,7 +120,7 @@ def _dump(value: JsonObject) -> str:
 def _load(text: str | None) -> dict[str, Any] | None:
     if not text:
         return None
-    value = json.loads(text)
+    value = json_text.loads(text)
     return value if isinstance(value, dict) else None
 
 

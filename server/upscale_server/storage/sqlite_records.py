@@ -11,7 +11,6 @@ their shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
@@ -148,7 +147,7 @@ def _dump(value: JsonObject) -> str:
 def _load(text: str | None) -> JsonObject | None:
     if text is None:
         return None
-    value = json.loads(text)
+    value = json_text.loads(text)
     return value if isinstance(value, dict) else None
 
 
