@@ -22,7 +22,6 @@ import gzip
 import io
 import json
 import os
-import platform
 import socket
 import tempfile
 import threading
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
+from bench import machine
 from upscale_server.testing import UpscaleTestServer, run_test_server
 
 KEY = "bench-attacks-key"
@@ -462,17 +462,6 @@ def run_attack(name: str, source: Path | None, cap_bytes: int, budget_bytes: int
     }
 
 
-def cpu() -> dict[str, str]:
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    flags = set(info.get("flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-    return {"model": info.get("model name", "?"), "flags": " ".join(f for f in wanted if f in flags)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=sorted(ATTACKS), help="attacks to run (default: all)")
@@ -485,9 +474,9 @@ def main() -> None:
     for name in args.only or ATTACKS:
         rows.append(run_attack(name, source, args.memory_cap_mb * 2**20, args.memory_budget_mb * 2**20))
         print(json.dumps(rows[-1]), flush=True)
-    machine = {**cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
+    described = machine.describe()
     settings = {"memory_cap_mb": args.memory_cap_mb, "memory_budget_mb": args.memory_budget_mb}
-    report = {"machine": machine, "server_source": str(source or "this checkout"), **settings, "attacks": rows}
+    report = {"machine": described, "server_source": str(source or "this checkout"), **settings, "attacks": rows}
     print(json.dumps(report, indent=1))
 
 

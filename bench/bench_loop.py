@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import numpy as np
 import png
 from websockets.sync.client import connect as ws_connect
 
+from bench import machine
 from upscale_server import imaging
 from upscale_server.testing import run_test_server
 
@@ -74,17 +73,6 @@ def pypng_decode(data: bytes) -> np.ndarray:
     for y, row in enumerate(rows):
         values[y] = np.frombuffer(row, dtype=np.uint16)
     return values.reshape(height, width, planes)
-
-
-def cpu() -> dict[str, str]:
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    flags = set(info.get("flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "sse4_2")
-    return {"model": info.get("model name", "?"), "flags": " ".join(f for f in wanted if f in flags)}
 
 
 def decode_speed(side: int) -> dict[str, Any]:
@@ -183,7 +171,7 @@ def main() -> None:
         for transport in ("rest", "ws")
     }
     report = {
-        "machine": {**cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine.describe(),
         "loop": runs,
         "summary": summary,
         "decode": decode_speed(args.decode_side),
