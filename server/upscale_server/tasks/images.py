@@ -77,10 +77,14 @@ class TaskImages:
 
     async def input_bytes(self, value: str, parameter: str) -> tuple[bytes, str | None]:
         """The raw bytes of an image input, and its stored UUID when it names one."""
+        return await self._bytes_of(await self._classify(value, parameter), parameter)
+
+    async def _classify(self, value: str, parameter: str) -> ImageRef:
         if len(value) > LARGE_INPUT:  # base64 decoding is a pass over every byte: not on the event loop
-            ref = await asyncio.to_thread(classify_image_input, value, parameter=parameter)
-        else:
-            ref = classify_image_input(value, parameter=parameter)
+            return await asyncio.to_thread(classify_image_input, value, parameter=parameter)
+        return classify_image_input(value, parameter=parameter)
+
+    async def _bytes_of(self, ref: ImageRef, parameter: str) -> tuple[bytes, str | None]:
         if isinstance(ref, UuidRef):
             data, stored = await asyncio.to_thread(load_stored, self.storage, ref.uuid, parameter=parameter)
             return data, stored.uuid
@@ -109,13 +113,10 @@ class TaskImages:
     async def held_bytes(self, value: str, parameter: str) -> bytes | None:
         """The bytes of an inline or stored input, which the server holds before a task is accepted (its
         header can be read then); None for a URL, downloaded only when the task runs."""
-        if len(value) > LARGE_INPUT:
-            ref = await asyncio.to_thread(classify_image_input, value, parameter=parameter)
-        else:
-            ref = classify_image_input(value, parameter=parameter)
+        ref = await self._classify(value, parameter)  # decoded once: the bytes come from this ref
         if isinstance(ref, UrlRef):
             return None
-        return (await self.input_bytes(value, parameter))[0]
+        return (await self._bytes_of(ref, parameter))[0]
 
     async def header(self, data: bytes, parameter: str) -> ImageHeader:
         """What decoding ``data`` will cost, from its header; refuses what decoding would refuse, without
