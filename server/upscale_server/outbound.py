@@ -482,7 +482,7 @@ class OutboundClient:
             return connect_to
         log.warning("refused %s for %s%s: %s resolves to %s (%s)", host, parameter, via, host, raw, reason)
         article = "an" if reason[0] in "aeiou" else "a"
-        verb = "is" if _is_ip_literal(host) else "resolves to"
+        verb = "is" if is_ip_literal(host) else "resolves to"
         subject = f"it {verb} {article} {reason} address"
         raise BlockedAddressError(
             f"Refused to contact {host} for '{parameter}'{via}: {subject}, and this server only contacts "
@@ -560,7 +560,8 @@ async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _is_ip_literal(host: str) -> bool:
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IP address as written (v4 or v6, without brackets), not a name."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -17,7 +17,6 @@ set: it is reachable under names nobody listed, and should require keys anyway.
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
@@ -26,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from upscale_server.api.context import RunwareJSONResponse
 from upscale_server.config import Settings
 from upscale_server.errors import HostNotAllowedError, OriginNotAllowedError, UpscaleError, error_item
+from upscale_server.outbound import is_ip_literal
 from upscale_server.protocol import envelope
 
 #: Names every local server answers to.
@@ -85,7 +85,7 @@ class OriginGuard:
 
     def _host_allowed(self, host: str, scope: Scope) -> bool:
         name = _host_name(host)
-        if self.any_host or not name or _is_ip(name) or name in self.hosts:
+        if self.any_host or not name or is_ip_literal(name) or name in self.hosts:
             return True
         server = scope.get("server")
         return server is not None and name == str(server[0]).lower()  # the name the connection was accepted under
@@ -99,14 +99,6 @@ def _host_name(host: str) -> str:
     if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
         host = host.partition(":")[0]
     return host.rstrip(".")
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _origin(url: str) -> str:
