@@ -9,9 +9,10 @@ policy-enforcing outbound client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
@@ -169,22 +170,26 @@ def load_stored(images: ImageStorage, image_uuid: str, *, parameter: str) -> tup
     return images.read_bytes(stored), stored
 
 
-def read_input_header(data: bytes, *, max_pixels: int, parameter: str) -> ImageHeader:
-    """An input's header, naming the request field at fault when it is not one we can read."""
+@contextlib.contextmanager
+def _blaming(parameter: str) -> Iterator[None]:
+    """Name the request field at fault in an image error raised inside, unless it names one already."""
     try:
-        return read_header(data, max_pixels=max_pixels)
+        yield
     except (InvalidImageError, ImageTooLargeError) as exc:
         exc.parameter = exc.parameter or parameter
         raise
+
+
+def read_input_header(data: bytes, *, max_pixels: int, parameter: str) -> ImageHeader:
+    """An input's header, naming the request field at fault when it is not one we can read."""
+    with _blaming(parameter):
+        return read_header(data, max_pixels=max_pixels)
 
 
 def decode_input(data: bytes, *, max_pixels: int, parameter: str) -> Picture:
     """Decode an input image, naming the request field at fault when it is not one we can read."""
-    try:
+    with _blaming(parameter):
         return decode_image(data, max_pixels=max_pixels)
-    except (InvalidImageError, ImageTooLargeError) as exc:
-        exc.parameter = exc.parameter or parameter
-        raise
 
 
 def store_upload(
