@@ -114,11 +114,11 @@ def _cut(value: object, marker: str, strings: list[str]) -> Any:
 
 def _plain(text: str) -> bool:
     """Whether ``json.dumps`` would copy ``text`` unchanged (ASCII, no quote, backslash or control)."""
-    for start in range(0, len(text), PIECE):
-        piece = text[start : start + PIECE]
-        if not piece.isascii() or _NEEDS_ESCAPE.search(piece):
-            return False
-    return True
+    return all(_plain_piece(text[start : start + PIECE]) for start in range(0, len(text), PIECE))
+
+
+def _plain_piece(piece: str) -> bool:
+    return piece.isascii() and _NEEDS_ESCAPE.search(piece) is None
 
 
 def parse_long_strings_apart(body: bytes | bytearray | str, parse: Callable[[bytes | bytearray | str], T]) -> T:
@@ -180,7 +180,7 @@ def _plain_text(body: bytes | bytearray | str, start: int, stop: int) -> str | N
                 return None
             pieces.append(piece.decode("ascii"))
         else:
-            if not piece.isascii() or _NEEDS_ESCAPE.search(piece):
+            if not _plain_piece(piece):
                 return None
             pieces.append(piece)
     return "".join(pieces)
