@@ -59,16 +59,16 @@ class CountingStream:
             yield piece
 
 
-def read(stream: CountingStream, *, bearer: str | None) -> bytes:
+def read(chunks: AsyncIterator[bytes], *, bearer: str | None, timeout: float = 10) -> bytes:
     return asyncio.run(
         read_authenticated_body(
-            aiter(stream),
+            chunks,
             ApiKeys([KEY]),
             bearer=bearer,
             declared=None,
             max_body_bytes=1 << 20,
             max_unauthenticated_bytes=SMALL,
-            unauthenticated_timeout=10,
+            unauthenticated_timeout=timeout,
         )
     )
 
@@ -77,14 +77,14 @@ def read(stream: CountingStream, *, bearer: str | None) -> bytes:
 def test_a_big_body_without_an_accepted_key_is_refused_after_its_prefix(bearer: str | None, error: type) -> None:
     stream = CountingStream(padded_pings(size=200_000).encode())
     with pytest.raises(error):
-        read(stream, bearer=bearer)
+        read(aiter(stream), bearer=bearer)
     assert stream.taken <= SMALL // 1024 + 1 < len(stream.chunks)
 
 
 @pytest.mark.parametrize(("bearer", "auth"), [(KEY, None), (None, KEY), ("wrong", KEY)])
 def test_a_big_body_with_an_accepted_key_is_read_whole(bearer: str | None, auth: str | None) -> None:
     body = padded_pings(auth=auth, size=200_000).encode()
-    assert read(CountingStream(body), bearer=bearer) == body
+    assert read(aiter(CountingStream(body)), bearer=bearer) == body
 
 
 def test_a_trickled_body_prefix_times_out() -> None:
@@ -93,25 +93,14 @@ def test_a_trickled_body_prefix_times_out() -> None:
         await asyncio.sleep(5)
         yield b"]"
 
-    async def scenario() -> bytes:
-        return await read_authenticated_body(
-            trickle(),
-            ApiKeys([KEY]),
-            bearer=KEY,
-            declared=None,
-            max_body_bytes=1 << 20,
-            max_unauthenticated_bytes=SMALL,
-            unauthenticated_timeout=0.1,
-        )
-
     with pytest.raises(RequestTimeoutError) as refused:
-        asyncio.run(scenario())
+        read(trickle(), bearer=KEY, timeout=0.1)
     assert refused.value.http_status == 408 and refused.value.code == "requestTimeout"
 
 
 def test_the_leading_authentication_task_decides_over_the_header() -> None:
     with pytest.raises(InvalidApiKeyError):
-        read(CountingStream(padded_pings(auth="wrong", size=200_000).encode()), bearer=KEY)
+        read(aiter(CountingStream(padded_pings(auth="wrong", size=200_000).encode())), bearer=KEY)
 
 
 @pytest.mark.parametrize(
